@@ -1,0 +1,436 @@
+"""The RSGI application: route table, the inference data path, and the error edge.
+
+A request to ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` goes:
+
+    body read (size-checked) → routing fields decoded → model route → slot (now, or queued)
+      → node's keep-alive connection → response streamed back as the node's bytes → slot released
+
+Errors become OpenAI-shaped JSON here and nowhere else. Once the first response byte has reached the
+client there is no retry: a failing stream gets an SSE ``error`` event and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import orjson
+from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
+
+from . import __version__, errors
+from ._fast import LeastConnBalancer
+from .config import Config, NodeConfig
+from .nodes import Node, NodeRegistry
+from .scheduler import Route, Scheduler
+from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, RoutingFields, models_list, routing_decoder, with_model
+from .store import RequestRecord
+from .upstream.base import UpstreamError
+from .upstream.pool import Sweeper, UpstreamConnection
+
+log = logging.getLogger("shardon.app")
+
+JSON = [("content-type", "application/json")]
+# Hop-by-hop and framing headers are Granian's business, not the node's.
+_SKIP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
+# How long a request may run before Shardon starts watching for its client leaving. Short requests
+# never pay for the watcher; long ones (generations) are cancelled within this delay.
+_WATCH_AFTER_S = 0.02
+
+Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
+
+
+class ClientWatch:
+    """Notices a client that disconnects, and runs callbacks when it does."""
+
+    __slots__ = ("callbacks", "gone", "task")
+
+    def __init__(self, proto: HTTPProtocol) -> None:
+        self.gone = False
+        self.callbacks: list[Callable[[], None]] = []
+        self.task = asyncio.ensure_future(proto.client_disconnect())
+        self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            return
+        self.gone = True
+        for cb in self.callbacks:
+            cb()
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+class Exchange:
+    """Per-request state shared between the data path and the client watcher."""
+
+    __slots__ = ("conn", "proto", "rec", "started", "timer", "transport", "watch")
+
+    def __init__(self, proto: HTTPProtocol, rec: RequestRecord) -> None:
+        self.proto = proto
+        self.rec = rec
+        self.conn: UpstreamConnection | None = None
+        self.started = False  # a response byte has been handed to the client
+        self.watch: ClientWatch | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: Any = None  # the client's response stream, once started
+
+    def ensure_watch(self) -> ClientWatch:
+        if self.watch is None:
+            self.watch = ClientWatch(self.proto)
+            self.watch.callbacks.append(self._client_gone)
+        return self.watch
+
+    def _client_gone(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.close()  # stops the generation on the node
+
+    @property
+    def client_gone(self) -> bool:
+        return self.watch is not None and self.watch.gone
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch.callbacks.clear()
+        # Granian ends a streamed response when its transport object is released: drop it now,
+        # not whenever the garbage collector breaks the exchange ↔ watcher cycle.
+        self.transport = None
+
+
+class Gateway:
+    """The one object that owns all scheduling state; Granian calls it for every request."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.max_body = config.server.max_body_bytes
+        self.queue_timeout = config.scheduler.queue_timeout_s
+        self.default_priority = PRIORITY_BY_NAME[config.scheduler.default_priority]
+        self.default_max_tokens = config.scheduler.default_max_tokens
+        self.max_retries = config.upstream.max_retries
+        self.draining = False
+        self.in_flight = 0
+        self.started_at = time.time()
+        self.on_finish: list[Callable[[RequestRecord], None]] = []
+        self._idle = asyncio.Event()
+        self._models_body: bytes | None = None
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/chat/completions"): self._inference,
+            ("POST", "/v1/completions"): self._inference,
+            ("POST", "/v1/embeddings"): self._inference,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): self._health,
+        }
+        self._paths = {path for _, path in self.routes}
+        # Set in startup(), on the serving loop.
+        self.loop: asyncio.AbstractEventLoop
+        self.scheduler: Scheduler
+        self.registry: NodeRegistry
+        self._sweeper: Sweeper
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.scheduler = Scheduler(self.config.scheduler, LeastConnBalancer(), self.loop)
+        self.registry = NodeRegistry(self.config.upstream, loop=self.loop, on_health_change=self._health_changed)
+        for node_config in self.config.nodes:
+            self.add_node(node_config)
+        self._sweeper = Sweeper(self.registry.pools, self.config.upstream.read_timeout_s)
+        self._sweeper.start()
+        self.registry.start()
+
+    def add_node(self, node_config: NodeConfig, *, backend: str | None = None) -> Node:
+        node = self.registry.add(node_config, backend=backend)
+        self.scheduler.add_node(node.index, node.max_concurrent, node.weight, node.models)
+        if hasattr(self, "_sweeper"):
+            self._sweeper.pools.append(node.pool)
+        self._models_body = None
+        return node
+
+    def remove_node(self, node_id: str) -> None:
+        node = self.registry.remove(node_id)
+        if node is not None:
+            self.scheduler.remove_node(node.index)
+            if node.pool in self._sweeper.pools:
+                self._sweeper.pools.remove(node.pool)
+            self._models_body = None
+
+    def _health_changed(self, node: Node) -> None:
+        self.scheduler.set_healthy(node.index, node.healthy)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests (503) and wait for those in flight; True if all finished in time."""
+        self.draining = True
+        if self.in_flight == 0:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def shutdown(self) -> None:
+        await self.registry.stop()
+        await self._sweeper.stop()
+
+    # -- RSGI entry point -------------------------------------------------------------------
+    async def __call__(self, scope: Scope, proto: HTTPProtocol) -> None:
+        if scope.proto != "http":
+            return
+        handler = self.routes.get((scope.method, scope.path))
+        if handler is not None:
+            await handler(scope, proto)
+            return
+        if scope.path in self._paths:
+            err: errors.ShardonError = errors.MethodNotAllowed(f"method {scope.method} not allowed on {scope.path}")
+        else:
+            err = errors.NotFound(f"no route for {scope.method} {scope.path}")
+        proto.response_bytes(err.status, err.headers(), err.body())
+
+    __rsgi__ = __call__
+
+    # -- small routes -----------------------------------------------------------------------
+    async def _models(self, scope: Scope, proto: HTTPProtocol) -> None:
+        body = self._models_body
+        if body is None:
+            body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at))
+        proto.response_bytes(200, JSON, body)
+
+    async def _health(self, scope: Scope, proto: HTTPProtocol) -> None:
+        nodes = self.registry.nodes.values()
+        body = {
+            "status": "draining" if self.draining else "ok",
+            "version": __version__,
+            "nodes": len(nodes),
+            "nodes_healthy": sum(1 for n in nodes if n.healthy),
+            "in_flight": self.in_flight,
+        }
+        proto.response_bytes(503 if self.draining else 200, JSON, orjson.dumps(body))
+
+    # -- the data path ----------------------------------------------------------------------
+    async def _inference(self, scope: Scope, proto: HTTPProtocol) -> None:
+        rec = RequestRecord(
+            id=os.urandom(12).hex(),
+            received_at=time.time(),
+            endpoint=scope.path,
+            client_addr=scope.client,
+        )
+        ex = Exchange(proto, rec)
+        self.in_flight += 1
+        try:
+            await self._serve(scope, ex)
+        except errors.ShardonError as err:
+            rec.status = err.status
+            rec.error_type = err.code
+            if not ex.started:
+                headers = err.headers()
+                headers.append(("x-request-id", rec.id))
+                proto.response_bytes(err.status, headers, err.body())
+        except (errors.ClientGone, ProtocolClosed):
+            rec.status = 499
+            rec.error_type = "client_disconnected"
+        finally:
+            ex.close()
+            rec.finished_at = time.time()
+            self.in_flight -= 1
+            if self.in_flight == 0 and self.draining:
+                self._idle.set()
+            for hook in self.on_finish:
+                hook(rec)
+
+    def _decode(self, body: bytes) -> RoutingFields:
+        try:
+            return routing_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            msg = str(exc)
+            param = msg.rsplit("`$.", 1)[1].rstrip("`") if "`$." in msg else None
+            if "missing required field" in msg:
+                param = msg.split("`")[1]
+            raise errors.BadRequest(f"invalid request: {msg}", param=param) from None
+        except msgspec.DecodeError as exc:
+            raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
+
+    def _priority(self, value: str | None) -> int:
+        if value is None:
+            return self.default_priority
+        priority = PRIORITY_BY_NAME.get(value.strip().lower())
+        if priority is None:
+            raise errors.BadRequest(
+                f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority"
+            )
+        return priority
+
+    async def _serve(self, scope: Scope, ex: Exchange) -> None:
+        rec = ex.rec
+        if self.draining:
+            raise errors.Draining("the gateway is shutting down", retry_after=5)
+        headers = scope.headers
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        body = await ex.proto()
+        rec.bytes_in = len(body)
+        if len(body) > self.max_body:
+            raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        req = self._decode(body)
+        rec.model = req.model
+        rec.stream = bool(req.stream)
+        route = self.scheduler.route(req.model)
+        if route is None:
+            raise errors.ModelNotFound(f"The model '{req.model}' does not exist", param="model")
+        priority = self._priority(headers.get("x-priority"))
+        rec.priority = PRIORITY_NAMES[priority]
+        tenant = "default"
+        rec.tenant = tenant
+        max_tokens = req.max_tokens or req.max_completion_tokens or self.default_max_tokens
+        cost = len(body) / 4 + max_tokens
+
+        index = self.scheduler.try_acquire(route)
+        if index < 0:
+            index = await self._wait_for_slot(ex, route, priority, tenant, cost, critical=False)
+        else:
+            ex.timer = self.loop.call_later(_WATCH_AFTER_S, ex.ensure_watch)
+        await self._dispatch(scope, ex, route, req, body, index)
+
+    async def _wait_for_slot(
+        self, ex: Exchange, route: Route, priority: int, tenant: str, cost: float, *, critical: bool
+    ) -> int:
+        scheduler = self.scheduler
+        waiter = scheduler.enqueue(route, 3 if critical else priority, tenant, cost, 1.0, self.queue_timeout)
+        if ex.rec.queued_at is None:
+            ex.rec.queued_at = time.time()
+        watch = ex.ensure_watch()
+        cancel = lambda: scheduler.cancel(waiter, errors.ClientGone())  # noqa: E731
+        watch.callbacks.append(cancel)
+        try:
+            index = await waiter.future
+        except asyncio.CancelledError:
+            scheduler.abandon(waiter)
+            raise
+        finally:
+            watch.callbacks.remove(cancel)
+        if watch.gone:
+            scheduler.release(index)
+            raise errors.ClientGone()
+        return index
+
+    async def _dispatch(
+        self, scope: Scope, ex: Exchange, route: Route, req: RoutingFields, body: bytes, index: int
+    ) -> None:
+        """Forward to the node holding slot ``index``; retry elsewhere while nothing reached the client."""
+        rec = ex.rec
+        scheduler = self.scheduler
+        registry = self.registry
+        tried: list[int] = []
+        fresh = False
+        method_path = b"POST " + scope.path.encode()
+        while True:
+            node = registry.by_index[index]
+            rec.node_id = node.id
+            rec.backend = node.backend
+            rec.dispatched_at = time.time()
+            error: UpstreamError | None = None
+            try:
+                served = route.served_names.get(index, req.model)
+                payload = body if served == req.model else with_model(body, served)
+                await self._forward(ex, node, method_path, payload, fresh=fresh)
+            except UpstreamError as exc:
+                error = exc
+            finally:
+                scheduler.release(index)
+                scheduler.note_service_time(route, time.time() - rec.dispatched_at)
+            if error is None:
+                registry.record_success(node)
+                return
+            if ex.client_gone:
+                raise errors.ClientGone()
+            if not error.reused:
+                registry.record_failure(node, str(error))
+            if ex.started:
+                await self._fail_stream(ex, error)
+                return
+            if rec.retries >= self.max_retries:
+                raise errors.UpstreamFailed(f"node {node.id} failed: {error}")
+            rec.retries += 1
+            # A reused keep-alive connection the node had closed: same node, fresh connection.
+            fresh = error.reused
+            if not fresh:
+                tried.append(index)
+            balancer = scheduler.balancer
+            index = balancer.pick(route.candidates, None if fresh else tried)
+            if index < 0:  # no other node free: the same one again beats waiting
+                index = balancer.pick(route.candidates, None)
+            if index >= 0:
+                balancer.acquire(index)
+            else:
+                index = await self._wait_for_slot(ex, route, 3, rec.tenant or "default", 0.0, critical=True)
+            log.info("request %s retried on node index %d after: %s", rec.id, index, error)
+
+    async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, *, fresh: bool) -> None:
+        rec = ex.rec
+        conn = await node.pool.acquire(fresh=fresh)
+        ex.conn = conn
+        try:
+            conn.send(node.request_head(method_path, len(body)), body)
+            status, upstream_headers = await conn.response_head()
+            if status >= 500 and rec.retries < self.max_retries and len(self.scheduler.routes) > 0:
+                # The node refused before producing anything: let another node try.
+                while await conn.read():
+                    pass
+                raise UpstreamError(f"node answered {status}", before_first_byte=True)
+            headers = [
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in upstream_headers
+                if name.lower() not in _SKIP_HEADERS
+            ]
+            headers.append(("x-request-id", rec.id))
+            headers.append(("x-shardon-node", node.id))
+            transport = None
+            data = await conn.read()
+            rec.first_token_at = time.time()
+            rec.status = status
+            if conn.complete:
+                # The whole response arrived at once (the usual non-streamed answer): one write.
+                rec.bytes_out = len(data)
+                ex.started = True
+                ex.proto.response_bytes(status, headers, data)
+                return
+            transport = ex.transport = ex.proto.response_stream(status, headers)
+            ex.started = True
+            sent = 0
+            while data:
+                sent += len(data)
+                try:
+                    await transport.send_bytes(data)
+                except ProtocolClosed:
+                    rec.bytes_out = sent
+                    raise errors.ClientGone() from None
+                data = await conn.read()
+            rec.bytes_out = sent
+        finally:
+            # A raised error's traceback keeps this frame alive; it must not keep the client's
+            # stream open (Granian closes it when the transport is released).
+            transport = None
+            ex.conn = None
+            conn.finish()
+
+    async def _fail_stream(self, ex: Exchange, error: UpstreamError) -> None:
+        """After the first byte: no silent retry; the client is told in-band and the stream ends."""
+        rec = ex.rec
+        rec.status = 502
+        rec.error_type = "upstream_error"
+        if ex.transport is not None and rec.stream:
+            event = errors.error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
+            try:
+                await ex.transport.send_bytes(b"data: " + event + b"\n\n")
+            except ProtocolClosed:
+                pass

@@ -1,0 +1,173 @@
+"""Configuration: msgspec Structs declared once, loaded once.
+
+A config is built from, in order of precedence:
+
+1. ``SHARDON_<SECTION>_<KEY>`` environment variables (``SHARDON_SERVER_PORT=9090``), values parsed
+   as YAML scalars;
+2. the YAML file given with ``--config``;
+3. the defaults declared below.
+
+Any problem raises :class:`~shardon.errors.ConfigError` whose message names the field
+(``server.port: Expected `int`, got `str```); the CLI prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from .errors import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "critical")
+PriorityName = Literal["low", "normal", "high", "critical"]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: PositiveInt = 1048576
+    drain_timeout_s: NonNegFloat = 30.0
+    backlog: PositiveInt = 1024
+
+
+class SchedulerConfig(_Section):
+    max_queue_size: NonNegInt = 1000
+    queue_timeout_s: PositiveFloat = 30.0
+    default_priority: PriorityName = "normal"
+    # Base DRR quantum, in estimated tokens; a tenant's quantum is this times its weight.
+    quantum_tokens: PositiveFloat = 1024.0
+    # Estimated completion tokens when a request gives no max_tokens.
+    default_max_tokens: PositiveInt = 256
+
+
+class UpstreamConfig(_Section):
+    connect_timeout_s: PositiveFloat = 5.0
+    # Longest silence allowed while waiting for the node (first byte, or between chunks).
+    read_timeout_s: PositiveFloat = 600.0
+    max_retries: NonNegInt = 2
+    max_idle_per_node: PositiveInt = 256
+    health_interval_s: PositiveFloat = 5.0
+    health_timeout_s: PositiveFloat = 2.0
+    # Consecutive failures (requests or health checks) before a node is taken out of rotation.
+    failure_threshold: PositiveInt = 3
+
+
+class NodeConfig(_Section):
+    id: str
+    url: str
+    models: list[str] | dict[str, str]
+    max_concurrent: PositiveInt = 4
+    weight: PositiveFloat = 1.0
+    api_key: str | None = None
+    health_path: str = "/v1/models"
+
+    def model_map(self) -> dict[str, str]:
+        """Public model name → the name the node knows it by."""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        return {name: name for name in self.models}
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+    access_log: bool = True
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    nodes: list[NodeConfig] = msgspec.field(default_factory=list)
+    # The built-in mock node used when nothing else is configured (see README).
+    embedded_mock: bool | None = None
+
+
+_SECTIONS = ("server", "scheduler", "upstream", "log")
+_VALIDATION_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _field_path(raw: str) -> str:
+    # msgspec paths look like `$.nodes[0].url`; users think in `nodes[0].url`.
+    return raw.replace("$.", "").replace("$", "")
+
+
+def _validate(cfg: Config) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(cfg.nodes):
+        where = f"nodes[{i}]"
+        if node.id in seen:
+            raise ConfigError(f"{where}.id: duplicate node id {node.id!r}")
+        seen.add(node.id)
+        parts = urlsplit(node.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"{where}.url: expected http://host:port, got {node.url!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ConfigError(f"{where}.url: bad port in {node.url!r}") from None
+        if not node.models:
+            raise ConfigError(f"{where}.models: a node must serve at least one model")
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("SHARDON_"):
+            continue
+        rest = name[len("SHARDON_") :].lower()
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                target = raw.setdefault(section, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{section}: expected a mapping")
+                try:
+                    target[key] = yaml.safe_load(value) if value != "" else ""
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"{section}.{key} (from {name}): {exc}") from None
+                break
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate, return the Config."""
+    environ = os.environ if environ is None else environ
+    raw: Any = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    _env_overrides(raw, environ)
+    try:
+        cfg = msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        match = _VALIDATION_PATH.search(msg)
+        if match:
+            raise ConfigError(f"{_field_path(match.group(1)) or '(top level)'}: {msg[: match.start()]}") from None
+        raise ConfigError(msg) from None
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,122 @@
+"""The error tree: each error knows its HTTP status and its OpenAI error type and code.
+
+Every error a client can see is raised as a subclass of :class:`ShardonError` and rendered once, at
+the edge (``app.py``), into OpenAI's shape::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ShardonError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> list[tuple[str, str]]:
+        headers = [("content-type", "application/json")]
+        if self.retry_after is not None:
+            headers.append(("retry-after", str(max(1, int(self.retry_after + 0.999)))))
+        return headers
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class BadRequest(ShardonError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ShardonError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ShardonError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ShardonError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ShardonError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ShardonError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ShardonError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QueueFull(ShardonError):
+    status = 503
+    type = "server_error"
+    code = "queue_full"
+
+
+class NoCapacity(ShardonError):
+    """No healthy node can serve the model (or a model could not be loaded)."""
+
+    status = 503
+    type = "server_error"
+    code = "no_capacity"
+
+
+class Draining(ShardonError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class UpstreamFailed(ShardonError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class QueueTimeout(ShardonError):
+    status = 504
+    type = "server_error"
+    code = "queue_timeout"
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing can be sent to it any more (logged as 499)."""
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the offending field."""

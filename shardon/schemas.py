@@ -1,0 +1,45 @@
+"""The few OpenAI request fields Shardon reads; decoders built once.
+
+Only what routing and accounting need is decoded (msgspec skips the rest without building it); the
+request itself is forwarded as the client's bytes, so fields Shardon does not know — llama.cpp's
+``cache_prompt``, vLLM's ``guided_json`` — reach the node untouched.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import orjson
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class RoutingFields(msgspec.Struct):
+    model: str
+    stream: bool | None = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream_options: StreamOptions | None = None
+
+
+routing_decoder = msgspec.json.Decoder(RoutingFields)
+
+PRIORITY_BY_NAME: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "critical": 3}
+PRIORITY_NAMES: tuple[str, ...] = ("low", "normal", "high", "critical")
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The same request naming another model (an alias): the only case where the body is re-encoded."""
+    obj = orjson.loads(body)
+    obj["model"] = model
+    return orjson.dumps(obj)
+
+
+def models_list(names: list[str], created: int) -> bytes:
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "shardon"} for n in names],
+        }
+    )

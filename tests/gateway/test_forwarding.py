@@ -1,0 +1,84 @@
+"""Bytes in, bytes out: what reaches the node and what comes back."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import node_entry
+
+
+def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def single(make_mock: Any, make_gateway: Any) -> Any:
+    node = make_mock(models=["m1"], chunks=4, name="n1")
+    gw = make_gateway(nodes=[node_entry(node, "n1", ["m1"], max_concurrent=2, api_key="node-secret")])
+    return node, gw
+
+
+def test_request_body_reaches_node_byte_for_byte(single: Any) -> None:
+    node, gw = single
+    # Unknown fields (llama.cpp's cache_prompt, vLLM's guided_json), odd spacing and key order included.
+    body = b'{"model":"m1",  "messages":[{"role":"user","content":"h\\u00e9"}],"cache_prompt":true,"guided_json":{"a":1}}'
+    status, headers, _ = post(gw.url, "/v1/chat/completions", body)
+    assert status == 200
+    assert node.stats.last_body == body
+    assert headers["x-shardon-node"] == "n1"
+    assert len(headers["x-request-id"]) == 24
+
+
+def test_response_bytes_are_the_nodes(single: Any, make_mock: Any) -> None:
+    node, gw = single
+    body = b'{"model":"m1","prompt":"x","max_tokens":3}'
+    _, _, via_gateway = post(gw.url, "/v1/completions", body)
+    _, _, direct = post(node.url, "/v1/completions", body)
+    strip = lambda raw: {k: v for k, v in json.loads(raw).items() if k not in ("id", "created")}  # noqa: E731
+    assert strip(via_gateway) == strip(direct)
+
+
+def test_stream_is_passed_through_unchanged(single: Any) -> None:
+    node, gw = single
+    body = b'{"model":"m1","prompt":"x","stream":true}'
+    status, headers, via_gateway = post(gw.url, "/v1/completions", body)
+    _, _, direct = post(node.url, "/v1/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e for e in via_gateway.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) == len([e for e in direct.split(b"\n\n") if e])
+
+
+def test_client_authorization_never_forwarded_node_key_sent(single: Any) -> None:
+    node, gw = single
+    post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"x"}', {"Authorization": "Bearer client-secret"})
+    assert node.stats.last_headers["authorization"] == "Bearer node-secret"
+
+
+def test_alias_is_rewritten_for_the_node(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["real-name"])
+    gw = make_gateway(nodes=[node_entry(node, "n", {"public": "real-name"})])
+    status, _, body = post(gw.url, "/v1/completions", b'{"model":"public","prompt":"x","extra":[1,2]}')
+    assert status == 200
+    sent = json.loads(node.stats.last_body)
+    assert sent == {"model": "real-name", "prompt": "x", "extra": [1, 2]}
+
+
+def test_node_5xx_is_retried_then_passed_through(single: Any) -> None:
+    node, gw = single
+    status, _, body = post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"x","mock":{"fail":"status500"}}')
+    # One attempt plus max_retries (2) on the only node, then the node's own answer reaches the client.
+    assert status == 500
+    assert json.loads(body)["error"]["message"]
+    assert node.stats.per_path["/v1/completions"] == 3
