@@ -2,8 +2,9 @@
 
 A request to ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` goes:
 
-    body read (size-checked) → routing fields decoded → model route → slot (now, or queued)
-      → node's keep-alive connection → response streamed back as the node's bytes → slot released
+    auth → body read (size-checked) → routing fields decoded → model allowed? → rate limits
+      → slot (now, or queued) → node's keep-alive connection → response streamed back as the
+      node's bytes → slot released → usage corrected → request log row + metrics
 
 Errors become OpenAI-shaped JSON here and nowhere else. Once the first response byte has reached the
 client there is no retry: a failing stream gets an SSE ``error`` event and ends.
@@ -24,15 +25,27 @@ from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 
 from . import __version__, errors
 from ._fast import LeastConnBalancer
+from .auth import KeyStore, Principal, RateLimiter
 from .config import Config, NodeConfig
+from .metrics import Metrics
 from .nodes import Node, NodeRegistry
+from .receipts import OutputHasher
 from .scheduler import Route, Scheduler
-from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, RoutingFields, models_list, routing_decoder, with_model
-from .store import RequestRecord
+from .schemas import (
+    PRIORITY_BY_NAME,
+    PRIORITY_NAMES,
+    RoutingFields,
+    UsageStripper,
+    models_list,
+    routing_decoder,
+    with_fields,
+)
+from .store import RequestLog, RequestRecord
 from .upstream.base import UpstreamError
 from .upstream.pool import Sweeper, UpstreamConnection
 
 log = logging.getLogger("shardon.app")
+access_log = logging.getLogger("shardon.access")
 
 JSON = [("content-type", "application/json")]
 # Hop-by-hop and framing headers are Granian's business, not the node's.
@@ -51,7 +64,7 @@ class ClientWatch:
 
     def __init__(self, proto: HTTPProtocol) -> None:
         self.gone = False
-        self.callbacks: list[Callable[[], None]] = []
+        self.callbacks: list[Callable[[], object]] = []
         self.task = asyncio.ensure_future(proto.client_disconnect())
         self.task.add_done_callback(self._done)
 
@@ -59,17 +72,18 @@ class ClientWatch:
         if task.cancelled():
             return
         self.gone = True
-        for cb in self.callbacks:
+        for cb in list(self.callbacks):
             cb()
 
     def close(self) -> None:
         self.task.cancel()
+        self.callbacks.clear()
 
 
 class Exchange:
     """Per-request state shared between the data path and the client watcher."""
 
-    __slots__ = ("conn", "proto", "rec", "started", "timer", "transport", "watch")
+    __slots__ = ("conn", "hasher", "proto", "rec", "started", "stripper", "timer", "transport", "watch")
 
     def __init__(self, proto: HTTPProtocol, rec: RequestRecord) -> None:
         self.proto = proto
@@ -79,6 +93,8 @@ class Exchange:
         self.watch: ClientWatch | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.transport: Any = None  # the client's response stream, once started
+        self.hasher: OutputHasher | None = None
+        self.stripper: UsageStripper | None = None
 
     def ensure_watch(self) -> ClientWatch:
         if self.watch is None:
@@ -100,7 +116,6 @@ class Exchange:
             self.timer.cancel()
         if self.watch is not None:
             self.watch.close()
-            self.watch.callbacks.clear()
         # Granian ends a streamed response when its transport object is released: drop it now,
         # not whenever the garbage collector breaks the exchange ↔ watcher cycle.
         self.transport = None
@@ -109,16 +124,23 @@ class Exchange:
 class Gateway:
     """The one object that owns all scheduling state; Granian calls it for every request."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.queue_timeout = config.scheduler.queue_timeout_s
         self.default_priority = PRIORITY_BY_NAME[config.scheduler.default_priority]
         self.default_max_tokens = config.scheduler.default_max_tokens
         self.max_retries = config.upstream.max_retries
+        self.tenant_header = config.auth.tenant_header.lower()
         self.draining = False
         self.in_flight = 0
         self.started_at = time.time()
+        self.request_log = request_log
+        self.metrics = metrics or Metrics(enabled=False)
+        self.keys = KeyStore(
+            config.auth, config.tenants, request_log.path if request_log is not None else None
+        )
+        self.limiter = RateLimiter()
         self.on_finish: list[Callable[[RequestRecord], None]] = []
         self._idle = asyncio.Event()
         self._models_body: bytes | None = None
@@ -128,8 +150,12 @@ class Gateway:
             ("POST", "/v1/embeddings"): self._inference,
             ("GET", "/v1/models"): self._models,
             ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
         }
         self._paths = {path for _, path in self.routes}
+        from .admin import Admin
+
+        self.admin = Admin(self)
         # Set in startup(), on the serving loop.
         self.loop: asyncio.AbstractEventLoop
         self.scheduler: Scheduler
@@ -141,17 +167,16 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.config.scheduler, LeastConnBalancer(), self.loop)
         self.registry = NodeRegistry(self.config.upstream, loop=self.loop, on_health_change=self._health_changed)
+        self._sweeper = Sweeper([], self.config.upstream.read_timeout_s)
         for node_config in self.config.nodes:
             self.add_node(node_config)
-        self._sweeper = Sweeper(self.registry.pools, self.config.upstream.read_timeout_s)
         self._sweeper.start()
         self.registry.start()
 
     def add_node(self, node_config: NodeConfig, *, backend: str | None = None) -> Node:
         node = self.registry.add(node_config, backend=backend)
         self.scheduler.add_node(node.index, node.max_concurrent, node.weight, node.models)
-        if hasattr(self, "_sweeper"):
-            self._sweeper.pools.append(node.pool)
+        self._sweeper.pools.append(node.pool)
         self._models_body = None
         return node
 
@@ -161,10 +186,12 @@ class Gateway:
             self.scheduler.remove_node(node.index)
             if node.pool in self._sweeper.pools:
                 self._sweeper.pools.remove(node.pool)
+            self.metrics.forget_node(node.id)
             self._models_body = None
 
     def _health_changed(self, node: Node) -> None:
         self.scheduler.set_healthy(node.index, node.healthy)
+        self.metrics.set_node_up(node.id, node.healthy)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests (503) and wait for those in flight; True if all finished in time."""
@@ -186,20 +213,33 @@ class Gateway:
     async def __call__(self, scope: Scope, proto: HTTPProtocol) -> None:
         if scope.proto != "http":
             return
-        handler = self.routes.get((scope.method, scope.path))
+        path = scope.path
+        handler = self.routes.get((scope.method, path))
         if handler is not None:
             await handler(scope, proto)
             return
-        if scope.path in self._paths:
-            err: errors.ShardonError = errors.MethodNotAllowed(f"method {scope.method} not allowed on {scope.path}")
+        if path.startswith("/admin/"):
+            await self.admin.handle(scope, proto)
+            return
+        if path in self._paths:
+            err: errors.ShardonError = errors.MethodNotAllowed(f"method {scope.method} not allowed on {path}")
         else:
-            err = errors.NotFound(f"no route for {scope.method} {scope.path}")
+            err = errors.NotFound(f"no route for {scope.method} {path}")
         proto.response_bytes(err.status, err.headers(), err.body())
 
     __rsgi__ = __call__
 
     # -- small routes -----------------------------------------------------------------------
     async def _models(self, scope: Scope, proto: HTTPProtocol) -> None:
+        try:
+            principal = self.keys.authenticate(scope.headers.get("authorization"), None)
+        except errors.ShardonError as err:
+            proto.response_bytes(err.status, err.headers(), err.body())
+            return
+        if principal.allowed_models is not None:
+            names = sorted(m for m in self.scheduler.routes if m in principal.allowed_models)
+            proto.response_bytes(200, JSON, models_list(names, int(self.started_at)))
+            return
         body = self._models_body
         if body is None:
             body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at))
@@ -215,6 +255,23 @@ class Gateway:
             "in_flight": self.in_flight,
         }
         proto.response_bytes(503 if self.draining else 200, JSON, orjson.dumps(body))
+
+    async def _metrics(self, scope: Scope, proto: HTTPProtocol) -> None:
+        # Gauges are read at scrape time: the request path pays nothing for them.
+        metrics = self.metrics
+        for name, route in self.scheduler.routes.items():
+            counts = [0, 0, 0, 0]
+            for priority, _tenant, live in route.queue.snapshot():
+                counts[priority] += live
+            for waiter in route.held:
+                counts[waiter.priority] += 1
+            for priority, count in enumerate(counts):
+                metrics.set_queue_depth(name, PRIORITY_NAMES[priority], count)
+        for node in self.registry.nodes.values():
+            metrics.set_inflight(node.id, self.scheduler.balancer.inflight(node.index))
+            metrics.set_node_up(node.id, node.healthy)
+        body, content_type = metrics.render()
+        proto.response_bytes(200, [("content-type", content_type)], body)
 
     # -- the data path ----------------------------------------------------------------------
     async def _inference(self, scope: Scope, proto: HTTPProtocol) -> None:
@@ -238,14 +295,40 @@ class Gateway:
         except (errors.ClientGone, ProtocolClosed):
             rec.status = 499
             rec.error_type = "client_disconnected"
+        except Exception as exc:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
+            log.exception("request %s failed", rec.id)
+            rec.status = 500
+            rec.error_type = "internal_error"
+            if not ex.started:
+                err = errors.ShardonError(f"internal error: {type(exc).__name__}")
+                proto.response_bytes(500, err.headers(), err.body())
         finally:
             ex.close()
             rec.finished_at = time.time()
             self.in_flight -= 1
             if self.in_flight == 0 and self.draining:
                 self._idle.set()
-            for hook in self.on_finish:
-                hook(rec)
+            self._finish(rec)
+
+    def _finish(self, rec: RequestRecord) -> None:
+        if self.request_log is not None:
+            self.request_log.append(rec)
+        self.metrics.observe_request(rec)
+        for hook in self.on_finish:
+            hook(rec)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
+                rec.client_addr,
+                "POST",
+                rec.endpoint,
+                rec.status,
+                rec.model,
+                rec.tenant,
+                rec.node_id,
+                ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
+                rec.id,
+            )
 
     def _decode(self, body: bytes) -> RoutingFields:
         try:
@@ -259,21 +342,26 @@ class Gateway:
         except msgspec.DecodeError as exc:
             raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
 
-    def _priority(self, value: str | None) -> int:
+    def _priority(self, value: str | None, cap: int) -> int:
         if value is None:
-            return self.default_priority
+            return min(self.default_priority, cap)
         priority = PRIORITY_BY_NAME.get(value.strip().lower())
         if priority is None:
             raise errors.BadRequest(
                 f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority"
             )
-        return priority
+        return min(priority, cap)
 
     async def _serve(self, scope: Scope, ex: Exchange) -> None:
         rec = ex.rec
         if self.draining:
             raise errors.Draining("the gateway is shutting down", retry_after=5)
         headers = scope.headers
+        principal = self.keys.authenticate(headers.get("authorization"), headers.get(self.tenant_header))
+        tenant = principal.tenant
+        rec.tenant = tenant.name
+        if principal.key is not None:
+            rec.key_id = principal.key.id
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
@@ -283,29 +371,88 @@ class Gateway:
             raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
         req = self._decode(body)
         rec.model = req.model
-        rec.stream = bool(req.stream)
+        stream = rec.stream = bool(req.stream)
         route = self.scheduler.route(req.model)
         if route is None:
             raise errors.ModelNotFound(f"The model '{req.model}' does not exist", param="model")
-        priority = self._priority(headers.get("x-priority"))
+        if principal.allowed_models is not None and req.model not in principal.allowed_models:
+            raise errors.Forbidden(f"this API key may not use model '{req.model}'", param="model")
+        priority = self._priority(headers.get("x-priority"), principal.max_priority)
         rec.priority = PRIORITY_NAMES[priority]
-        tenant = "default"
-        rec.tenant = tenant
-        max_tokens = req.max_tokens or req.max_completion_tokens or self.default_max_tokens
-        cost = len(body) / 4 + max_tokens
+        prompt_estimate = len(body) // 4
+        estimate = prompt_estimate + (req.max_tokens or req.max_completion_tokens or self.default_max_tokens)
 
-        index = self.scheduler.try_acquire(route)
+        budget = self.queue_timeout
+        req_buckets, tok_buckets = self.limiter.buckets(principal, time.monotonic())
+        if req_buckets or tok_buckets:
+            try:
+                wait = self.limiter.admit(req_buckets, tok_buckets, estimate, time.monotonic(), budget)
+            except errors.RateLimited:
+                self.metrics.rate_limited(tenant.name, "tokens" if tok_buckets else "requests")
+                raise
+            if wait > 0:
+                rec.overflow = True
+                await self._sleep_unless_gone(ex, wait)
+                budget -= wait
+            if tok_buckets and stream and not (req.stream_options and req.stream_options.include_usage):
+                # Ask the node for the real usage; the client will not see the extra chunk.
+                body = with_fields(body, stream_options={"include_usage": True})
+                ex.stripper = UsageStripper()
+
+        ex.hasher = OutputHasher() if req.model and not rec.endpoint.endswith("embeddings") else None
+        self.scheduler.arrive(route, tenant.name, tenant.weight)
+        index = self.scheduler.try_acquire(route, tenant.name)
         if index < 0:
-            index = await self._wait_for_slot(ex, route, priority, tenant, cost, critical=False)
+            index = await self._wait_for_slot(ex, route, priority, tenant.name, estimate, tenant.weight, budget)
         else:
             ex.timer = self.loop.call_later(_WATCH_AFTER_S, ex.ensure_watch)
-        await self._dispatch(scope, ex, route, req, body, index)
+        try:
+            await self._dispatch(scope, ex, route, req, body, index)
+        finally:
+            self._account(ex, route, principal, priority, prompt_estimate, estimate, tok_buckets)
+
+    def _account(
+        self, ex: Exchange, route: Route, principal: Principal, priority: int, prompt_estimate: int,
+        estimate: float, tok_buckets: list[Any],
+    ) -> None:
+        """Real usage into the record; estimates corrected in the token buckets and the fair queue."""
+        rec = ex.rec
+        hasher = ex.hasher
+        if hasher is not None and rec.status and 200 <= rec.status < 300:
+            rec.output_sha256 = hasher.hexdigest()
+            usage = hasher.usage
+            if usage:
+                rec.prompt_tokens = usage.get("prompt_tokens")
+                rec.completion_tokens = usage.get("completion_tokens")
+            elif rec.stream:
+                rec.completion_tokens = hasher.events
+        actual = (rec.prompt_tokens or prompt_estimate) + (rec.completion_tokens or 0)
+        if rec.dispatched_at is None:
+            actual = 0  # never reached a node: nothing was used
+        delta = actual - estimate
+        if tok_buckets:
+            self.limiter.correct(tok_buckets, delta, time.monotonic())
+        if rec.queued_at is not None:
+            route.queue.refund(self.scheduler.tenant_key(principal.tenant.name), priority, -delta)
+
+    async def _sleep_unless_gone(self, ex: Exchange, seconds: float) -> None:
+        watch = ex.ensure_watch()
+        fut = self.loop.create_future()
+        timer = self.loop.call_later(seconds, lambda: fut.done() or fut.set_result(None))
+        wake = lambda: fut.done() or fut.set_exception(errors.ClientGone())  # noqa: E731
+        watch.callbacks.append(wake)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if wake in watch.callbacks:
+                watch.callbacks.remove(wake)
 
     async def _wait_for_slot(
-        self, ex: Exchange, route: Route, priority: int, tenant: str, cost: float, *, critical: bool
+        self, ex: Exchange, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float
     ) -> int:
         scheduler = self.scheduler
-        waiter = scheduler.enqueue(route, 3 if critical else priority, tenant, cost, 1.0, self.queue_timeout)
+        waiter = scheduler.enqueue(route, priority, tenant, cost, weight, timeout)
         if ex.rec.queued_at is None:
             ex.rec.queued_at = time.time()
         watch = ex.ensure_watch()
@@ -317,9 +464,10 @@ class Gateway:
             scheduler.abandon(waiter)
             raise
         finally:
-            watch.callbacks.remove(cancel)
+            if cancel in watch.callbacks:
+                watch.callbacks.remove(cancel)
         if watch.gone:
-            scheduler.release(index)
+            scheduler.release(index, route, tenant)
             raise errors.ClientGone()
         return index
 
@@ -328,6 +476,7 @@ class Gateway:
     ) -> None:
         """Forward to the node holding slot ``index``; retry elsewhere while nothing reached the client."""
         rec = ex.rec
+        tenant = rec.tenant or "default"
         scheduler = self.scheduler
         registry = self.registry
         tried: list[int] = []
@@ -337,16 +486,17 @@ class Gateway:
             node = registry.by_index[index]
             rec.node_id = node.id
             rec.backend = node.backend
+            rec.model_file_sha256 = node.model_file_sha256
             rec.dispatched_at = time.time()
             error: UpstreamError | None = None
             try:
                 served = route.served_names.get(index, req.model)
-                payload = body if served == req.model else with_model(body, served)
+                payload = body if served == req.model else with_fields(body, model=served)
                 await self._forward(ex, node, method_path, payload, fresh=fresh)
             except UpstreamError as exc:
                 error = exc
             finally:
-                scheduler.release(index)
+                scheduler.release(index, route, tenant)
                 scheduler.note_service_time(route, time.time() - rec.dispatched_at)
             if error is None:
                 registry.record_success(node)
@@ -365,24 +515,20 @@ class Gateway:
             fresh = error.reused
             if not fresh:
                 tried.append(index)
-            balancer = scheduler.balancer
-            index = balancer.pick(route.candidates, None if fresh else tried)
-            if index < 0:  # no other node free: the same one again beats waiting
-                index = balancer.pick(route.candidates, None)
-            if index >= 0:
-                balancer.acquire(index)
-            else:
-                index = await self._wait_for_slot(ex, route, 3, rec.tenant or "default", 0.0, critical=True)
-            log.info("request %s retried on node index %d after: %s", rec.id, index, error)
+            index = scheduler.take(route, tenant, None if fresh else tried)
+            if index < 0:
+                index = await self._wait_for_slot(ex, route, 3, tenant, 0.0, 1.0, self.queue_timeout)
+            log.info("request %s retried after: %s", rec.id, error)
 
     async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, *, fresh: bool) -> None:
         rec = ex.rec
         conn = await node.pool.acquire(fresh=fresh)
         ex.conn = conn
+        transport = None
         try:
             conn.send(node.request_head(method_path, len(body)), body)
             status, upstream_headers = await conn.response_head()
-            if status >= 500 and rec.retries < self.max_retries and len(self.scheduler.routes) > 0:
+            if status >= 500 and rec.retries < self.max_retries:
                 # The node refused before producing anything: let another node try.
                 while await conn.read():
                     pass
@@ -394,27 +540,39 @@ class Gateway:
             ]
             headers.append(("x-request-id", rec.id))
             headers.append(("x-shardon-node", node.id))
-            transport = None
+            hasher = ex.hasher if status == 200 else None
             data = await conn.read()
             rec.first_token_at = time.time()
             rec.status = status
-            if conn.complete:
+            if conn.complete and not rec.stream:
                 # The whole response arrived at once (the usual non-streamed answer): one write.
+                if hasher is not None:
+                    hasher.feed_json(data)
                 rec.bytes_out = len(data)
                 ex.started = True
                 ex.proto.response_bytes(status, headers, data)
                 return
             transport = ex.transport = ex.proto.response_stream(status, headers)
             ex.started = True
+            stripper = ex.stripper if status == 200 else None
+            sse = rec.stream
             sent = 0
             while data:
-                sent += len(data)
-                try:
-                    await transport.send_bytes(data)
-                except ProtocolClosed:
-                    rec.bytes_out = sent
-                    raise errors.ClientGone() from None
+                if hasher is not None and sse:
+                    hasher.feed_sse(data)
+                if stripper is not None:
+                    data = stripper.feed(data)
+                if data:
+                    sent += len(data)
+                    try:
+                        await transport.send_bytes(data)
+                    except ProtocolClosed:
+                        rec.bytes_out = sent
+                        raise errors.ClientGone() from None
                 data = await conn.read()
+            if stripper is not None and (tail := stripper.flush()):
+                sent += len(tail)
+                await transport.send_bytes(tail)
             rec.bytes_out = sent
         finally:
             # A raised error's traceback keeps this frame alive; it must not keep the client's

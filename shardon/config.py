@@ -24,6 +24,7 @@ import yaml
 from msgspec import Meta, Struct
 
 from .errors import ConfigError
+from .store import StoreConfig
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -48,6 +49,8 @@ class ServerConfig(_Section):
 
 
 class SchedulerConfig(_Section):
+    # "fair": priority classes, then DRR across tenants with headroom kept for tenants under their
+    # share; "fifo": one line in arrival order (priority classes still apply), for comparison.
     max_queue_size: NonNegInt = 1000
     queue_timeout_s: PositiveFloat = 30.0
     default_priority: PriorityName = "normal"
@@ -55,6 +58,11 @@ class SchedulerConfig(_Section):
     quantum_tokens: PositiveFloat = 1024.0
     # Estimated completion tokens when a request gives no max_tokens.
     default_max_tokens: PositiveInt = 256
+    policy: Literal["fair", "fifo"] = "fair"
+    # Slots kept free for tenants under their fair share while another tenant is over its share.
+    headroom_slots: NonNegInt = 1
+    # A tenant counts as active (and so has a share) this long after its last request.
+    active_window_s: PositiveFloat = 5.0
 
 
 class UpstreamConfig(_Section):
@@ -85,6 +93,36 @@ class NodeConfig(_Section):
         return {name: name for name in self.models}
 
 
+class KeyConfig(_Section):
+    """An API key of a tenant: the secret itself, or only its SHA-256 so no secret sits in the file."""
+
+    key: str | None = None
+    key_sha256: str | None = None
+    id: str | None = None
+    rpm: PositiveFloat | None = None
+    tpm: PositiveFloat | None = None
+    max_priority: PriorityName | None = None
+    models: list[str] | None = None
+
+
+class TenantConfig(_Section):
+    name: str
+    weight: PositiveFloat = 1.0
+    rpm: PositiveFloat | None = None
+    tpm: PositiveFloat | None = None
+    keys: list[KeyConfig] = msgspec.field(default_factory=list)
+
+
+class AuthConfig(_Section):
+    admin_keys: list[str] = msgspec.field(default_factory=list)
+    trust_tenant_header: bool = False
+    tenant_header: str = "x-tenant-id"
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -96,12 +134,18 @@ class Config(_Section):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    # Set false to run without the SQLite request log (no admin request queries, no key persistence).
+    request_log: bool = True
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     # The built-in mock node used when nothing else is configured (see README).
     embedded_mock: bool | None = None
 
 
-_SECTIONS = ("server", "scheduler", "upstream", "log")
+_SECTIONS = ("server", "scheduler", "upstream", "auth", "store", "metrics", "log")
 _VALIDATION_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
@@ -126,6 +170,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.url: bad port in {node.url!r}") from None
         if not node.models:
             raise ConfigError(f"{where}.models: a node must serve at least one model")
+
+
+def _validate_tenants(cfg: Config) -> None:
+    names: set[str] = set()
+    for i, tenant in enumerate(cfg.tenants):
+        if tenant.name in names:
+            raise ConfigError(f"tenants[{i}].name: duplicate tenant {tenant.name!r}")
+        names.add(tenant.name)
+        for j, key in enumerate(tenant.keys):
+            where = f"tenants[{i}].keys[{j}]"
+            if (key.key is None) == (key.key_sha256 is None):
+                raise ConfigError(f"{where}: give exactly one of key or key_sha256")
+            if key.key_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", key.key_sha256):
+                raise ConfigError(f"{where}.key_sha256: expected 64 hex digits")
 
 
 def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -170,4 +228,5 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
             raise ConfigError(f"{_field_path(match.group(1)) or '(top level)'}: {msg[: match.start()]}") from None
         raise ConfigError(msg) from None
     _validate(cfg)
+    _validate_tenants(cfg)
     return cfg

@@ -17,6 +17,8 @@ from granian.server.embed import Server
 
 from .app import Gateway
 from .config import Config, NodeConfig
+from .metrics import Metrics
+from .store import RequestLog
 
 log = logging.getLogger("shardon")
 
@@ -45,7 +47,11 @@ async def run(
     started: Callable[[Gateway], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set, for embedding in tests), then drain and exit."""
-    gateway = Gateway(config)
+    request_log = None
+    if config.request_log:
+        request_log = RequestLog(config.store)
+        await asyncio.get_running_loop().run_in_executor(None, request_log.start)
+    gateway = Gateway(config, request_log=request_log, metrics=Metrics(enabled=config.metrics.enabled))
     await gateway.startup()
     mock = None
     if config.embedded_mock or (config.embedded_mock is None and not config.nodes):
@@ -91,6 +97,8 @@ async def run(
     await gateway.shutdown()
     if mock is not None:
         await mock.stop()  # type: ignore[attr-defined]
+    if request_log is not None:
+        await request_log.aclose()  # flushes every row appended so far
     return code
 
 

@@ -141,6 +141,7 @@ def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayThread]]:
         upstream = dict(raw.get("upstream", {}))
         upstream.setdefault("health_interval_s", 0.2)
         raw["upstream"] = upstream
+        raw.setdefault("store", {"path": str(tmp_path / f"shardon-{len(gateways)}.db")})
         path = tmp_path / f"shardon-{len(gateways)}.yaml"
         path.write_text(yaml.safe_dump(raw))
         gateway = GatewayThread(load_config(path, environ={}))

@@ -1,0 +1,162 @@
+"""The admin API (``/admin/*``): keys, the request log, statistics, status.
+
+Every call is authenticated with an admin key (``auth.admin_keys``; loopback only while none is
+configured) — ``/v1`` keys are refused. Calls that change something are written to the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import orjson
+from granian.rsgi import HTTPProtocol, Scope
+
+from . import __version__, admin_queries, errors
+from .auth import create_key_decoder
+from .receipts import receipt_for
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+JSON = [("content-type", "application/json")]
+
+AdminHandler = Callable[[Scope, HTTPProtocol, str, list[str]], Awaitable[Any]]
+
+
+class Admin:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        # (method, first path segment after /admin/, number of further segments) → handler
+        self.table: dict[tuple[str, str, int], AdminHandler] = {
+            ("POST", "keys", 0): self.create_key,
+            ("GET", "keys", 0): self.list_keys,
+            ("DELETE", "keys", 1): self.revoke_key,
+            ("GET", "requests", 0): self.requests,
+            ("GET", "requests", 1): self.request,
+            ("GET", "stats", 0): self.stats,
+            ("GET", "stats", 1): self.stats_sub,
+            ("GET", "status", 0): self.status,
+            ("GET", "audit", 0): self.audit,
+        }
+
+    def register(self, method: str, segment: str, extra: int, handler: AdminHandler) -> None:
+        self.table[(method, segment, extra)] = handler
+
+    async def handle(self, scope: Scope, proto: HTTPProtocol) -> None:
+        parts = [p for p in scope.path[len("/admin/") :].split("/") if p]
+        try:
+            actor = self.gw.keys.authenticate_admin(scope.headers.get("authorization"), scope.client)
+            if not parts:
+                raise errors.NotFound(f"no route for {scope.method} {scope.path}")
+            handler = self.table.get((scope.method, parts[0], len(parts) - 1))
+            if handler is None:
+                if any(key[1:] == (parts[0], len(parts) - 1) for key in self.table):
+                    raise errors.MethodNotAllowed(f"method {scope.method} not allowed on {scope.path}")
+                raise errors.NotFound(f"no route for {scope.method} {scope.path}")
+            result = await handler(scope, proto, actor, parts[1:])
+        except errors.ShardonError as err:
+            proto.response_bytes(err.status, err.headers(), err.body())
+            return
+        except ValueError as exc:  # a bad query parameter: "param: why"
+            param, _, why = str(exc).partition(":")
+            err = errors.BadRequest(f"invalid {param}:{why}", param=param.strip() or None)
+            proto.response_bytes(err.status, err.headers(), err.body())
+            return
+        if result is not None:
+            status, body = result
+            proto.response_bytes(status, JSON, orjson.dumps(body, default=str))
+
+    def _log(self) -> Any:
+        log = self.gw.request_log
+        if log is None:
+            raise errors.NotFound("the request log is disabled")
+        return log
+
+    def _audit(self, actor: str, action: str, target: str | None, detail: dict[str, Any] | None = None) -> None:
+        if self.gw.request_log is not None:
+            self.gw.request_log.audit(actor, action, target, detail)
+
+    # -- keys -------------------------------------------------------------------------------
+    async def create_key(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        body = await proto()
+        try:
+            spec = create_key_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise errors.BadRequest(f"invalid key: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
+        key, secret = self.gw.keys.create(spec)
+        self._audit(actor, "key.create", key.id, {"tenant": key.tenant})
+        out = key.public()
+        out["key"] = secret  # shown this once
+        return 201, out
+
+    async def list_keys(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        return 200, {"data": self.gw.keys.list()}
+
+    async def revoke_key(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        key = self.gw.keys.revoke(args[0])
+        if key is None:
+            raise errors.NotFound(f"no key with id '{args[0]}'")
+        self._audit(actor, "key.revoke", key.id, {"tenant": key.tenant})
+        return 200, {"id": key.id, "revoked": True}
+
+    # -- request log ------------------------------------------------------------------------
+    async def requests(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        kwargs = admin_queries.parse_requests_query(scope.query_string)
+        return 200, await self._log().query(**kwargs)
+
+    async def request(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        request_id = admin_queries.parse_request_id(args[0])
+        row = await self._log().get(request_id)
+        if row is None:
+            raise errors.NotFound(f"no request with id '{request_id}'")
+        if row.get("receipt") is None and row.get("finished_at") is not None:
+            row["receipt"] = receipt_for(row)
+        return 200, row
+
+    async def stats(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        kwargs = admin_queries.parse_stats_query(scope.query_string)
+        out = await self._log().stats(**kwargs)
+        out["in_flight"] = self.gw.in_flight
+        out["queued"] = sum(self.gw.scheduler.queue_depths().values())
+        return 200, out
+
+    async def stats_sub(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        if args[0] == "models":
+            return 200, await self._log().stats_by_model(**admin_queries.parse_stats_by_model_query(scope.query_string))
+        if args[0] == "tenants":
+            return 200, await self._log().stats_by_tenant(**admin_queries.parse_usage_query(scope.query_string))
+        raise errors.NotFound(f"no statistics named '{args[0]}'")
+
+    async def audit(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        return 200, await self._log().audit_entries(**admin_queries.parse_audit_query(scope.query_string))
+
+    async def status(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        gw = self.gw
+        balancer = gw.scheduler.balancer
+        nodes = []
+        for node in gw.registry.nodes.values():
+            snap = node.snapshot()
+            snap["in_flight"] = balancer.inflight(node.index)
+            nodes.append(snap)
+        body: dict[str, Any] = {
+            "version": __version__,
+            "uptime_s": round(time.time() - gw.started_at, 3),
+            "draining": gw.draining,
+            "in_flight": gw.in_flight,
+            "queues": gw.scheduler.queue_depths(),
+            "nodes": nodes,
+            "models": sorted(gw.scheduler.routes),
+        }
+        if gw.request_log is not None:
+            body["request_log"] = {
+                "path": str(gw.request_log.path),
+                "pending": gw.request_log.pending,
+                "written": gw.request_log.written,
+                "dropped": gw.request_log.dropped,
+            }
+        return 200, body

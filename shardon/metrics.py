@@ -1,0 +1,235 @@
+"""Prometheus metrics for the gateway.
+
+Each `Metrics` owns its own `CollectorRegistry` (never the process-global one), so several can live
+in one process (tests, embedded use). ``render()`` gives the exposition body and content type for
+``GET /metrics``.
+
+Metrics (label values that are None are reported as ``unknown``)::
+
+    shardon_requests_total{model,status,tenant}              counter  one per finished request
+    shardon_tokens_total{model,tenant,kind}                  counter  kind = prompt | completion
+    shardon_rate_limited_total{tenant,kind}                  counter  kind = the limit hit
+    shardon_model_events_total{model,event}                  counter  load, unload, evict, fail, ...
+    shardon_queue_depth{model,priority}                      gauge
+    shardon_inflight{node}                                   gauge
+    shardon_node_up{node}                                    gauge    1 healthy, 0 down
+    shardon_request_duration_seconds{model}                  histogram  received → finished
+    shardon_time_to_first_token_seconds{model}               histogram  received → first token
+    shardon_time_per_output_token_seconds{model}             histogram  (finished - first token)
+                                                                        / (completion_tokens - 1)
+    shardon_model_load_seconds{model}                        histogram
+
+The histograms observe successful (2xx) requests only, like the admin stats of the request log;
+failures are visible in ``shardon_requests_total`` by status. Plus the standard ``process_*`` and
+``python_gc_*`` collectors when ``process_metrics`` is true.
+
+Hot path: the labelled children are cached in dicts keyed by label tuple, so an observation is a dict
+lookup and an ``inc``/``observe``; ``.labels()`` runs once per new label set. To bound cardinality
+(model names come from clients), a metric that already has ``max_series`` label sets maps new ones to
+``other``. With ``enabled=False`` every method returns at once and ``render()`` returns an empty body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from shardon.store import RequestRecord
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+UNKNOWN = "unknown"
+OTHER = "other"
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Family:
+    """A labelled metric and its cache of children, keyed by the tuple of label values."""
+
+    __slots__ = ("children", "max_series", "metric")
+
+    def __init__(self, metric: Any, max_series: int) -> None:
+        self.metric = metric
+        self.children: dict[tuple[Any, ...], Any] = {}
+        self.max_series = max_series
+
+    def child(self, key: tuple[Any, ...]) -> Any:
+        c = self.children.get(key)
+        if c is None:
+            c = self._new(key)
+        return c
+
+    def _new(self, key: tuple[Any, ...]) -> Any:
+        if len(self.children) >= self.max_series:
+            # Full: the key is not cached (the cache must not grow with client-chosen names).
+            return self.metric.labels(*((OTHER,) * len(key)))
+        c = self.metric.labels(*(UNKNOWN if v is None else str(v) for v in key))
+        self.children[key] = c
+        return c
+
+    def forget(self, match: Callable[[tuple[Any, ...]], bool]) -> None:
+        for key in [k for k in self.children if match(k)]:
+            self.children.pop(key)
+            with contextlib.suppress(KeyError):
+                self.metric.remove(*(UNKNOWN if v is None else str(v) for v in key))
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, on a private registry (see the module docstring)."""
+
+    def __init__(
+        self, enabled: bool = True, *, max_series: int = 10_000, process_metrics: bool = True
+    ) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry(auto_describe=True)
+        if not enabled:
+            return
+        reg = self.registry
+        if process_metrics:
+            ProcessCollector(registry=reg)
+            GCCollector(registry=reg)
+
+        def fam(cls: type[M], name: str, doc: str, labels: Sequence[str], **kw: Any) -> _Family:
+            return _Family(cls(name, doc, labels, registry=reg, **kw), max_series)
+
+        self._requests = fam(
+            Counter,
+            "shardon_requests_total",
+            "Requests answered, by model, HTTP status and tenant.",
+            ("model", "status", "tenant"),
+        )
+        self._tokens = fam(
+            Counter,
+            "shardon_tokens_total",
+            "Tokens processed, by model, tenant and kind (prompt|completion).",
+            ("model", "tenant", "kind"),
+        )
+        self._rate_limited = fam(
+            Counter,
+            "shardon_rate_limited_total",
+            "Requests refused or delayed by a rate limit.",
+            ("tenant", "kind"),
+        )
+        self._model_events = fam(
+            Counter,
+            "shardon_model_events_total",
+            "Model lifecycle events (load, unload, evict, fail...).",
+            ("model", "event"),
+        )
+        self._queue_depth = fam(
+            Gauge, "shardon_queue_depth", "Requests waiting, by model and priority.", ("model", "priority")
+        )
+        self._inflight = fam(Gauge, "shardon_inflight", "Requests running on a node.", ("node",))
+        self._node_up = fam(Gauge, "shardon_node_up", "1 if the node is healthy, else 0.", ("node",))
+        self._duration = fam(
+            Histogram,
+            "shardon_request_duration_seconds",
+            "Time from receipt to the end of the response.",
+            ("model",),
+            buckets=DURATION_BUCKETS,
+        )
+        self._ttft = fam(
+            Histogram,
+            "shardon_time_to_first_token_seconds",
+            "Time from receipt to the first token.",
+            ("model",),
+            buckets=TTFT_BUCKETS,
+        )
+        self._tpot = fam(
+            Histogram,
+            "shardon_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            ("model",),
+            buckets=TPOT_BUCKETS,
+        )
+        self._load = fam(
+            Histogram,
+            "shardon_model_load_seconds",
+            "Time to load a model and see it healthy.",
+            ("model",),
+            buckets=LOAD_BUCKETS,
+        )
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def observe_request(self, record: RequestRecord) -> None:
+        """Count a finished request and observe its timings (from the record's timestamps)."""
+        if not self.enabled:
+            return
+        model = record.model
+        tenant = record.tenant
+        status = record.status
+        self._requests.child((model, status, tenant)).inc()
+        prompt = record.prompt_tokens
+        completion = record.completion_tokens
+        if prompt:
+            self._tokens.child((model, tenant, "prompt")).inc(prompt)
+        if completion:
+            self._tokens.child((model, tenant, "completion")).inc(completion)
+        if not 200 <= status < 300:
+            return
+        received = record.received_at
+        finished = record.finished_at
+        first = record.first_token_at
+        if finished is not None and finished >= received:
+            self._duration.child((model,)).observe(finished - received)
+        if first is not None and first >= received:
+            self._ttft.child((model,)).observe(first - received)
+            if finished is not None and completion is not None and completion > 1 and finished >= first:
+                self._tpot.child((model,)).observe((finished - first) / (completion - 1))
+
+    def set_queue_depth(self, model: str | None, priority: str | None, n: int) -> None:
+        if self.enabled:
+            self._queue_depth.child((model, priority)).set(n)
+
+    def set_inflight(self, node: str, n: int) -> None:
+        if self.enabled:
+            self._inflight.child((node,)).set(n)
+
+    def set_node_up(self, node: str, up: bool) -> None:
+        if self.enabled:
+            self._node_up.child((node,)).set(1 if up else 0)
+
+    def forget_node(self, node: str) -> None:
+        """Drop the series of a node that left the configuration."""
+        if self.enabled:
+            self._inflight.forget(lambda k: k[0] == node)
+            self._node_up.forget(lambda k: k[0] == node)
+
+    def rate_limited(self, tenant: str | None, kind: str) -> None:
+        if self.enabled:
+            self._rate_limited.child((tenant, kind)).inc()
+
+    def model_event(self, model: str, event: str, load_seconds: float | None = None) -> None:
+        """Count a lifecycle event; ``load_seconds`` (for a completed load) feeds the load histogram."""
+        if not self.enabled:
+            return
+        self._model_events.child((model, event)).inc()
+        if load_seconds is not None and load_seconds >= 0:
+            self._load.child((model,)).observe(load_seconds)
+
+    # -- exposition -----------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for ``GET /metrics``."""
+        if not self.enabled:
+            return b"", CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

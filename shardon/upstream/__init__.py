@@ -1,0 +1,1 @@
+"""Upstream side of the gateway: keep-alive pool, response streaming, mock inference node."""

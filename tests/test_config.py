@@ -1,0 +1,98 @@
+"""Config: the documented shape loads, overrides apply, and every error names its field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardon.config import load_config
+from shardon.errors import ConfigError
+
+DOCUMENTED = """
+server:    {host: 127.0.0.1, port: 8080, max_body_bytes: 1048576}
+scheduler: {max_queue_size: 1000, queue_timeout_s: 30}
+nodes:
+  - id: node-a
+    url: http://127.0.0.1:9001
+    models: [llama-3-8b]
+    max_concurrent: 4
+    weight: 1
+    api_key: null
+  - id: node-b
+    url: http://127.0.0.1:9002
+    models: {public-name: name-on-the-node}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "shardon.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_documented_shape_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, DOCUMENTED), environ={})
+    assert cfg.server.port == 8080 and cfg.server.max_body_bytes == 1048576
+    assert cfg.scheduler.max_queue_size == 1000 and cfg.scheduler.queue_timeout_s == 30
+    assert cfg.nodes[0].model_map() == {"llama-3-8b": "llama-3-8b"}
+    assert cfg.nodes[1].model_map() == {"public-name": "name-on-the-node"}
+    assert cfg.nodes[0].api_key is None
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None, environ={})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8080)
+    assert cfg.nodes == []
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    env = {"SHARDON_SERVER_PORT": "9090", "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "2.5", "SHARDON_SERVER_MAX_BODY_BYTES": "10"}
+    cfg = load_config(write(tmp_path, DOCUMENTED), environ=env)
+    assert cfg.server.port == 9090
+    assert cfg.scheduler.queue_timeout_s == 2.5
+    assert cfg.server.max_body_bytes == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "field"),
+    [
+        ("server: {port: eighty}", {}, "server.port"),
+        ("server: {port: 70000}", {}, "server.port"),
+        ("server: {prot: 1}", {}, "server"),
+        ("scheduler: {queue_timeout_s: -1}", {}, "scheduler.queue_timeout_s"),
+        ("nodes: [{id: a, url: 'http://x:1'}]", {}, "nodes[0]"),
+        ("nodes: [{id: a, url: 'http://x:1', models: [m], max_concurrent: 0}]", {}, "nodes[0].max_concurrent"),
+        ("nodes: [{id: a, url: 'ftp://x', models: [m]}]", {}, "nodes[0].url"),
+        ("nodes: [{id: a, url: 'http://x:1', models: [m]}, {id: a, url: 'http://x:2', models: [m]}]", {}, "nodes[1].id"),
+        ("nodes: [{id: a, url: 'http://x:1', models: []}]", {}, "nodes[0].models"),
+        ("", {"SHARDON_SERVER_PORT": "nope"}, "server.port"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, text: str, env: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ=env)
+    assert str(info.value).startswith(field), str(info.value)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "missing.yaml", environ={})
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "server: [unclosed"), environ={})
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), environ={})
+
+
+def test_cli_exits_non_zero_naming_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "server: {port: eighty}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardon", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "server.port" in proc.stderr and "Expected `int`" in proc.stderr

@@ -1,0 +1,111 @@
+"""`shardon serve` as a user runs it: embedded defaults, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _up(port: int) -> bool:
+    try:
+        return _get(port, "/health")[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardon", "serve", "--port", str(port), *args],
+            env={**os.environ, "XDG_DATA_HOME": str(tmp_path), **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        wait_until(lambda: _up(port) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        return proc, port
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_embedded_default_answers_chat(serve: Any) -> None:
+    import openai
+
+    _, port = serve()
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as client:
+        models = [m.id for m in client.models.list()]
+        assert "mock-model" in models
+        reply = client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+
+
+def test_sigterm_drains_streams_and_refuses_new_requests(serve: Any, tmp_path: Path) -> None:
+    proc, port = serve(env={"SHARDON_SERVER_DRAIN_TIMEOUT_S": "10"})
+    body = json.dumps({"model": "mock-model", "prompt": "x", "stream": True, "mock": {"chunks": 30, "delay_ms": 30}})
+    result: dict[str, Any] = {}
+
+    def stream() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        result["status"] = resp.status
+        result["body"] = resp.read()
+        conn.close()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    time.sleep(0.2)  # the stream is under way (30 chunks x 30 ms)
+    proc.send_signal(signal.SIGTERM)
+    # While draining: new requests are refused with 503, health says so.
+    def refused() -> bool:
+        try:
+            status, raw = _get(port, "/health")
+            return status == 503 and json.loads(raw)["status"] == "draining"
+        except OSError:
+            return False
+
+    wait_until(refused, timeout=3)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", "/v1/completions", body=b'{"model":"mock-model","prompt":"y"}')
+    resp = conn.getresponse()
+    assert resp.status == 503
+    assert json.loads(resp.read())["error"]["code"] == "shutting_down"
+    conn.close()
+    thread.join(15)
+    assert result["status"] == 200
+    assert result["body"].rstrip().endswith(b"data: [DONE]")  # the running stream finished whole
+    assert proc.wait(15) == 0
