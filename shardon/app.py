@@ -394,12 +394,12 @@ class Gateway:
                 rec.overflow = True
                 await self._sleep_unless_gone(ex, wait)
                 budget -= wait
-            if tok_buckets and stream and not (req.stream_options and req.stream_options.include_usage):
-                # Ask the node for the real usage; the client will not see the extra chunk.
-                body = with_fields(body, stream_options={"include_usage": True})
-                ex.stripper = UsageStripper()
-
-        ex.hasher = OutputHasher() if req.model and not rec.endpoint.endswith("embeddings") else None
+        if stream and not (req.stream_options and req.stream_options.include_usage):
+            # Ask the node for the stream's real usage (for limits and the log); the client, who
+            # did not ask for it, will not see the extra event.
+            body = with_fields(body, stream_options={"include_usage": True})
+            ex.stripper = UsageStripper()
+        ex.hasher = None if rec.endpoint == "/v1/embeddings" else OutputHasher()
         self.scheduler.arrive(route, tenant.name, tenant.weight)
         index = self.scheduler.try_acquire(route, tenant.name)
         if index < 0:
@@ -425,7 +425,7 @@ class Gateway:
                 rec.prompt_tokens = usage.get("prompt_tokens")
                 rec.completion_tokens = usage.get("completion_tokens")
             elif rec.stream:
-                rec.completion_tokens = hasher.events
+                rec.completion_tokens = hasher.text_events
         actual = (rec.prompt_tokens or prompt_estimate) + (rec.completion_tokens or 0)
         if rec.dispatched_at is None:
             actual = 0  # never reached a node: nothing was used

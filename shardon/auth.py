@@ -3,8 +3,9 @@
 - Keys come from the config (``tenants[].keys``, the secret or only its SHA-256) and from the admin
   API at run time. Only SHA-256 digests are kept; run-time keys are persisted (digest only) in
   Shardon's SQLite database and survive a restart. A secret is shown once, when it is created.
-- ``/v1/*`` is open while no key exists at all; then every request is the ``default`` tenant (or,
-  when ``auth.trust_tenant_header`` is set, the tenant named by that header).
+- ``/v1/*`` is open while no key was ever configured or created; then every request is the
+  ``default`` tenant (or, when ``auth.trust_tenant_header`` is set, the tenant named by that
+  header). Once a key exists the gateway stays closed: revoking the last key does not open it.
 - ``/admin/*`` takes only ``auth.admin_keys``; with none configured, only loopback clients.
 - Digests are compared with :func:`hmac.compare_digest`; a lookup never short-circuits on a prefix
   of the secret.
@@ -121,6 +122,7 @@ class KeyStore:
         }
         self.tenants.setdefault(DEFAULT_TENANT, Tenant(DEFAULT_TENANT))
         self._by_digest: dict[str, ApiKey] = {}
+        self._ever_keyed = False
         self._admin_digests = [digest(k) for k in auth.admin_keys]
         self._db_lock = threading.Lock()
         for t in tenants:
@@ -136,6 +138,7 @@ class KeyStore:
                     max_priority=k.max_priority,
                     models=k.models,
                 )
+        self._ever_keyed = bool(self._by_digest)
         self._load()
 
     # -- persistence (run-time keys) ---------------------------------------------------------
@@ -156,6 +159,8 @@ class KeyStore:
                     "SELECT id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at"
                     " FROM api_keys WHERE revoked_at IS NULL"
                 ).fetchall()
+                if conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]:
+                    self._ever_keyed = True
             finally:
                 conn.close()
         for key_id, sha, tenant, rpm, tpm, max_priority, models, created in rows:
@@ -208,6 +213,7 @@ class KeyStore:
                 finally:
                     conn.close()
         self._by_digest[key.key_sha256] = key
+        self._ever_keyed = True
         self.tenants.setdefault(key.tenant, Tenant(key.tenant))
         return key, secret
 
@@ -232,7 +238,7 @@ class KeyStore:
     # -- per request ----------------------------------------------------------------------------
     @property
     def open(self) -> bool:
-        return not self._by_digest
+        return not self._by_digest and not self._ever_keyed
 
     def tenant(self, name: str) -> Tenant:
         tenant = self.tenants.get(name)
@@ -242,7 +248,7 @@ class KeyStore:
 
     def authenticate(self, authorization: str | None, tenant_header: str | None) -> Principal:
         """The caller of a ``/v1`` request, or :class:`~shardon.errors.Unauthorized`."""
-        if not self._by_digest:
+        if self.open:
             name = tenant_header if (tenant_header and self.auth.trust_tenant_header) else DEFAULT_TENANT
             return Principal(self.tenant(name), None)
         secret = _bearer(authorization)

@@ -93,7 +93,7 @@ def _lenient(payload: bytes) -> _Event | None:
 class OutputHasher:
     """Incremental SHA-256 of the text generated for choice 0 (see the module docstring)."""
 
-    __slots__ = ("_buf", "_data", "_hash", "bad_events", "done", "events", "usage")
+    __slots__ = ("_buf", "_data", "_hash", "bad_events", "done", "events", "text_events", "usage")
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -101,6 +101,7 @@ class OutputHasher:
         self._data: list[bytes] = []  # data lines of the SSE event being read
         self.usage: dict[str, Any] | None = None
         self.events = 0
+        self.text_events = 0  # events that carried text for choice 0: ~ tokens when no usage is sent
         self.bad_events = 0
         self.done = False
 
@@ -217,6 +218,7 @@ class OutputHasher:
                 part = ch.delta if ch.delta is not None else ch.message
                 text = part.content if part is not None else None
             if text:
+                self.text_events += 1
                 self._hash.update(text.encode())
             return
 

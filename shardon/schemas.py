@@ -7,6 +7,8 @@ request itself is forwarded as the client's bytes, so fields Shardon does not kn
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import orjson
 
@@ -44,8 +46,8 @@ def with_fields(body: bytes, **fields: object) -> bytes:
 
 
 class _UsageProbe(msgspec.Struct):
-    choices: list[msgspec.Raw] | None = None
-    usage: msgspec.Raw | None = None
+    choices: list[Any] | None = None
+    usage: dict[str, Any] | None = None
 
 
 _probe_decoder = msgspec.json.Decoder(_UsageProbe)
@@ -75,6 +77,10 @@ class UsageStripper:
         complete, self._pending = data[: end + 2], data[end + 2 :]
         if b'"usage"' not in complete:
             return complete
+        if b'"usage":null' in complete:
+            # Nodes that honour include_usage add "usage": null to every chunk (as OpenAI does).
+            # Unescaped quotes only occur in JSON structure, never inside a string value.
+            complete = complete.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
         kept = [event for event in complete.split(b"\n\n") if event and not _is_usage_only(event)]
         return b"".join(event + b"\n\n" for event in kept)
 

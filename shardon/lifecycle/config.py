@@ -1,0 +1,65 @@
+"""Configuration Structs of the model lifecycle (embedded by ``shardon.config``).
+
+User-facing YAML (``models_dir``, ``models`` and ``gpus`` are top-level keys of the gateway config)::
+
+    models_dir: ~/.local/share/shardon/models
+    models:
+      - name: tiny-chat
+        path: /models/tiny-q4.gguf     # or files: {Q4_K_M: ..., Q8_0: ..., F16: ...}
+        backend: llama-cpp-python      # | llama-server | vllm
+        context: 4096                  # tokens per slot
+        slots: 1                       # parallel requests the backend serves
+        idle_ttl_s: 300                # unload after this long unused (0: never)
+        pinned: false                  # loaded at start, never evicted
+        gpu_group: fast                # preferred group (others are tried when it is full)
+        memory_mb: null                # override of the estimate from the GGUF header
+    gpus:
+      groups: {fast: [0, 1], small: [2]}
+      reserve_mb: 1024
+      cpu_memory_budget_mb: 8192
+"""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+
+BACKENDS = ("llama-cpp-python", "llama-server", "vllm")
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    path: str | None = None
+    files: dict[str, str] | None = None
+    aliases: list[str] = []
+    backend: str = "llama-cpp-python"
+    context: int = 4096
+    slots: int = 1
+    idle_ttl_s: float = 300
+    pinned: bool = False
+    gpu_group: str | None = None
+    memory_mb: int | None = None
+    precision: str = "auto"
+    args: list[str] = []
+    ready_timeout_s: float = 120
+    stall_timeout_s: float = 30
+    # Optional full command line replacing the backend's own; placeholders: {python} {model_path}
+    # {host} {port} {context} {slots} {name} {n_gpu_layers}. Readiness still follows ``backend``.
+    command: list[str] | None = None
+
+
+class GpusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    groups: dict[str, list[int]] = {}
+    reserve_mb: int = 1024
+    cpu_memory_budget_mb: int = 8192
+
+
+class LifecycleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    models_dir: str = "~/.local/share/shardon/models"
+    models: list[ModelConfig] = []
+    gpus: GpusConfig = msgspec.field(default_factory=GpusConfig)
+    demo: bool = True
+    python: str = sys.executable
+    # Seconds a stopping backend gets between SIGTERM and SIGKILL.
+    stop_grace_s: float = 10.0
