@@ -134,6 +134,9 @@ class Gateway:
         self.tenant_header = config.auth.tenant_header.lower()
         self.draining = False
         self.in_flight = 0
+        # Request ids: a random per-process prefix and a counter (unique, sortable, no syscall).
+        self._id_prefix = os.urandom(6).hex()
+        self._seq = 0
         self.started_at = time.time()
         self.request_log = request_log
         self.metrics = metrics or Metrics(enabled=False)
@@ -275,8 +278,9 @@ class Gateway:
 
     # -- the data path ----------------------------------------------------------------------
     async def _inference(self, scope: Scope, proto: HTTPProtocol) -> None:
+        self._seq += 1
         rec = RequestRecord(
-            id=os.urandom(12).hex(),
+            id=f"{self._id_prefix}{self._seq:012x}",
             received_at=time.time(),
             endpoint=scope.path,
             client_addr=scope.client,

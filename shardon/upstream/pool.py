@@ -155,10 +155,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
         self.in_use = True
         assert self.transport is not None
-        if body:
-            self.transport.writelines((head, body))
+        if len(body) > 16384:
+            self.transport.writelines((head, body))  # large bodies are not copied
         else:
-            self.transport.write(head)
+            self.transport.write(head + body)  # one small copy beats a vectored write
 
     async def response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         while not self._headers_done:

@@ -1,0 +1,315 @@
+"""Proxy overhead: the same mock node reached directly, through nginx, and through Shardon.
+
+What it measures, in one run so the ratios share the machine's noise:
+
+1. Non-streaming: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` seconds to
+   (a) the mock node directly, (b) nginx in front of it (upstream keep-alive, buffering off), and
+   (c) Shardon in front of it. Reported: requests/s, latency p50/p99 (wrk), the proxy's CPU use
+   (from /proc, user+system, all its processes) and requests per proxy-CPU-second.
+2. Streaming: ``--streams`` concurrent streams of 64 chunks, 20 ms apart, through each target;
+   reported: time-to-first-token p50/p99 and inter-chunk gap p50/p99 (client side), and the
+   difference each proxy adds to straight-to-node; Shardon's peak RSS under that load.
+
+Placement: the proxy under test is pinned to core 0 (``taskset``); the node and the load
+generators share core 1, so the proxy has one core to itself.
+
+Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``). Usage::
+
+    python bench/proxy.py [--duration 10] [--streams 500] [--no-log]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "Hello there, how are you?"}], "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": latency("50"), "p99_ms": latency("99"), "non2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream node {{ server 127.0.0.1:{node_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://node;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+# -- streaming client (runs in its own process on the load core) ------------------------------
+STREAM_BODY = json.dumps(
+    {"model": "m1", "prompt": "x", "stream": True, "max_tokens": 64, "mock": {"chunks": 64, "delay_ms": 20}}
+).encode()
+
+
+async def _one_stream(port: int, ttfts: list[float], gaps: list[float], errors: list[str]) -> None:
+    clock = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode()
+        + STREAM_BODY
+    )
+    start = clock()
+    last = None
+    events = 0
+    buf = b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            if not data:
+                break
+            now = clock()
+            buf += data
+            n = buf.count(b"data: ")
+            if n:
+                buf = buf[buf.rfind(b"data: ") + 6 :]
+                if last is None:
+                    ttfts.append(now - start)
+                else:
+                    gaps.append(now - last)
+                    gaps.extend([0.0] * (n - 1))
+                last = now
+                events += n
+            if b"[DONE]" in buf or b"[DONE]" in data:
+                break
+    except Exception as exc:  # noqa: BLE001 - a bench reports, it does not stop
+        errors.append(repr(exc))
+    finally:
+        writer.close()
+    if events < 64:
+        errors.append(f"short stream: {events} events")
+
+
+async def _streams(port: int, count: int) -> dict[str, Any]:
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    errors: list[str] = []
+    await asyncio.gather(*(_one_stream(port, ttfts, gaps, errors) for _ in range(count)))
+    return {"ttft": ttfts, "gaps": gaps, "errors": errors}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def stream_client_main(port: int, count: int) -> None:
+    try:
+        import uvloop
+
+        result = uvloop.run(_streams(port, count))
+    except ImportError:
+        result = asyncio.run(_streams(port, count))
+    ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
+    print(json.dumps({
+        "ttft_p50": pct(ms(result["ttft"]), 50), "ttft_p99": pct(ms(result["ttft"]), 99),
+        "gap_p50": pct(ms(result["gaps"]), 50), "gap_p99": pct(ms(result["gaps"]), 99),
+        "streams": len(result["ttft"]), "errors": result["errors"][:5], "n_errors": len(result["errors"]),
+    }))
+
+
+def run_streams(port: int, count: int) -> dict[str, Any]:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--stream-client", str(port), str(count)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--no-log", action="store_true", help="run Shardon without request log and metrics")
+    parser.add_argument("--stream-client", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stream_client:
+        stream_client_main(*args.stream_client)
+        return
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench/proxy.py needs {tool} (apt-get install wrk nginx util-linux)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="shardon-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        node_port, nginx_port, shardon_port = free_port(), free_port(), free_port()
+        procs.append(subprocess.Popen(
+            ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "shardon.upstream.mock", "--port", str(node_port),
+             "--models", "m1", "--chunks", "16"], stdout=subprocess.DEVNULL, cwd=ROOT))
+        wait_port(node_port)
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, node_port=node_port, port=nginx_port))
+        nginx = subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"])
+        procs.append(nginx)
+        config = {
+            "server": {"host": "127.0.0.1", "port": shardon_port},
+            "log": {"level": "warning", "access_log": False},
+            "store": {"path": str(tmp / "shardon.db")},
+            "request_log": not args.no_log,
+            "metrics": {"enabled": not args.no_log},
+            "scheduler": {"max_queue_size": 100000},
+            "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
+        }
+        (tmp / "shardon.yaml").write_text(json.dumps(config))
+        shardon = subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(tmp / "shardon.yaml")],
+            cwd=ROOT, stderr=subprocess.DEVNULL)
+        procs.append(shardon)
+        wait_port(nginx_port)
+        wait_port(shardon_port)
+        time.sleep(1.0)
+
+        script = tmp / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.body = \'' + json.dumps(CHAT) + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
+        )
+        targets = {
+            "direct": (node_port, []),
+            "nginx": (nginx_port, children(nginx.pid)),
+            "shardon": (shardon_port, [shardon.pid]),
+        }
+        print(f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
+              f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}")
+        rows = {}
+        for name, (port, pids) in targets.items():
+            run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, args.connections, script)  # warm-up
+            before = cpu_seconds(pids)
+            result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, script)
+            cpu = cpu_seconds(pids) - before
+            result["cpu_cores"] = cpu / args.duration if pids else float("nan")
+            result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
+            rows[name] = result
+            print(f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+                  f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
+                  f"  non-2xx {result['non2xx']}")
+        n, s = rows["nginx"], rows["shardon"]
+        print(f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), p99 {s['p99_ms'] / n['p99_ms']:.2f}x "
+              f"(target <= 1.2), req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)")
+
+        print(f"\n# streaming: {args.streams} concurrent streams x 64 chunks, 20 ms apart")
+        streams = {}
+        for name, (port, _) in targets.items():
+            streams[name] = run_streams(port, args.streams)
+            r = streams[name]
+            print(f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms   gap p50 {r['gap_p50']:6.2f} ms"
+                  f" p99 {r['gap_p99']:6.2f} ms   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}")
+        d = streams["direct"]
+        for name in ("nginx", "shardon"):
+            r = streams[name]
+            print(f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
+                  f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)")
+        print(f"shardon peak RSS {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
