@@ -59,8 +59,7 @@ def bench_queue(mod: ModuleType, n: int) -> float:
         k = i % pattern
         push(i, prios[k], tenants[tix[k]], costs[k], weights[tix[k]])
     args = [
-        (prios[i % pattern], tenants[tix[i % pattern]], costs[i % pattern], weights[tix[i % pattern]])
-        for i in range(n)
+        (prios[i % pattern], tenants[tix[i % pattern]], costs[i % pattern], weights[tix[i % pattern]]) for i in range(n)
     ]
     t0 = time.perf_counter()
     for p, t, c, w in args:
@@ -135,10 +134,7 @@ def main() -> int:
     except ImportError as exc:
         print(f"compiled modules not built ({exc}); run: python setup.py build_ext --inplace")
         return 2
-    print(
-        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus; "
-        f"best of {args.repeat}"
-    )
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus; best of {args.repeat}")
     print(f"{'case':<24}{'ops':>10}{'python ops/s':>16}{'compiled ops/s':>16}{'ratio':>9}")
     ok = True
     for name, fn, n, py_name, c_name in CASES:

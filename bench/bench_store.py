@@ -72,9 +72,7 @@ def make_records(n: int, start: float) -> list[RequestRecord]:
     return out
 
 
-def paced(
-    fn: Callable[[RequestRecord], None], items: list[RequestRecord], rate: float, seconds: float
-) -> list[float]:
+def paced(fn: Callable[[RequestRecord], None], items: list[RequestRecord], rate: float, seconds: float) -> list[float]:
     """Call fn(item) at ~rate/s for `seconds`, timing each call alone (µs)."""
     period = 1.0 / rate
     per: list[float] = []

@@ -90,11 +90,24 @@ def peak_rss_mb(pid: int) -> float:
 
 def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
     def latency(pct: str) -> float:
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
         if not m:
@@ -103,7 +116,12 @@ def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": latency("50"), "p99_ms": latency("99"), "non2xx": int(non2xx.group(1)) if non2xx else 0}
+    return {
+        "rps": rps,
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 NGINX_CONF = """
@@ -170,7 +188,7 @@ async def _one_stream(port: int, ttfts: list[float], gaps: list[float], errors: 
                 events += n
             if b"[DONE]" in buf or b"[DONE]" in data:
                 break
-    except Exception as exc:  # noqa: BLE001 - a bench reports, it does not stop
+    except Exception as exc:
         errors.append(repr(exc))
     finally:
         writer.close()
@@ -190,7 +208,7 @@ def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def stream_client_main(port: int, count: int) -> None:
@@ -201,17 +219,28 @@ def stream_client_main(port: int, count: int) -> None:
     except ImportError:
         result = asyncio.run(_streams(port, count))
     ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
-    print(json.dumps({
-        "ttft_p50": pct(ms(result["ttft"]), 50), "ttft_p99": pct(ms(result["ttft"]), 99),
-        "gap_p50": pct(ms(result["gaps"]), 50), "gap_p99": pct(ms(result["gaps"]), 99),
-        "streams": len(result["ttft"]), "errors": result["errors"][:5], "n_errors": len(result["errors"]),
-    }))
+    print(
+        json.dumps(
+            {
+                "ttft_p50": pct(ms(result["ttft"]), 50),
+                "ttft_p99": pct(ms(result["ttft"]), 99),
+                "gap_p50": pct(ms(result["gaps"]), 50),
+                "gap_p99": pct(ms(result["gaps"]), 99),
+                "streams": len(result["ttft"]),
+                "errors": result["errors"][:5],
+                "n_errors": len(result["errors"]),
+            }
+        )
+    )
 
 
 def run_streams(port: int, count: int) -> dict[str, Any]:
     out = subprocess.run(
         ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--stream-client", str(port), str(count)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -235,12 +264,31 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         node_port, nginx_port, shardon_port = free_port(), free_port(), free_port()
-        procs.append(subprocess.Popen(
-            ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "shardon.upstream.mock", "--port", str(node_port),
-             "--models", "m1", "--chunks", "16"], stdout=subprocess.DEVNULL, cwd=ROOT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    LOAD_CORE,
+                    sys.executable,
+                    "-m",
+                    "shardon.upstream.mock",
+                    "--port",
+                    str(node_port),
+                    "--models",
+                    "m1",
+                    "--chunks",
+                    "16",
+                ],
+                stdout=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        )
         wait_port(node_port)
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, node_port=node_port, port=nginx_port))
-        nginx = subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"])
+        nginx = subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, "nginx", "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
+        )
         procs.append(nginx)
         config = {
             "server": {"host": "127.0.0.1", "port": shardon_port},
@@ -253,8 +301,20 @@ def main() -> None:
         }
         (tmp / "shardon.yaml").write_text(json.dumps(config))
         shardon = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(tmp / "shardon.yaml")],
-            cwd=ROOT, stderr=subprocess.DEVNULL)
+            [
+                "taskset",
+                "-c",
+                PROXY_CORE,
+                sys.executable,
+                "-m",
+                "shardon",
+                "serve",
+                "--config",
+                str(tmp / "shardon.yaml"),
+            ],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(shardon)
         wait_port(nginx_port)
         wait_port(shardon_port)
@@ -262,15 +322,19 @@ def main() -> None:
 
         script = tmp / "post.lua"
         script.write_text(
-            'wrk.method = "POST"\nwrk.body = \'' + json.dumps(CHAT) + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
+            'wrk.method = "POST"\nwrk.body = \''
+            + json.dumps(CHAT)
+            + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
         )
         targets = {
             "direct": (node_port, []),
             "nginx": (nginx_port, children(nginx.pid)),
             "shardon": (shardon_port, [shardon.pid]),
         }
-        print(f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
-              f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}")
+        print(
+            f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
+            f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}"
+        )
         rows = {}
         for name, (port, pids) in targets.items():
             run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, args.connections, script)  # warm-up
@@ -280,25 +344,35 @@ def main() -> None:
             result["cpu_cores"] = cpu / args.duration if pids else float("nan")
             result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
             rows[name] = result
-            print(f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
-                  f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
-                  f"  non-2xx {result['non2xx']}")
+            print(
+                f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+                f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
+                f"  non-2xx {result['non2xx']}"
+            )
         n, s = rows["nginx"], rows["shardon"]
-        print(f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), p99 {s['p99_ms'] / n['p99_ms']:.2f}x "
-              f"(target <= 1.2), req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)")
+        print(
+            f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), "
+            f"p99 {s['p99_ms'] / n['p99_ms']:.2f}x (target <= 1.2), "
+            f"req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)"
+        )
 
         print(f"\n# streaming: {args.streams} concurrent streams x 64 chunks, 20 ms apart")
         streams = {}
         for name, (port, _) in targets.items():
             streams[name] = run_streams(port, args.streams)
             r = streams[name]
-            print(f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms   gap p50 {r['gap_p50']:6.2f} ms"
-                  f" p99 {r['gap_p99']:6.2f} ms   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}")
+            print(
+                f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
+                f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms"
+                f"   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}"
+            )
         d = streams["direct"]
         for name in ("nginx", "shardon"):
             r = streams[name]
-            print(f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
-                  f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)")
+            print(
+                f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
+                f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)"
+            )
         print(f"shardon peak RSS {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
     finally:
         for proc in procs:

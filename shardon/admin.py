@@ -62,8 +62,8 @@ class Admin:
             return
         except ValueError as exc:  # a bad query parameter: "param: why"
             param, _, why = str(exc).partition(":")
-            err = errors.BadRequest(f"invalid {param}:{why}", param=param.strip() or None)
-            proto.response_bytes(err.status, err.headers(), err.body())
+            bad = errors.BadRequest(f"invalid {param}:{why}", param=param.strip() or None)
+            proto.response_bytes(bad.status, bad.headers(), bad.body())
             return
         if result is not None:
             status, body = result

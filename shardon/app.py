@@ -13,6 +13,7 @@ client there is no retry: a failing stream gets an SSE ``error`` event and ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -124,7 +125,9 @@ class Exchange:
 class Gateway:
     """The one object that owns all scheduling state; Granian calls it for every request."""
 
-    def __init__(self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.queue_timeout = config.scheduler.queue_timeout_s
@@ -140,9 +143,7 @@ class Gateway:
         self.started_at = time.time()
         self.request_log = request_log
         self.metrics = metrics or Metrics(enabled=False)
-        self.keys = KeyStore(
-            config.auth, config.tenants, request_log.path if request_log is not None else None
-        )
+        self.keys = KeyStore(config.auth, config.tenants, request_log.path if request_log is not None else None)
         self.limiter = RateLimiter()
         self.on_finish: list[Callable[[RequestRecord], None]] = []
         self._idle = asyncio.Event()
@@ -304,8 +305,8 @@ class Gateway:
             rec.status = 500
             rec.error_type = "internal_error"
             if not ex.started:
-                err = errors.ShardonError(f"internal error: {type(exc).__name__}")
-                proto.response_bytes(500, err.headers(), err.body())
+                internal = errors.ShardonError(f"internal error: {type(exc).__name__}")
+                proto.response_bytes(500, internal.headers(), internal.body())
         finally:
             ex.close()
             rec.finished_at = time.time()
@@ -416,8 +417,14 @@ class Gateway:
             self._account(ex, route, principal, priority, prompt_estimate, estimate, tok_buckets)
 
     def _account(
-        self, ex: Exchange, route: Route, principal: Principal, priority: int, prompt_estimate: int,
-        estimate: float, tok_buckets: list[Any],
+        self,
+        ex: Exchange,
+        route: Route,
+        principal: Principal,
+        priority: int,
+        prompt_estimate: int,
+        estimate: float,
+        tok_buckets: list[Any],
     ) -> None:
         """Real usage into the record; estimates corrected in the token buckets and the fair queue."""
         rec = ex.rec
@@ -441,9 +448,17 @@ class Gateway:
 
     async def _sleep_unless_gone(self, ex: Exchange, seconds: float) -> None:
         watch = ex.ensure_watch()
-        fut = self.loop.create_future()
-        timer = self.loop.call_later(seconds, lambda: fut.done() or fut.set_result(None))
-        wake = lambda: fut.done() or fut.set_exception(errors.ClientGone())  # noqa: E731
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def done() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_exception(errors.ClientGone())
+
+        timer = self.loop.call_later(seconds, done)
         watch.callbacks.append(wake)
         try:
             await fut
@@ -592,7 +607,5 @@ class Gateway:
         rec.error_type = "upstream_error"
         if ex.transport is not None and rec.stream:
             event = errors.error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
-            try:
+            with contextlib.suppress(ProtocolClosed):
                 await ex.transport.send_bytes(b"data: " + event + b"\n\n")
-            except ProtocolClosed:
-                pass

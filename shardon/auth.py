@@ -117,9 +117,7 @@ class KeyStore:
     def __init__(self, auth: AuthConfig, tenants: list[TenantConfig], db_path: Path | None) -> None:
         self.auth = auth
         self.db_path = db_path
-        self.tenants: dict[str, Tenant] = {
-            t.name: Tenant(t.name, t.weight, t.rpm, t.tpm) for t in tenants
-        }
+        self.tenants: dict[str, Tenant] = {t.name: Tenant(t.name, t.weight, t.rpm, t.tpm) for t in tenants}
         self.tenants.setdefault(DEFAULT_TENANT, Tenant(DEFAULT_TENANT))
         self._by_digest: dict[str, ApiKey] = {}
         self._ever_keyed = False
@@ -330,9 +328,7 @@ class RateLimiter:
         return req, tok
 
     @staticmethod
-    def admit(
-        req: list[TokenBucket], tok: list[TokenBucket], tokens: float, now: float, budget: float
-    ) -> float:
+    def admit(req: list[TokenBucket], tok: list[TokenBucket], tokens: float, now: float, budget: float) -> float:
         """Seconds to wait before dispatch (0: go now); raises RateLimited if over ``budget``."""
         wait = 0.0
         for bucket in req:

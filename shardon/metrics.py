@@ -95,9 +95,7 @@ class _Family:
 class Metrics:
     """The gateway's Prometheus metrics, on a private registry (see the module docstring)."""
 
-    def __init__(
-        self, enabled: bool = True, *, max_series: int = 10_000, process_metrics: bool = True
-    ) -> None:
+    def __init__(self, enabled: bool = True, *, max_series: int = 10_000, process_metrics: bool = True) -> None:
         self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
         if not enabled:

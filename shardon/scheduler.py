@@ -18,7 +18,7 @@ Headroom for quiet tenants
 Queue order alone cannot protect a quiet tenant: when a noisy tenant holds every slot, the quiet
 tenant's request is first in line but still waits for a whole generation to end. So while more than
 one tenant is active on a route (a request in flight, waiting, or sent within
-``active_window_s``), a tenant at or above its fair share of the route's slots (slots × its weight /
+``active_window_s``), a tenant at or above its fair share of the route's slots (slots x its weight /
 the active tenants' weights) may not take the last ``headroom_slots`` free slots; its request is
 *held* (FIFO, ahead of its later requests) until more slots free up or the others go quiet. A tenant
 under its share takes a free slot at once. With a single active tenant the rule is off, so the
@@ -43,7 +43,17 @@ _FIFO_TENANT = "*"
 
 
 class Route:
-    __slots__ = ("candidates", "held", "inflight", "last_seen", "name", "queue", "served_names", "service_ewma", "weights")
+    __slots__ = (
+        "candidates",
+        "held",
+        "inflight",
+        "last_seen",
+        "name",
+        "queue",
+        "served_names",
+        "service_ewma",
+        "weights",
+    )
 
     def __init__(self, name: str, quantum: float) -> None:
         self.name = name
@@ -259,15 +269,18 @@ class Scheduler:
             return False
         restricted = self.headroom > 0 and self._restricted(route)
         held = route.held
-        if held and held[0].priority >= route.queue.top_priority():
-            if not restricted or not self._over_share(route, held[0].tenant):
-                waiter = held.popleft()
-                waiter.held = False
-                self._give(waiter, index)
-                return True
+        if (
+            held
+            and held[0].priority >= route.queue.top_priority()
+            and (not restricted or not self._over_share(route, held[0].tenant))
+        ):
+            waiter = held.popleft()
+            waiter.held = False
+            self._give(waiter, index)
+            return True
         queue = route.queue
         while True:
-            waiter = queue.pop()
+            waiter = queue.pop()  # type: ignore[assignment]  # the queue holds Waiters
             if waiter is None:
                 return False
             if restricted and self._over_share(route, waiter.tenant):

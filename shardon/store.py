@@ -207,9 +207,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS requests ({})".format(
-                ", ".join(_column_sql(c) for c in REQUEST_COLUMNS)
-            )
+            "CREATE TABLE IF NOT EXISTS requests ({})".format(", ".join(_column_sql(c) for c in REQUEST_COLUMNS))
         )
         have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
         for col in REQUEST_COLUMNS:
@@ -324,9 +322,7 @@ def _query_sync(
     """
     if limit < 0 or offset < 0:
         raise ValueError("limit and offset must be >= 0")
-    where, args = _where(
-        status=status, model=model, node=node, tenant=tenant, key_id=key_id, since=since, until=until
-    )
+    where, args = _where(status=status, model=model, node=node, tenant=tenant, key_id=key_id, since=since, until=until)
     total = conn.execute(f"SELECT COUNT(*) FROM requests{where}", args).fetchone()[0]
     rows = conn.execute(
         f"{_SELECT_REQUESTS}{where} ORDER BY received_at DESC, rowid DESC LIMIT ? OFFSET ?",
@@ -707,9 +703,7 @@ class RequestLog:
             conn.execute("PRAGMA cache_size = -32768")  # 32 MiB: index pages stay in memory
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema version {version} is newer than this Shardon ({SCHEMA_VERSION})"
-                )
+                raise RuntimeError(f"database schema version {version} is newer than this Shardon ({SCHEMA_VERSION})")
             _create_schema(conn)
         except BaseException:
             conn.close()
@@ -854,8 +848,7 @@ class RequestLog:
         try:
             while True:
                 cur = conn.execute(
-                    "DELETE FROM requests WHERE rowid IN "
-                    "(SELECT rowid FROM requests WHERE received_at < ? LIMIT ?)",
+                    "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE received_at < ? LIMIT ?)",
                     (cutoff, _DELETE_CHUNK),
                 )
                 removed += max(cur.rowcount, 0)

@@ -49,7 +49,11 @@ def test_defaults_without_a_file() -> None:
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
-    env = {"SHARDON_SERVER_PORT": "9090", "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "2.5", "SHARDON_SERVER_MAX_BODY_BYTES": "10"}
+    env = {
+        "SHARDON_SERVER_PORT": "9090",
+        "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "2.5",
+        "SHARDON_SERVER_MAX_BODY_BYTES": "10",
+    }
     cfg = load_config(write(tmp_path, DOCUMENTED), environ=env)
     assert cfg.server.port == 9090
     assert cfg.scheduler.queue_timeout_s == 2.5
@@ -66,7 +70,11 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("nodes: [{id: a, url: 'http://x:1'}]", {}, "nodes[0]"),
         ("nodes: [{id: a, url: 'http://x:1', models: [m], max_concurrent: 0}]", {}, "nodes[0].max_concurrent"),
         ("nodes: [{id: a, url: 'ftp://x', models: [m]}]", {}, "nodes[0].url"),
-        ("nodes: [{id: a, url: 'http://x:1', models: [m]}, {id: a, url: 'http://x:2', models: [m]}]", {}, "nodes[1].id"),
+        (
+            "nodes: [{id: a, url: 'http://x:1', models: [m]}, {id: a, url: 'http://x:2', models: [m]}]",
+            {},
+            "nodes[1].id",
+        ),
         ("nodes: [{id: a, url: 'http://x:1', models: []}]", {}, "nodes[0].models"),
         ("", {"SHARDON_SERVER_PORT": "nope"}, "server.port"),
     ],

@@ -129,10 +129,7 @@ def test_instances_are_independent_and_off_the_global_registry() -> None:
     a.observe_request(rec(model="m", tenant="t"))
     assert value(a, "shardon_requests_total", model="m", status="200", tenant="t") == 1
     assert value(b, "shardon_requests_total", model="m", status="200", tenant="t") is None
-    assert (
-        REGISTRY.get_sample_value("shardon_requests_total", {"model": "m", "status": "200", "tenant": "t"})
-        is None
-    )
+    assert REGISTRY.get_sample_value("shardon_requests_total", {"model": "m", "status": "200", "tenant": "t"}) is None
     assert not any(k[0].startswith("process_") for k in samples(b))
 
 

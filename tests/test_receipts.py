@@ -42,9 +42,7 @@ def chat_stream(eol: str = "\n") -> bytes:
 
 
 def completion_stream() -> bytes:
-    events: list[dict[str, Any]] = [
-        {"choices": [{"index": 0, "text": part, "logprobs": None}]} for part in TEXT_PARTS
-    ]
+    events: list[dict[str, Any]] = [{"choices": [{"index": 0, "text": part, "logprobs": None}]} for part in TEXT_PARTS]
     events.append({"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": USAGE})
     return ("".join(sse(e) for e in events) + sse("[DONE]")).encode()
 

@@ -90,6 +90,7 @@ def test_sigterm_drains_streams_and_refuses_new_requests(serve: Any, tmp_path: P
     thread.start()
     time.sleep(0.2)  # the stream is under way (30 chunks x 30 ms)
     proc.send_signal(signal.SIGTERM)
+
     # While draining: new requests are refused with 503, health says so.
     def refused() -> bool:
         try:

@@ -524,9 +524,7 @@ class MockNode:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.host = host
-        self._server = await loop.create_server(
-            lambda: _Conn(self), host, port, reuse_address=True, backlog=2048
-        )
+        self._server = await loop.create_server(lambda: _Conn(self), host, port, reuse_address=True, backlog=2048)
         sockets = self._server.sockets or ()
         self.port = sockets[0].getsockname()[1]
         return self.port
@@ -607,8 +605,7 @@ class MockNode:
             {
                 "object": "list",
                 "data": [
-                    {"id": m, "object": "model", "created": created, "owned_by": "shardon-mock"}
-                    for m in cfg.models
+                    {"id": m, "object": "model", "created": created, "owned_by": "shardon-mock"} for m in cfg.models
                 ],
             }
         )

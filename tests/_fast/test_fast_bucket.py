@@ -116,9 +116,7 @@ def test_properties_are_read_only(impl: SimpleNamespace) -> None:
         b.capacity = 5.0
 
 
-@pytest.mark.parametrize(
-    ("rate", "capacity"), [(-1.0, 1.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("nan"))]
-)
+@pytest.mark.parametrize(("rate", "capacity"), [(-1.0, 1.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("nan"))])
 def test_invalid_limits(impl: SimpleNamespace, rate: float, capacity: float) -> None:
     with pytest.raises(ValueError):
         impl.TokenBucket(rate, capacity, 0.0)

@@ -106,9 +106,7 @@ def test_missing_extensions_fall_back_with_one_warning() -> None:
 
 
 def _public(cls: type) -> set[str]:
-    return {name for name in dir(cls) if not name.startswith("_")} | (
-        {"__len__"} if hasattr(cls, "__len__") else set()
-    )
+    return {name for name in dir(cls) if not name.startswith("_")} | ({"__len__"} if hasattr(cls, "__len__") else set())
 
 
 @pytest.mark.parametrize(
@@ -133,9 +131,7 @@ def test_twins_have_the_same_api(py_cls: type, c_module: int, name: str) -> None
         c_sig = inspect.signature(getattr(c_cls, attr))
         py_sig = inspect.signature(py_attr)
         assert list(c_sig.parameters) == list(py_sig.parameters), attr
-        assert [p.default for p in c_sig.parameters.values()] == [
-            p.default for p in py_sig.parameters.values()
-        ]
+        assert [p.default for p in c_sig.parameters.values()] == [p.default for p in py_sig.parameters.values()]
 
 
 def test_state_objects_do_not_pickle(impl: SimpleNamespace) -> None:

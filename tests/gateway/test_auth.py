@@ -114,7 +114,7 @@ def test_rate_limit_waits_when_it_can_then_429_with_retry_after(make_mock: Any, 
         results = list(pool.map(lambda _: post(gw.url, "/v1/chat/completions", CHAT, bearer("sk-t")), range(8)))
     limited = [r for r in results if r[0] == 429]
     assert limited, [r[0] for r in results]
-    status, headers, body = limited[0]
+    _status, headers, body = limited[0]
     assert int(headers["retry-after"]) >= 1
     assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
 
@@ -194,6 +194,6 @@ def test_tenant_header_only_when_trusted(make_mock: Any, make_gateway: Any) -> N
     for trusted, expected in ((False, "default"), (True, "team-x")):
         gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], auth={"trust_tenant_header": trusted})
         _, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {"X-Tenant-ID": "team-x"})
-        rid = headers["x-request-id"]
-        row = wait_until(lambda: (r := call(gw.url, "GET", f"/admin/requests/{rid}"))[0] == 200 and r[2])
+        path = f"/admin/requests/{headers['x-request-id']}"
+        row = wait_until(lambda url=gw.url, path=path: (r := call(url, "GET", path))[0] == 200 and r[2])
         assert row["tenant"] == expected

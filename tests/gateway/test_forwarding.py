@@ -32,7 +32,9 @@ def single(make_mock: Any, make_gateway: Any) -> Any:
 def test_request_body_reaches_node_byte_for_byte(single: Any) -> None:
     node, gw = single
     # Unknown fields (llama.cpp's cache_prompt, vLLM's guided_json), odd spacing and key order included.
-    body = b'{"model":"m1",  "messages":[{"role":"user","content":"h\\u00e9"}],"cache_prompt":true,"guided_json":{"a":1}}'
+    body = (
+        b'{"model":"m1",  "messages":[{"role":"user","content":"h\\u00e9"}],"cache_prompt":true,"guided_json":{"a":1}}'
+    )
     status, headers, _ = post(gw.url, "/v1/chat/completions", body)
     assert status == 200
     assert node.stats.last_body == body
@@ -69,7 +71,7 @@ def test_client_authorization_never_forwarded_node_key_sent(single: Any) -> None
 def test_alias_is_rewritten_for_the_node(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["real-name"])
     gw = make_gateway(nodes=[node_entry(node, "n", {"public": "real-name"})])
-    status, _, body = post(gw.url, "/v1/completions", b'{"model":"public","prompt":"x","extra":[1,2]}')
+    status, _, _body = post(gw.url, "/v1/completions", b'{"model":"public","prompt":"x","extra":[1,2]}')
     assert status == 200
     sent = json.loads(node.stats.last_body)
     assert sent == {"model": "real-name", "prompt": "x", "extra": [1, 2]}

@@ -95,7 +95,16 @@ def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_pat
     assert status == 200
     ids["midstream"] = headers["x-request-id"]
 
-    expected = {"ok": 200, "bad": 400, "unauth": 401, "unknown": 404, "limited": 429, "full": 503, "deadline": 504, "midstream": 502}
+    expected = {
+        "ok": 200,
+        "bad": 400,
+        "unauth": 401,
+        "unknown": 404,
+        "limited": 429,
+        "full": 503,
+        "deadline": 504,
+        "midstream": 502,
+    }
     for name, request_id in ids.items():
         row = one_row(gw, request_id)
         assert row["status"] == expected[name], (name, row)
@@ -167,7 +176,10 @@ def test_filters_stats_and_usage_report(make_mock: Any, make_gateway: Any) -> No
     b = make_mock(models=["m2"], name="b")
     gw = make_gateway(
         nodes=[node_entry(a, "a", ["m1"]), node_entry(b, "b", ["m2"])],
-        tenants=[{"name": "t1", "keys": [{"key": "sk-1", "id": "k1"}]}, {"name": "t2", "keys": [{"key": "sk-2", "id": "k2"}]}],
+        tenants=[
+            {"name": "t1", "keys": [{"key": "sk-1", "id": "k1"}]},
+            {"name": "t2", "keys": [{"key": "sk-2", "id": "k2"}]},
+        ],
     )
     for _ in range(3):
         post(gw.url, "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-1"})

@@ -64,7 +64,8 @@ def test_priority_orders_the_queue(make_mock: Any, make_gateway: Any) -> None:
         t.start()
         threads.append(t)
         # Queue them in a known order before the slot frees.
-        wait_until(lambda n=len(threads): gw.call(lambda: len(gw.gateway.scheduler.routes["m1"].queue)) == n)
+        queued = len(threads)
+        wait_until(lambda n=queued: gw.call(lambda: len(gw.gateway.scheduler.routes["m1"].queue)) == n)
     assert blocker.result(10)[0] == 200
     for t in threads:
         t.join(10)
@@ -99,9 +100,7 @@ def test_queue_full_is_503_with_retry_after(make_mock: Any, make_gateway: Any) -
 
 def test_queue_deadline_is_504(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["m1"], chunks=1)
-    gw = make_gateway(
-        nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)], scheduler={"queue_timeout_s": 0.3}
-    )
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)], scheduler={"queue_timeout_s": 0.3})
     blocker = _hold_slot(gw.url, 1500)
     wait_until(lambda: node.stats.in_flight == 1)
     started = time.monotonic()
@@ -111,7 +110,9 @@ def test_queue_deadline_is_504(make_mock: Any, make_gateway: Any) -> None:
     assert json.loads(body)["error"]["code"] == "queue_timeout"
     assert 0.25 < waited < 1.4
     assert blocker.result(10)[0] == 200
-    assert node.stats.per_path.get("/v1/completions", 0) + node.stats.per_path.get("/v1/chat/completions", 0) == 1  # the expired request never reached the node
+    assert (
+        node.stats.per_path.get("/v1/completions", 0) + node.stats.per_path.get("/v1/chat/completions", 0) == 1
+    )  # the expired request never reached the node
 
 
 def test_retry_on_another_node_before_first_byte(make_mock: Any, make_gateway: Any) -> None:
@@ -119,7 +120,10 @@ def test_retry_on_another_node_before_first_byte(make_mock: Any, make_gateway: A
     alive = make_mock(models=["m1"], name="alive")
     dead.set_fail("before")
     gw = make_gateway(
-        nodes=[node_entry(dead, "dead", ["m1"], max_concurrent=8), node_entry(alive, "alive", ["m1"], max_concurrent=8)],
+        nodes=[
+            node_entry(dead, "dead", ["m1"], max_concurrent=8),
+            node_entry(alive, "alive", ["m1"], max_concurrent=8),
+        ],
         upstream={"health_interval_s": 30},
     )
     for _ in range(6):
@@ -169,7 +173,9 @@ def test_mid_stream_failure_sends_sse_error_and_no_retry(make_mock: Any, make_ga
     assert b"[DONE]" not in raw
     last = json.loads(events[-1].removeprefix(b"data: "))
     assert last["error"]["code"] == "upstream_error"
-    assert a.stats.per_path.get("/v1/completions", 0) + b.stats.per_path.get("/v1/completions", 0) == 1  # no silent retry
+    assert (
+        a.stats.per_path.get("/v1/completions", 0) + b.stats.per_path.get("/v1/completions", 0) == 1
+    )  # no silent retry
 
 
 def _raw_request(port: int, body: bytes) -> socket.socket:

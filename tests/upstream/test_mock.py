@@ -284,9 +284,7 @@ def test_embeddings(mock_node: Callable[..., MockNodeThread]) -> None:
 
 def test_embeddings_raw_base64_and_dim(mock_node: Callable[..., MockNodeThread]) -> None:
     node = mock_node(embedding_dim=4)
-    msg = request(
-        node, "POST", "/v1/embeddings", {"model": "mock-model", "input": "a", "encoding_format": "base64"}
-    )
+    msg = request(node, "POST", "/v1/embeddings", {"model": "mock-model", "input": "a", "encoding_format": "base64"})
     emb = msg.json()["data"][0]["embedding"]
     assert isinstance(emb, str) and len(struct.unpack("<4f", base64.b64decode(emb))) == 4
     tokens = request(node, "POST", "/v1/embeddings", {"input": [[1, 2, 3], [4]]}).json()
@@ -362,9 +360,7 @@ def test_expect_100_continue(mock_node: Callable[..., MockNodeThread]) -> None:
     node = mock_node(chunks=1)
     body = json.dumps(chat()).encode()
     with connect(node) as sock:
-        head = http(
-            "POST", "/v1/chat/completions", None, {"Content-Length": str(len(body)), "Expect": "100-continue"}
-        )
+        head = http("POST", "/v1/chat/completions", None, {"Content-Length": str(len(body)), "Expect": "100-continue"})
         sock.sendall(head)
         sock.settimeout(5)
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -416,17 +412,13 @@ def test_error_shapes(mock_node: Callable[..., MockNodeThread]) -> None:
     assert err["type"] == "invalid_request_error"
     err = assert_openai_error(request(node, "POST", "/v1/chat/completions", chat() | {"model": "nope"}), 404)
     assert err["code"] == "model_not_found" and err["param"] == "model"
-    assert_openai_error(
-        request(node, "POST", "/v1/chat/completions", b'{"model": "only", "messages": ['), 400
-    )
+    assert_openai_error(request(node, "POST", "/v1/chat/completions", b'{"model": "only", "messages": ['), 400)
     assert_openai_error(request(node, "POST", "/v1/chat/completions", b"[1, 2]"), 400)
     assert_openai_error(request(node, "POST", "/v1/chat/completions", {"model": "only"}), 400)
     assert_openai_error(
         request(node, "POST", "/v1/completions", {"model": "only", "prompt": "x", "max_tokens": 0}), 400
     )
-    assert_openai_error(
-        request(node, "POST", "/v1/chat/completions", chat(model="only", mock={"fail": "x"})), 400
-    )
+    assert_openai_error(request(node, "POST", "/v1/chat/completions", chat(model="only", mock={"fail": "x"})), 400)
     assert_openai_error(request(node, "GET", "/v1/chat/completions"), 405)
     assert_openai_error(request(node, "POST", "/v1/embeddings", {"model": "zzz", "input": "a"}), 404)
     with connect(node) as sock:  # malformed HTTP: 400 then close
@@ -444,9 +436,7 @@ def test_api_key(mock_node: Callable[..., MockNodeThread]) -> None:
     with client(node, api_key="wrong") as c, pytest.raises(openai.AuthenticationError):
         c.models.list()
     with client(node, api_key="sekrit") as c:
-        assert c.chat.completions.create(
-            model="mock-model", messages=[{"role": "user", "content": "x"}]
-        ).choices
+        assert c.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "x"}]).choices
     err = assert_openai_error(request(node, "POST", "/v1/chat/completions", chat()), 401)
     assert err["code"] == "invalid_api_key"
     assert request(node, "GET", "/health").status == 200  # health needs no key
@@ -531,9 +521,7 @@ def test_fail_mid_non_stream(mock_node: Callable[..., MockNodeThread]) -> None:
 def test_fail_status(mock_node: Callable[..., MockNodeThread], status: int) -> None:
     node = mock_node()
     for stream in (False, True):
-        msg = request(
-            node, "POST", "/v1/chat/completions", chat(stream=stream, mock={"fail": f"status{status}"})
-        )
+        msg = request(node, "POST", "/v1/chat/completions", chat(stream=stream, mock={"fail": f"status{status}"}))
         assert assert_openai_error(msg, status)["type"] == "server_error"
     with client(node) as c, pytest.raises(openai.InternalServerError) as info:
         c.embeddings.create(model="mock-model", input="x", extra_body={"mock": {"fail": f"status{status}"}})
