@@ -146,8 +146,9 @@ class Scheduler:
         inflight = route.inflight
         active_weight = 0.0
         active = 0
-        for name, seen in route.last_seen.items():
-            if inflight.get(name, 0) > 0 or now - seen <= window:
+        last_seen = route.last_seen
+        for name in last_seen.keys() | inflight.keys():
+            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window:
                 active += 1
                 active_weight += route.weights.get(name, 1.0)
         if active <= 1:

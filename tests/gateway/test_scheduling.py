@@ -274,3 +274,30 @@ def test_unknown_route_and_method(make_mock: Any, make_gateway: Any) -> None:
     resp = conn.getresponse()
     assert resp.status == 405 and json.loads(resp.read())["error"]["code"] == "method_not_allowed"
     conn.close()
+
+
+def test_quiet_tenant_is_served_at_once_while_a_noisy_one_floods(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["m1"], chunks=1)
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=4)],
+        auth={"trust_tenant_header": True},
+        scheduler={"queue_timeout_s": 20, "headroom_slots": 1},
+    )
+    slow = json.dumps({"model": "m1", "prompt": "x", "mock": {"ttft_ms": 1500, "chunks": 1}}).encode()
+    # The quiet tenant has been seen (it is active), then the noisy one floods with long requests.
+    assert (
+        post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"q","max_tokens":1}', {"X-Tenant-ID": "quiet"})[0]
+        == 200
+    )
+    pool = concurrent.futures.ThreadPoolExecutor(12)
+    noisy = [pool.submit(post, gw.url, "/v1/completions", slow, {"X-Tenant-ID": "noisy"}) for _ in range(10)]
+    wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 7)
+    assert node.stats.in_flight == 3  # the fourth slot is kept for tenants under their share
+    started = time.monotonic()
+    status, _, _ = post(
+        gw.url, "/v1/completions", b'{"model":"m1","prompt":"q","max_tokens":1}', {"X-Tenant-ID": "quiet"}
+    )
+    assert status == 200
+    assert time.monotonic() - started < 0.5  # not behind a 1.5 s generation, let alone the queue
+    assert all(f.result(30)[0] == 200 for f in noisy)
+    pool.shutdown()
