@@ -552,11 +552,7 @@ class Gateway:
                 while await conn.read():
                     pass
                 raise UpstreamError(f"node answered {status}", before_first_byte=True)
-            headers = [
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, value in upstream_headers
-                if name.lower() not in _SKIP_HEADERS
-            ]
+            headers = _client_headers(upstream_headers)
             headers.append(("x-request-id", rec.id))
             headers.append(("x-shardon-node", node.id))
             hasher = ex.hasher if status == 200 else None
@@ -609,3 +605,17 @@ class Gateway:
             event = errors.error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
             with contextlib.suppress(ProtocolClosed):
                 await ex.transport.send_bytes(b"data: " + event + b"\n\n")
+
+
+_header_cache: dict[tuple[tuple[bytes, bytes], ...], list[tuple[str, str]]] = {}
+
+
+def _client_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The node's response headers for the client, minus framing; cached, as nodes repeat them."""
+    key = tuple(pair for pair in upstream if pair[0].lower() not in _SKIP_HEADERS)
+    cached = _header_cache.get(key)
+    if cached is None:
+        cached = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in key]
+        if len(_header_cache) < 1024:
+            _header_cache[key] = cached
+    return list(cached)

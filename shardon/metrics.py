@@ -31,8 +31,9 @@ lookup and an ``inc``/``observe``; ``.labels()`` runs once per new label set. To
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
@@ -44,11 +45,14 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from shardon.store import RequestRecord
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_INF = float("inf")
 
 UNKNOWN = "unknown"
 OTHER = "other"
@@ -108,18 +112,10 @@ class Metrics:
         def fam(cls: type[M], name: str, doc: str, labels: Sequence[str], **kw: Any) -> _Family:
             return _Family(cls(name, doc, labels, registry=reg, **kw), max_series)
 
-        self._requests = fam(
-            Counter,
-            "shardon_requests_total",
-            "Requests answered, by model, HTTP status and tenant.",
-            ("model", "status", "tenant"),
-        )
-        self._tokens = fam(
-            Counter,
-            "shardon_tokens_total",
-            "Tokens processed, by model, tenant and kind (prompt|completion).",
-            ("model", "tenant", "kind"),
-        )
+        # The per-request series are plain dicts and lists updated without locks on the event
+        # loop, and turned into metric families only when scraped (see _RequestCollector).
+        self._hot = _RequestCollector(max_series)
+        reg.register(self._hot)
         self._rate_limited = fam(
             Counter,
             "shardon_rate_limited_total",
@@ -137,27 +133,6 @@ class Metrics:
         )
         self._inflight = fam(Gauge, "shardon_inflight", "Requests running on a node.", ("node",))
         self._node_up = fam(Gauge, "shardon_node_up", "1 if the node is healthy, else 0.", ("node",))
-        self._duration = fam(
-            Histogram,
-            "shardon_request_duration_seconds",
-            "Time from receipt to the end of the response.",
-            ("model",),
-            buckets=DURATION_BUCKETS,
-        )
-        self._ttft = fam(
-            Histogram,
-            "shardon_time_to_first_token_seconds",
-            "Time from receipt to the first token.",
-            ("model",),
-            buckets=TTFT_BUCKETS,
-        )
-        self._tpot = fam(
-            Histogram,
-            "shardon_time_per_output_token_seconds",
-            "Time per output token after the first.",
-            ("model",),
-            buckets=TPOT_BUCKETS,
-        )
         self._load = fam(
             Histogram,
             "shardon_model_load_seconds",
@@ -170,29 +145,8 @@ class Metrics:
 
     def observe_request(self, record: RequestRecord) -> None:
         """Count a finished request and observe its timings (from the record's timestamps)."""
-        if not self.enabled:
-            return
-        model = record.model
-        tenant = record.tenant
-        status = record.status
-        self._requests.child((model, status, tenant)).inc()
-        prompt = record.prompt_tokens
-        completion = record.completion_tokens
-        if prompt:
-            self._tokens.child((model, tenant, "prompt")).inc(prompt)
-        if completion:
-            self._tokens.child((model, tenant, "completion")).inc(completion)
-        if not 200 <= status < 300:
-            return
-        received = record.received_at
-        finished = record.finished_at
-        first = record.first_token_at
-        if finished is not None and finished >= received:
-            self._duration.child((model,)).observe(finished - received)
-        if first is not None and first >= received:
-            self._ttft.child((model,)).observe(first - received)
-            if finished is not None and completion is not None and completion > 1 and finished >= first:
-                self._tpot.child((model,)).observe((finished - first) / (completion - 1))
+        if self.enabled:
+            self._hot.observe(record)
 
     def set_queue_depth(self, model: str | None, priority: str | None, n: int) -> None:
         if self.enabled:
@@ -231,3 +185,120 @@ class Metrics:
         if not self.enabled:
             return b"", CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        running = 0
+        for bound, count in zip((*self.bounds, _INF), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == _INF else repr(float(bound)), float(running)))
+        return out
+
+
+class _RequestCollector:
+    """Per-request counters and histograms, kept as plain Python aggregates.
+
+    ``prometheus_client`` takes a lock per ``inc``/``observe`` (it must be thread-safe); the gateway
+    observes every request on one event-loop thread, so it keeps its own aggregates (a dict
+    increment, a ``bisect``) and builds the metric families only when ``/metrics`` is scraped, on
+    that same thread. Cardinality is bounded like the other series: past ``max_series`` label sets,
+    new ones are counted under ``other``.
+    """
+
+    def __init__(self, max_series: int) -> None:
+        self.max_series = max_series
+        self.requests: dict[tuple[Any, ...], int] = {}
+        self.tokens: dict[tuple[Any, ...], float] = {}
+        self.histograms: dict[str, dict[Any, _Histogram]] = {"duration": {}, "ttft": {}, "tpot": {}}
+        self._bounds = {"duration": DURATION_BUCKETS, "ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS}
+
+    def _key(self, table: dict[Any, Any], key: Any) -> Any:
+        if key in table or len(table) < self.max_series:
+            return key
+        return (OTHER,) * len(key) if isinstance(key, tuple) else OTHER
+
+    def _hist(self, name: str, model: Any) -> _Histogram:
+        table = self.histograms[name]
+        hist = table.get(model)
+        if hist is None:
+            model = self._key(table, model)
+            hist = table.get(model)
+            if hist is None:
+                hist = table[model] = _Histogram(self._bounds[name])
+        return hist
+
+    def observe(self, record: RequestRecord) -> None:
+        model = record.model
+        tenant = record.tenant
+        status = record.status
+        requests = self.requests
+        key = self._key(requests, (model, status, tenant))
+        requests[key] = requests.get(key, 0) + 1
+        prompt = record.prompt_tokens
+        completion = record.completion_tokens
+        if prompt or completion:
+            tokens = self.tokens
+            if prompt:
+                key = self._key(tokens, (model, tenant, "prompt"))
+                tokens[key] = tokens.get(key, 0) + prompt
+            if completion:
+                key = self._key(tokens, (model, tenant, "completion"))
+                tokens[key] = tokens.get(key, 0) + completion
+        if not 200 <= status < 300:
+            return
+        received = record.received_at
+        finished = record.finished_at
+        first = record.first_token_at
+        if finished is not None and finished >= received:
+            self._hist("duration", model).observe(finished - received)
+        if first is not None and first >= received:
+            self._hist("ttft", model).observe(first - received)
+            if finished is not None and completion is not None and completion > 1 and finished >= first:
+                self._hist("tpot", model).observe((finished - first) / (completion - 1))
+
+    def collect(self) -> Iterator[Metric]:
+        def label(value: Any) -> str:
+            return UNKNOWN if value is None else str(value)
+
+        requests = CounterMetricFamily(
+            "shardon_requests",
+            "Requests answered, by model, HTTP status and tenant.",
+            labels=("model", "status", "tenant"),
+        )
+        for key, count in self.requests.items():
+            requests.add_metric([label(v) for v in key], count)
+        yield requests
+        tokens = CounterMetricFamily(
+            "shardon_tokens",
+            "Tokens processed, by model, tenant and kind (prompt|completion).",
+            labels=("model", "tenant", "kind"),
+        )
+        for key, amount in self.tokens.items():
+            tokens.add_metric([label(v) for v in key], amount)
+        yield tokens
+        docs = {
+            "duration": ("shardon_request_duration_seconds", "Time from receipt to the end of the response."),
+            "ttft": ("shardon_time_to_first_token_seconds", "Time from receipt to the first token."),
+            "tpot": ("shardon_time_per_output_token_seconds", "Time per output token after the first."),
+        }
+        for name, (metric, doc) in docs.items():
+            family = HistogramMetricFamily(metric, doc, labels=("model",))
+            for model, hist in self.histograms[name].items():
+                family.add_metric([label(model)], hist.buckets(), hist.sum)
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

@@ -156,14 +156,14 @@ def test_label_cardinality_is_bounded() -> None:
     assert len(series) == 4  # three real label sets and "other"
     assert s[("shardon_requests_total", (("model", "other"), ("status", "other"), ("tenant", "other")))] == 7
     assert sum(s[k] for k in series) == 10
-    assert len(m._requests.children) == 3  # the cache does not grow past the limit
+    assert len(m._hot.requests) == 4  # three real label sets and "other": it grows no further
 
 
-def test_children_are_cached() -> None:
+def test_request_series_are_plain_aggregates() -> None:
     m = Metrics(process_metrics=False)
     r = rec(model="m", tenant="t", finished_at=1001.0, first_token_at=1000.5, completion_tokens=3)
     m.observe_request(r)
-    fam = m._requests
-    child = fam.children[("m", 200, "t")]
     m.observe_request(r)
-    assert fam.children[("m", 200, "t")] is child and len(fam.children) == 1
+    assert m._hot.requests == {("m", 200, "t"): 2}
+    hist = m._hot.histograms["ttft"]["m"]
+    assert sum(hist.counts) == 2 and hist.sum > 0
