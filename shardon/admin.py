@@ -40,10 +40,16 @@ class Admin:
             ("GET", "stats", 1): self.stats_sub,
             ("GET", "status", 0): self.status,
             ("GET", "audit", 0): self.audit,
+            ("GET", "models", 0): self.models,
         }
 
     def register(self, method: str, segment: str, extra: int, handler: AdminHandler) -> None:
         self.table[(method, segment, extra)] = handler
+
+    def enable_models(self) -> None:
+        """The model-lifecycle endpoints, when Shardon manages models."""
+        self.register("POST", "models", 2, self.model_action)
+        self.register("GET", "gpus", 0, self.gpus)
 
     async def handle(self, scope: Scope, proto: HTTPProtocol) -> None:
         parts = [p for p in scope.path[len("/admin/") :].split("/") if p]
@@ -103,6 +109,57 @@ class Admin:
             raise errors.NotFound(f"no key with id '{args[0]}'")
         self._audit(actor, "key.revoke", key.id, {"tenant": key.tenant})
         return 200, {"id": key.id, "revoked": True}
+
+    # -- models -----------------------------------------------------------------------------
+    async def models(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        """Every model: those started on demand with their lifecycle state, and the nodes' own."""
+        gw = self.gw
+        rows: list[dict[str, Any]] = []
+        managed: set[str] = set()
+        if gw.lifecycle is not None:
+            for row in gw.lifecycle.models_status():
+                managed.add(row["name"])
+                route = gw.scheduler.route(row["name"])
+                row["queued"] = route.waiting if route is not None else 0
+                rows.append(row)
+        balancer = gw.scheduler.balancer
+        for name, route in sorted(gw.scheduler.routes.items()):
+            if name in managed:
+                continue
+            nodes = [gw.registry.by_index[i] for i in route.candidates if i in gw.registry.by_index]
+            rows.append(
+                {
+                    "name": name,
+                    "state": "ready" if any(n.healthy for n in nodes) else "unavailable",
+                    "backend": "remote",
+                    "where": ",".join(n.id for n in nodes),
+                    "in_flight": sum(balancer.inflight(n.index) for n in nodes),
+                    "queued": route.waiting,
+                    "pinned": True,
+                }
+            )
+        return 200, {"data": rows}
+
+    async def model_action(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        lifecycle = self.gw.lifecycle
+        name, action = args
+        if lifecycle is None or not lifecycle.knows(name):
+            raise errors.ModelNotFound(f"no managed model named '{name}'")
+        if action == "load":
+            self._audit(actor, "model.load", name)
+            await lifecycle.load(name)
+        elif action == "unload":
+            self._audit(actor, "model.unload", name)
+            await lifecycle.unload(name)
+        else:
+            raise errors.NotFound(f"no model action '{action}' (load, unload)")
+        canonical = lifecycle.resolve(name)
+        row = next((r for r in lifecycle.models_status() if r["name"] == canonical), {"name": canonical})
+        return 200, row
+
+    async def gpus(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        assert self.gw.lifecycle is not None
+        return 200, self.gw.lifecycle.gpus_status()
 
     # -- request log ------------------------------------------------------------------------
     async def requests(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:

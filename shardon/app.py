@@ -28,6 +28,7 @@ from . import __version__, errors
 from ._fast import LeastConnBalancer
 from .auth import KeyStore, Principal, RateLimiter
 from .config import Config, NodeConfig
+from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
 from .nodes import Node, NodeRegistry
 from .receipts import OutputHasher
@@ -165,6 +166,7 @@ class Gateway:
         self.scheduler: Scheduler
         self.registry: NodeRegistry
         self._sweeper: Sweeper
+        self.lifecycle: LifecycleManager | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -174,8 +176,46 @@ class Gateway:
         self._sweeper = Sweeper([], self.config.upstream.read_timeout_s)
         for node_config in self.config.nodes:
             self.add_node(node_config)
+        self._start_lifecycle()
         self._sweeper.start()
         self.registry.start()
+
+    def _start_lifecycle(self) -> None:
+        """Models started on demand: a route each (no node until loaded), and the side thread."""
+        state_dir = self.config.store.resolved_path().parent / "lifecycle"
+        manager = LifecycleManager(
+            self.config.lifecycle(),
+            state_dir=str(state_dir),
+            loop=self.loop,
+            on_ready=self._backend_ready,
+            on_stopped=self._backend_stopped,
+        )
+        if not manager.public_models():
+            manager.close()
+            return
+        self.lifecycle = manager
+        for name in manager.public_models():
+            self.scheduler.ensure_route(name)
+        self._models_body = None
+        self.admin.enable_models()
+        manager.start()
+
+    def _backend_ready(self, endpoint: BackendEndpoint) -> None:
+        node = self.add_node(
+            NodeConfig(
+                id=endpoint.node_id,
+                url=endpoint.url,
+                models={endpoint.model: endpoint.served_name},
+                max_concurrent=max(1, endpoint.slots),
+            ),
+            backend=endpoint.backend,
+        )
+        node.model_file_sha256 = endpoint.model_file_sha256
+        self.metrics.model_event(endpoint.model, "ready")
+
+    def _backend_stopped(self, model: str, node_id: str) -> None:
+        self.remove_node(node_id)
+        self.metrics.model_event(model, "stopped")
 
     def add_node(self, node_config: NodeConfig, *, backend: str | None = None) -> Node:
         node = self.registry.add(node_config, backend=backend)
@@ -212,6 +252,8 @@ class Gateway:
     async def shutdown(self) -> None:
         await self.registry.stop()
         await self._sweeper.stop()
+        if self.lifecycle is not None:
+            await self.loop.run_in_executor(None, self.lifecycle.close)
 
     # -- RSGI entry point -------------------------------------------------------------------
     async def __call__(self, scope: Scope, proto: HTTPProtocol) -> None:
@@ -378,6 +420,10 @@ class Gateway:
         rec.model = req.model
         stream = rec.stream = bool(req.stream)
         route = self.scheduler.route(req.model)
+        lifecycle = self.lifecycle
+        if route is None and lifecycle is not None:
+            canonical = lifecycle.resolve(req.model)  # an alias of a managed model
+            route = self.scheduler.route(canonical) if canonical else None
         if route is None:
             raise errors.ModelNotFound(f"The model '{req.model}' does not exist", param="model")
         if principal.allowed_models is not None and req.model not in principal.allowed_models:
@@ -405,16 +451,76 @@ class Gateway:
             body = with_fields(body, stream_options={"include_usage": True})
             ex.stripper = UsageStripper()
         ex.hasher = None if rec.endpoint == "/v1/embeddings" else OutputHasher()
+        managed = lifecycle is not None and lifecycle.knows(route.name)
+        if managed:
+            assert lifecycle is not None
+            if not route.candidates:  # not loaded: wait for it, queued, up to the deadline
+                started = time.monotonic()
+                await self._wait_for_model(ex, lifecycle, route.name, budget)
+                budget = max(0.001, budget - (time.monotonic() - started))
+            # In flight from now on: the model is not stopped or evicted under this request.
+            lifecycle.request_started(route.name)
+        try:
+            await self._admit_and_dispatch(scope, ex, route, req, body, principal, priority, estimate, budget)
+        finally:
+            if managed:
+                assert lifecycle is not None
+                lifecycle.request_finished(route.name)
+            self._account(ex, route, principal, priority, prompt_estimate, estimate, tok_buckets)
+
+    async def _admit_and_dispatch(
+        self,
+        scope: Scope,
+        ex: Exchange,
+        route: Route,
+        req: RoutingFields,
+        body: bytes,
+        principal: Principal,
+        priority: int,
+        estimate: float,
+        budget: float,
+    ) -> None:
+        tenant = principal.tenant
         self.scheduler.arrive(route, tenant.name, tenant.weight)
         index = self.scheduler.try_acquire(route, tenant.name)
         if index < 0:
             index = await self._wait_for_slot(ex, route, priority, tenant.name, estimate, tenant.weight, budget)
         else:
             ex.timer = self.loop.call_later(_WATCH_AFTER_S, ex.ensure_watch)
+        await self._dispatch(scope, ex, route, req, body, index)
+
+    async def _wait_for_model(self, ex: Exchange, lifecycle: LifecycleManager, model: str, timeout: float) -> None:
+        """Wait (queued) while a managed model loads; one load however many requests wait."""
+        ex.rec.queued_at = ex.rec.queued_at or time.time()
+        loading = lifecycle.ensure_ready(model)
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def loaded(fut: asyncio.Future[BackendEndpoint]) -> None:
+            settle(None if fut.cancelled() or fut.exception() is None else fut.exception())
+
+        loading.add_done_callback(loaded)
+        timer = self.loop.call_later(
+            timeout,
+            settle,
+            errors.QueueTimeout(f"model '{model}' was not ready within {timeout:g}s (still loading)"),
+        )
+        watch = ex.ensure_watch()
+        gone = lambda: settle(errors.ClientGone())  # noqa: E731
+        watch.callbacks.append(gone)
         try:
-            await self._dispatch(scope, ex, route, req, body, index)
+            await done
         finally:
-            self._account(ex, route, principal, priority, prompt_estimate, estimate, tok_buckets)
+            timer.cancel()
+            loading.remove_done_callback(loaded)
+            if gone in watch.callbacks:
+                watch.callbacks.remove(gone)
 
     def _account(
         self,

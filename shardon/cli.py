@@ -22,7 +22,58 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", required=True)
+    for name, text in (("models", "list every model and its state"), ("ps", "list running model backends")):
+        cmd = sub.add_parser(name, help=f"{text} (asks a running gateway's admin API)")
+        cmd.add_argument("--config", "-c", help="the gateway's config (for its address)")
+        cmd.add_argument("--url", help="gateway URL (default: from the config, http://127.0.0.1:8080)")
+        cmd.add_argument("--admin-key", default=os.environ.get("SHARDON_ADMIN_KEY"), help="or $SHARDON_ADMIN_KEY")
+        cmd.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
+
+
+_COLUMNS = {
+    "models": ("name", "state", "backend", "where", "memory_mb", "in_flight", "queued", "last_used"),
+    "ps": ("name", "state", "pid", "url", "where", "memory_mb", "in_flight", "precision"),
+}
+
+
+def _admin_models(args: argparse.Namespace, config: Config) -> int:
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    request = urllib.request.Request(url.rstrip("/") + "/admin/models")
+    if args.admin_key:
+        request.add_header("Authorization", f"Bearer {args.admin_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            rows = json.loads(resp.read())["data"]
+    except urllib.error.HTTPError as exc:
+        print(f"shardon: {url} answered {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"shardon: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "ps":
+        rows = [r for r in rows if r.get("state") in ("loading", "ready", "unloading") and r.get("pid")]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = _COLUMNS[args.command]
+
+    def cell(row: dict[str, object], column: str) -> str:
+        value = row.get(column)
+        if column == "last_used" and isinstance(value, int | float):
+            return f"{time.time() - value:.0f}s ago"
+        return "-" if value is None or value == "" else str(value)
+
+    table = [[c.upper() for c in columns]] + [[cell(r, c) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -53,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print("config ok")
         return 0
+    if args.command in ("models", "ps"):
+        return _admin_models(args, config)
     _setup_logging(config)
     from .server import serve
 

@@ -24,6 +24,7 @@ import yaml
 from msgspec import Meta, Struct
 
 from .errors import ConfigError
+from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
 from .store import StoreConfig
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -141,8 +142,24 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
-    # The built-in mock node used when nothing else is configured (see README).
+    # Models Shardon starts on demand (llama-cpp-python, llama-server, vllm): from this list and
+    # from the *.gguf files in models_dir; the demo model joins when its package is installed.
+    models_dir: str = "~/.local/share/shardon/models"
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    gpus: GpusConfig = msgspec.field(default_factory=GpusConfig)
+    demo: bool = True
+    backend_stop_grace_s: NonNegFloat = 10.0
+    # The built-in mock node, used when neither nodes nor models are configured (see README).
     embedded_mock: bool | None = None
+
+    def lifecycle(self) -> LifecycleConfig:
+        return LifecycleConfig(
+            models_dir=self.models_dir,
+            models=self.models,
+            gpus=self.gpus,
+            demo=self.demo,
+            stop_grace_s=self.backend_stop_grace_s,
+        )
 
 
 _SECTIONS = ("server", "scheduler", "upstream", "auth", "store", "metrics", "log")
@@ -186,11 +203,17 @@ def _validate_tenants(cfg: Config) -> None:
                 raise ConfigError(f"{where}.key_sha256: expected 64 hex digits")
 
 
+_TOP_LEVEL = ("models_dir", "demo", "request_log", "embedded_mock", "backend_stop_grace_s")
+
+
 def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, value in environ.items():
         if not name.startswith("SHARDON_"):
             continue
         rest = name[len("SHARDON_") :].lower()
+        if rest in _TOP_LEVEL:
+            raw[rest] = yaml.safe_load(value) if value != "" else ""
+            continue
         for section in _SECTIONS:
             if rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]

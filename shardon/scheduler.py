@@ -112,6 +112,13 @@ class Scheduler:
                 routes.append(route)
         self.dispatch(index)
 
+    def ensure_route(self, model: str) -> Route:
+        """A route for a model that has no node yet (one started on demand)."""
+        route = self.routes.get(model)
+        if route is None:
+            route = self.routes[model] = Route(model, self.config.quantum_tokens)
+        return route
+
     def remove_node(self, index: int) -> None:
         for route in self._node_routes.pop(index, []):
             if index in route.candidates:

@@ -54,7 +54,7 @@ async def run(
     gateway = Gateway(config, request_log=request_log, metrics=Metrics(enabled=config.metrics.enabled))
     await gateway.startup()
     mock = None
-    if config.embedded_mock or (config.embedded_mock is None and not config.nodes):
+    if config.embedded_mock or (config.embedded_mock is None and not config.nodes and gateway.lifecycle is None):
         mock = await _start_embedded_mock(gateway)
 
     logging.getLogger("_granian").addFilter(_QuietEmbedded())

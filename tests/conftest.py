@@ -142,6 +142,9 @@ def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayThread]]:
         upstream.setdefault("health_interval_s", 0.2)
         raw["upstream"] = upstream
         raw.setdefault("store", {"path": str(tmp_path / f"shardon-{len(gateways)}.db")})
+        # No models started on demand unless a test asks (the demo package may be installed).
+        raw.setdefault("demo", False)
+        raw.setdefault("models_dir", str(tmp_path / "no-models"))
         path = tmp_path / f"shardon-{len(gateways)}.yaml"
         path.write_text(yaml.safe_dump(raw))
         gateway = GatewayThread(load_config(path, environ={}))

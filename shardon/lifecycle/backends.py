@@ -35,7 +35,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,14 +372,18 @@ async def wait_ready(
     stall_timeout_s: float,
     ready_timeout_s: float,
     poll_s: float = POLL_S,
+    abort: Callable[[], bool] | None = None,
 ) -> float:
     """Poll until the backend answers its readiness probe with 200; returns the seconds it took.
-    Raises :class:`BackendFailed` when it exits, stalls or runs out of time."""
+    Raises :class:`BackendFailed` when it exits, stalls or runs out of time, and CancelledError as soon
+    as ``abort()`` is true (a belt to task cancellation, which ``asyncio.wait_for`` can swallow)."""
     spec = proc.spec
     start = time.monotonic()
     last_marker = proc.progress_marker()
     last_progress = start
     while True:
+        if abort is not None and abort():
+            raise asyncio.CancelledError
         rc = proc.poll()
         if rc is not None:
             raise BackendFailed(f"backend crashed during start-up (exit code {rc}): {proc.log_tail()}")

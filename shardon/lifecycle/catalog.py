@@ -345,6 +345,9 @@ class Catalog:
                         name=DEMO_MODEL_NAME,
                         aliases=(),
                         backend="llama-cpp-python",
+                        # Its GGUF carries no chat template: name llama-cpp-python's Gemma format.
+                        args=("--chat_format", "gemma"),
+                        context=2048,
                         files={"Q4_K_M": "<demo package>"},
                         source="demo",
                         resolver=resolver,

@@ -113,6 +113,7 @@ class _Runtime:
     measure_key: str | None = None
     sha_task: asyncio.Future[str | None] | None = None
     failures: int = 0  # consecutive, for the pinned models' retry back-off
+    abort: bool = False  # set with load_task.cancel(): checked at each step of the load
 
 
 class LifecycleManager:
@@ -410,9 +411,12 @@ class LifecycleManager:
             _set_result(reply, True)
 
     async def _shutdown(self) -> None:
-        tasks = [rt.load_task for rt in self._rt.values() if rt.load_task is not None]
-        for t in tasks:
-            t.cancel()
+        tasks = []
+        for rt in self._rt.values():
+            if rt.load_task is not None:
+                rt.abort = True
+                rt.load_task.cancel()
+                tasks.append(rt.load_task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(
             *(rt.stop_task for rt in self._rt.values() if rt.stop_task), return_exceptions=True
@@ -459,11 +463,12 @@ class LifecycleManager:
         name = rt.entry.name
         try:
             if rt.load_task is not None:
+                rt.abort = True
                 rt.load_task.cancel()
                 await asyncio.gather(rt.load_task, return_exceptions=True)
             if rt.stop_task is not None:
                 await asyncio.gather(rt.stop_task, return_exceptions=True)
-            elif rt.proc is not None:
+            if rt.proc is not None:  # (an idle stop may have been called off)
                 if rt.endpoint is not None:
                     await self._confirm_stop(rt, force=True)
                 rt.state = "unloading"
@@ -579,24 +584,24 @@ class LifecycleManager:
             return 1.0 + rt.plan.memory_mb / 1024 * 2.0  # ~2 s per GB until measured
         return 1.0
 
-    async def _load(self, rt: _Runtime, delay: float = 0.0) -> None:
+    async def _load(self, rt: _Runtime) -> None:
         name = rt.entry.name
         try:
-            if delay:
-                await asyncio.sleep(delay)
             if rt.stop_task is not None:
                 await asyncio.gather(rt.stop_task, return_exceptions=True)
             if rt.state == "ready" and rt.endpoint is not None:  # the stop was called off
                 self._to_loop(self._loop_ready, rt.endpoint)
                 return
-            rt.state, rt.error = "loading", None
+            rt.state, rt.error, rt.abort = "loading", None, False
             self._publish()
             loop = asyncio.get_running_loop()
             variants = self._variants_cache.get(name)
             if variants is None:
                 variants = await loop.run_in_executor(None, self._variants_for, rt.entry)
+            self._check_abort(rt)
             paths = {v: p for v, p, _e, _w in variants}
             plan = await self._place(rt, variants)
+            self._check_abort(rt)
             await self._launch_and_wait(rt, plan, paths[plan.variant])
         except asyncio.CancelledError:
             await self._abort_load(rt, "loading was cancelled", "unloaded")
@@ -623,6 +628,11 @@ class LifecycleManager:
             if asyncio.current_task() is rt.load_task:
                 rt.load_task = None
             self._publish()
+
+    @staticmethod
+    def _check_abort(rt: _Runtime) -> None:
+        if rt.abort:
+            raise asyncio.CancelledError
 
     def _retry_pinned(self, rt: _Runtime) -> None:
         if not rt.entry.pinned or self._closed:
@@ -707,7 +717,10 @@ class LifecycleManager:
         rt.sha_task = loop.run_in_executor(None, self._sha.get, path)
         self._publish()
         load_s = await bk.wait_ready(
-            rt.proc, stall_timeout_s=entry.stall_timeout_s, ready_timeout_s=entry.ready_timeout_s
+            rt.proc,
+            stall_timeout_s=entry.stall_timeout_s,
+            ready_timeout_s=entry.ready_timeout_s,
+            abort=lambda: rt.abort,
         )
         sha = rt.sha_task.result() if rt.sha_task.done() and rt.sha_task.exception() is None else None
         rt.endpoint = BackendEndpoint(
