@@ -104,3 +104,11 @@ def test_cli_exits_non_zero_naming_the_field(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "server.port" in proc.stderr and "Expected `int`" in proc.stderr
+
+
+def test_shipped_example_configs_are_valid() -> None:
+    examples = sorted((Path(__file__).resolve().parent.parent / "deploy").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(path, environ={})
+        assert cfg.nodes or cfg.models, path
