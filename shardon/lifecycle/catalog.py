@@ -15,11 +15,13 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import math
 import os
 import re
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,17 +113,85 @@ def _shard_paths(path: str) -> list[str]:
     return [str(p.with_name(f"{base}-{i:05d}-of-{count:05d}.gguf")) for i in range(1, count + 1)]
 
 
-def read_gguf_info(path: str) -> GgufInfo:
-    """Read the parts of a GGUF header the memory estimate needs (all shards' tensors are summed)."""
-    from gguf import GGUFReader  # lazy: imports numpy
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_SMALL_ARRAY = 4096  # per-layer values are kept; vocabularies (100k+ entries) are skipped, not read
 
-    reader = GGUFReader(path)
+
+def _read_gguf_header(path: str) -> tuple[dict[str, Any], int]:
+    """(metadata, offset of the tensor data) from a GGUF file, reading only its header.
+
+    A streaming parse: arrays longer than ``_SMALL_ARRAY`` (the tokenizer's vocabulary, scores and
+    merges) are skipped by length rather than decoded, so a 262k-token vocabulary costs neither
+    time nor memory (``gguf.GGUFReader`` builds a numpy view per token).
+    """
+    with open(path, "rb") as raw:
+        f = io.BufferedReader(raw, 1 << 16)
+
+        def unpack(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def skip_string() -> None:
+            f.seek(unpack("<Q"), os.SEEK_CUR)
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return string()
+            if kind != _GGUF_ARRAY:
+                raise ValueError(f"unknown GGUF value type {kind}")
+            item, count = unpack("<I"), unpack("<Q")
+            if item in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[item]
+                size = struct.calcsize(fmt)
+                if count > _SMALL_ARRAY:
+                    f.seek(size * count, os.SEEK_CUR)
+                    return None
+                return list(struct.unpack(f"<{count}{fmt[1]}", f.read(size * count)))
+            if item == _GGUF_STRING:
+                for _ in range(count):
+                    skip_string()
+                return None
+            for _ in range(count):  # nested arrays: rare; decoded and dropped
+                value(item)
+            return None
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version = unpack("<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(unpack("<I"))
+        for _ in range(n_tensors):  # name, dims, type, offset
+            skip_string()
+            f.seek(8 * unpack("<I") + 4 + 8, os.SEEK_CUR)
+        align = int(meta.get("general.alignment") or 32)
+        return meta, -(-f.tell() // align) * align
+
+
+def read_gguf_info(path: str) -> GgufInfo:
+    """Read the parts of a GGUF header the memory estimate needs (all shards' tensors are summed).
+
+    The weights are the tensor data: each shard's size past its header.
+    """
+    meta, data_start = _read_gguf_header(path)
 
     def get(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
+        value = meta.get(key)
+        if value is None:
             return default
-        value = f.contents()
         if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv): take the largest
             value = max(value) if value else default
         return value
@@ -136,11 +206,9 @@ def read_gguf_info(path: str) -> GgufInfo:
     value_length = int(get(f"{arch}.attention.value_length", head_dim) or head_dim)
     ctx = get(f"{arch}.context_length")
     file_type = get("general.file_type")
-    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    weights = os.path.getsize(path) - data_start
     for shard in _shard_paths(path)[1:]:
-        shard_reader = GGUFReader(shard)
-        weights += sum(int(t.n_bytes) for t in shard_reader.tensors)
-        del shard_reader
+        weights += os.path.getsize(shard) - _read_gguf_header(shard)[1]
     return GgufInfo(
         architecture=arch,
         n_layer=n_layer,
@@ -333,9 +401,7 @@ class Catalog:
         for name, files in scan_models_dir(config.models_dir).items():
             if name in used_names or any(os.path.realpath(p) in used_files for p in files.values()):
                 continue
-            entries.append(
-                CatalogEntry(name=name, aliases=(), backend="llama-cpp-python", files=files, source="scan")
-            )
+            entries.append(CatalogEntry(name=name, aliases=(), backend="llama-cpp-python", files=files, source="scan"))
             used_names.add(name)
         if config.demo and DEMO_MODEL_NAME not in used_names:
             resolver = _demo_resolver()

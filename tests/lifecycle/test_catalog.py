@@ -196,3 +196,20 @@ def test_measurements_persist(tmp_path: Path) -> None:
     assert Measurements(path).get("k") == {"memory_mb": 123, "load_s": 1.5}
     (tmp_path / "bad.json").write_text("{not json")
     assert Measurements(str(tmp_path / "bad.json")).data == {}
+
+
+def test_header_parser_agrees_with_gguf_reader(tiny_gguf: str) -> None:
+    """Shardon's streaming header parse (which skips vocabularies) reads what gguf's reader reads."""
+    from gguf import GGUFReader
+
+    from shardon.lifecycle.catalog import _read_gguf_header, read_gguf_info
+
+    reader = GGUFReader(tiny_gguf)
+    info = read_gguf_info(tiny_gguf)
+    assert info.weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert info.n_layer == int(reader.fields["llama.block_count"].contents())
+    assert info.n_embd == int(reader.fields["llama.embedding_length"].contents())
+    meta, data_start = _read_gguf_header(tiny_gguf)
+    assert data_start == reader.data_offset
+    assert meta["tokenizer.ggml.tokens"] is None  # the vocabulary was skipped, not decoded
+    assert meta["general.architecture"] == "llama"
