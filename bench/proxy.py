@@ -15,7 +15,7 @@ generators share core 1, so the proxy has one core to itself.
 
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``). Usage::
 
-    python bench/proxy.py [--duration 10] [--streams 500] [--no-log]
+    python bench/proxy.py [--duration 10] [--streams 500] [--no-log] [--no-metrics] [--only stream]
 """
 
 from __future__ import annotations
@@ -250,7 +250,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--no-log", action="store_true", help="run Shardon without request log and metrics")
+    parser.add_argument("--no-log", action="store_true", help="run Shardon without its request log")
+    parser.add_argument("--no-metrics", action="store_true", help="run Shardon without metrics")
+    parser.add_argument("--only", choices=("nonstream", "stream"), help="run one half only")
     parser.add_argument("--stream-client", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_client:
@@ -295,7 +297,8 @@ def main() -> None:
             "log": {"level": "warning", "access_log": False},
             "store": {"path": str(tmp / "shardon.db")},
             "request_log": not args.no_log,
-            "metrics": {"enabled": not args.no_log},
+            "metrics": {"enabled": not args.no_metrics},
+            "demo": False,
             "scheduler": {"max_queue_size": 100000},
             "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
         }
@@ -331,49 +334,11 @@ def main() -> None:
             "nginx": (nginx_port, children(nginx.pid)),
             "shardon": (shardon_port, [shardon.pid]),
         }
-        print(
-            f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
-            f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}"
-        )
-        rows = {}
-        for name, (port, pids) in targets.items():
-            run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, args.connections, script)  # warm-up
-            before = cpu_seconds(pids)
-            result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, script)
-            cpu = cpu_seconds(pids) - before
-            result["cpu_cores"] = cpu / args.duration if pids else float("nan")
-            result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
-            rows[name] = result
-            print(
-                f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
-                f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
-                f"  non-2xx {result['non2xx']}"
-            )
-        n, s = rows["nginx"], rows["shardon"]
-        print(
-            f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), "
-            f"p99 {s['p99_ms'] / n['p99_ms']:.2f}x (target <= 1.2), "
-            f"req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)"
-        )
-
-        print(f"\n# streaming: {args.streams} concurrent streams x 64 chunks, 20 ms apart")
-        streams = {}
-        for name, (port, _) in targets.items():
-            streams[name] = run_streams(port, args.streams)
-            r = streams[name]
-            print(
-                f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
-                f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms"
-                f"   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}"
-            )
-        d = streams["direct"]
-        for name in ("nginx", "shardon"):
-            r = streams[name]
-            print(
-                f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
-                f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)"
-            )
-        print(f"shardon peak RSS {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
+        if args.only != "stream":
+            nonstreaming(args, targets, script)
+        if args.only != "nonstream":
+            streaming(args, targets)
+        print(f"shardon peak RSS {peak_rss_mb(shardon.pid):.1f} MB (target <= 60, under the streaming load)")
     finally:
         for proc in procs:
             proc.terminate()
@@ -383,6 +348,53 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], script: Path) -> None:
+    print(
+        f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
+        f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}"
+    )
+    rows = {}
+    for name, (port, pids) in targets.items():
+        run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, args.connections, script)  # warm-up
+        before = cpu_seconds(pids)
+        result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, script)
+        cpu = cpu_seconds(pids) - before
+        result["cpu_cores"] = cpu / args.duration if pids else float("nan")
+        result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
+        rows[name] = result
+        print(
+            f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+            f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
+            f"  non-2xx {result['non2xx']}"
+        )
+    n, s = rows["nginx"], rows["shardon"]
+    print(
+        f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), "
+        f"p99 {s['p99_ms'] / n['p99_ms']:.2f}x (target <= 1.2), "
+        f"req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)"
+    )
+
+
+def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]]) -> None:
+    print(f"\n# streaming: {args.streams} concurrent streams x 64 chunks, 20 ms apart")
+    streams = {}
+    for name, (port, _) in targets.items():
+        streams[name] = run_streams(port, args.streams)
+        r = streams[name]
+        print(
+            f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
+            f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms"
+            f"   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}"
+        )
+    d = streams["direct"]
+    for name in ("nginx", "shardon"):
+        r = streams[name]
+        print(
+            f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
+            f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)"
+        )
 
 
 if __name__ == "__main__":

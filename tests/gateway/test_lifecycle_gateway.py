@@ -67,6 +67,13 @@ def test_first_request_loads_once_and_is_answered(make_gateway: Any, tiny_model:
         [sys.executable, "-m", "shardon", "ps", "--url", gw.url], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0 and "tiny" in out.stdout and "ready" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "shardon", "models", "--url", gw.url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["name"] == "tiny"
     # Unload through the admin API: the process goes away; the next request loads it again.
     pid = row["pid"]
     assert call(gw.url, "POST", "/admin/models/tiny/unload")[0] == 200

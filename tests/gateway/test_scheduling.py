@@ -301,3 +301,15 @@ def test_quiet_tenant_is_served_at_once_while_a_noisy_one_floods(make_mock: Any,
     assert time.monotonic() - started < 0.5  # not behind a 1.5 s generation, let alone the queue
     assert all(f.result(30)[0] == 200 for f in noisy)
     pool.shutdown()
+
+
+def test_read_timeout_fails_a_silent_node(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["m1"])
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], upstream={"read_timeout_s": 0.5, "max_retries": 0})
+    started = time.monotonic()
+    status, _, raw = post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"x","mock":{"fail":"hang"}}')
+    assert status == 502
+    assert json.loads(raw)["error"]["code"] == "upstream_error"
+    assert 0.4 < time.monotonic() - started < 2.5
+    # The slot was freed: the node serves the next request.
+    assert post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"y","max_tokens":1}')[0] == 200
