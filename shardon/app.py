@@ -549,7 +549,9 @@ class Gateway:
         delta = actual - estimate
         if tok_buckets:
             self.limiter.correct(tok_buckets, delta, time.monotonic())
-        if rec.queued_at is not None:
+        if rec.queued_at is not None and rec.dispatched_at is not None:
+            # Only a request the queue charged (popped) is corrected; one that left the queue
+            # unserved (deadline, client gone) was never charged.
             route.queue.refund(self.scheduler.tenant_key(principal.tenant.name), priority, -delta)
 
     async def _sleep_unless_gone(self, ex: Exchange, seconds: float) -> None:

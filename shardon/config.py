@@ -47,6 +47,10 @@ class ServerConfig(_Section):
     max_body_bytes: PositiveInt = 1048576
     drain_timeout_s: NonNegFloat = 30.0
     backlog: PositiveInt = 1024
+    # Requests Granian hands to Shardon at once (queued ones included). Shardon's own queue
+    # limits (scheduler.max_queue_size per model) are what bound admission, so this is large:
+    # were it reached, new requests — a quiet tenant's too — would wait unseen in the socket.
+    max_concurrent_requests: PositiveInt = 65536
 
 
 class SchedulerConfig(_Section):

@@ -66,6 +66,7 @@ async def run(
         http=HTTPModes.http1,
         websockets=False,
         backlog=config.server.backlog,
+        backpressure=config.server.max_concurrent_requests,
         log_level=config.log.level,  # type: ignore[arg-type]
         log_access=False,
     )
