@@ -313,3 +313,39 @@ def test_read_timeout_fails_a_silent_node(make_mock: Any, make_gateway: Any) -> 
     assert 0.4 < time.monotonic() - started < 2.5
     # The slot was freed: the node serves the next request.
     assert post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"y","max_tokens":1}')[0] == 200
+
+
+def test_a_thousand_queued_requests_do_not_block_new_ones(make_mock: Any, make_gateway: Any) -> None:
+    """Shardon's queue, not the server's concurrency cap, bounds admission (regression: Granian's
+    default backpressure of `backlog` requests left new requests waiting unseen in the socket)."""
+    node = make_mock(models=["m1"], chunks=1)
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)],
+        scheduler={"max_queue_size": 5000, "queue_timeout_s": 60},
+        log={"access_log": False},
+    )
+    blocker = _hold_slot(gw.url, 4000)
+    wait_until(lambda: node.stats.in_flight == 1)
+    body = b'{"model":"m1","prompt":"q","max_tokens":1}'
+    socks = []
+    try:
+        for _ in range(1100):
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            socks.append(sock)
+        wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 1100, timeout=30)
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert time.monotonic() - started < 1.0
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 0, timeout=30)
+    assert blocker.result(30)[0] == 200
