@@ -6,7 +6,6 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import node_entry, wait_until
 from tests.gateway.test_auth import call
 from tests.gateway.test_forwarding import post
+from tests.gateway.test_scheduling import _raw_request
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 
@@ -80,12 +80,7 @@ def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_pat
         assert blocker.result(5)[0] == 200
     # 499: the client leaves mid-stream
     stream_body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"delay_ms":50}}'
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-u\r\n"
-        + f"Content-Length: {len(stream_body)}\r\n\r\n".encode()
-        + stream_body
-    )
+    sock = _raw_request(gw.port, stream_body, b"Authorization: Bearer sk-u\r\n")
     assert sock.recv(100).startswith(b"HTTP/1.1 200")
     sock.close()
     # 502 in-band: the node fails mid-stream

@@ -178,10 +178,12 @@ def test_mid_stream_failure_sends_sse_error_and_no_retry(make_mock: Any, make_ga
     )  # no silent retry
 
 
-def _raw_request(port: int, body: bytes) -> socket.socket:
+def _raw_request(port: int, body: bytes, headers: bytes = b"") -> socket.socket:
+    """A request written on a raw socket, its answer left unread (for tests that hang up)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + headers
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
@@ -330,13 +332,7 @@ def test_a_thousand_queued_requests_do_not_block_new_ones(make_mock: Any, make_g
     socks = []
     try:
         for _ in range(1100):
-            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
-            sock.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            socks.append(sock)
+            socks.append(_raw_request(gw.port, body))
         wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 1100, timeout=30)
         started = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)

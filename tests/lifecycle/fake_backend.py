@@ -35,9 +35,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path in ("/v1/models", "/health"):
             self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         elif self.path == "/env":
-            self._send(
-                200, {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
-            )
+            self._send(200, {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()})
         else:
             self._send(404, {"error": "not found"})
 
@@ -49,9 +47,7 @@ class Handler(BaseHTTPRequestHandler):
             {
                 "object": "chat.completion",
                 "model": req.get("model"),
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "fake"}, "finish_reason": "stop"}
-                ],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}, "finish_reason": "stop"}],
             },
         )
 

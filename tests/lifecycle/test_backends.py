@@ -54,9 +54,7 @@ def test_llama_server_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(bk.BackendFailed, match="llama-server is not installed"):
         bk.build_launch(entry("llama-server"), "/m.gguf", port=9, devices=(), python="/py")
     exe = _fake_exe(tmp_path, "llama-server", monkeypatch)
-    spec = bk.build_launch(
-        entry("llama-server", context=4096, slots=4), "/m.gguf", port=9, devices=(1,), python="/p"
-    )
+    spec = bk.build_launch(entry("llama-server", context=4096, slots=4), "/m.gguf", port=9, devices=(1,), python="/p")
     a = list(spec.argv)
     assert a[0] == exe and a[a.index("-c") + 1] == "16384" and a[a.index("-np") + 1] == "4"
     assert a[a.index("-ngl") + 1] == "999" and spec.ready_path == "/health" and spec.slots == 4
@@ -67,9 +65,7 @@ def test_vllm_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(bk.BackendFailed, match="vllm is not installed"):
         bk.build_launch(entry("vllm"), "/m", port=9, devices=(0,), python="/py")
     _fake_exe(tmp_path, "vllm", monkeypatch)
-    spec = bk.build_launch(
-        entry("vllm", slots=8), "/m", port=9, devices=(0, 1), python="/p", gpu_memory_fraction=0.5
-    )
+    spec = bk.build_launch(entry("vllm", slots=8), "/m", port=9, devices=(0, 1), python="/p", gpu_memory_fraction=0.5)
     a = list(spec.argv)
     assert a[1:3] == ["serve", "/m"] and a[a.index("--tensor-parallel-size") + 1] == "2"
     assert a[a.index("--gpu-memory-utilization") + 1] == "0.500" and a[a.index("--max-num-seqs") + 1] == "8"
@@ -157,9 +153,7 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
 
 
 def test_stop_kills_the_whole_group(tmp_path: Path) -> None:
-    script = (
-        "import subprocess, time; subprocess.Popen(['sleep', '60']); print('up', flush=True); time.sleep(60)"
-    )
+    script = "import subprocess, time; subprocess.Popen(['sleep', '60']); print('up', flush=True); time.sleep(60)"
     spec = bk.LaunchSpec((sys.executable, "-c", script), {}, "127.0.0.1", 1, "/", "m", 1)
     proc = bk.spawn(spec, log_path=str(tmp_path / "l.log"), pid_file=str(tmp_path / "p.json"), model="m")
     try:

@@ -11,9 +11,7 @@ from tests.lifecycle.helpers import make_fake_nvml
 
 def test_devices_and_groups_from_nvml() -> None:
     nvml = make_fake_nvml([("A100", 40000, 30000), ("A100", 40000, 39000), ("T4", 16000, 1000)])
-    inv = GpuInventory(
-        GpusConfig(groups={"fast": [0, 1], "small": [2], "ghost": [7]}, reserve_mb=512), nvml=nvml
-    )
+    inv = GpuInventory(GpusConfig(groups={"fast": [0, 1], "small": [2], "ghost": [7]}, reserve_mb=512), nvml=nvml)
     assert inv.mode == "nvml" and inv.reserve_mb == 512
     assert inv.groups == {"fast": (0, 1), "small": (2,)}  # GPU 7 does not exist
     devs = inv.refresh()

@@ -85,9 +85,7 @@ async def test_idle_ttl_stops_the_process(make_manager: ManagerFactory, tiny_ggu
 
 
 @run_async
-async def test_budget_for_one_model_swaps(
-    make_manager: ManagerFactory, tiny_gguf: str, tiny_gguf_b: str
-) -> None:
+async def test_budget_for_one_model_swaps(make_manager: ManagerFactory, tiny_gguf: str, tiny_gguf_b: str) -> None:
     models = [llama("a", tiny_gguf, memory_mb=300), llama("b", tiny_gguf_b, memory_mb=300)]
     mgr, ev = make_manager(models, budget_mb=500)
     ep_a = await asyncio.wait_for(mgr.ensure_ready("a"), 60)
@@ -110,9 +108,7 @@ async def test_pinned_and_in_flight_are_never_evicted(make_manager: ManagerFacto
     await wait_for(lambda: status_of(mgr, "pinned")["state"] == "ready", 60)
     ep = await asyncio.wait_for(mgr.ensure_ready("busy"), 60)
     mgr.request_started("busy")
-    with pytest.raises(
-        InsufficientMemoryError, match=r"(?s)insufficient memory.*pinned: pinned.*in flight: busy"
-    ):
+    with pytest.raises(InsufficientMemoryError, match=r"(?s)insufficient memory.*pinned: pinned.*in flight: busy"):
         await asyncio.wait_for(mgr.ensure_ready("third"), 60)
     assert (await achat(ep.url, "busy"))["choices"], "the busy backend kept serving"
     mgr.request_finished("busy")

@@ -93,9 +93,7 @@ async def test_concurrent_callers_cause_one_load(make_manager: ManagerFactory, m
 
 
 @run_async
-async def test_cancelled_waiter_does_not_cancel_the_load(
-    make_manager: ManagerFactory, model_file: str
-) -> None:
+async def test_cancelled_waiter_does_not_cancel_the_load(make_manager: ManagerFactory, model_file: str) -> None:
     mgr, _ = make_manager([fake_model("a", model_file, "ok", "--ready-after", "0.3")])
     f1, f2 = mgr.ensure_ready("a"), mgr.ensure_ready("a")
     f1.cancel()
@@ -116,9 +114,7 @@ async def test_crash_during_start_fails_then_retries(make_manager: ManagerFactor
 
 
 @run_async
-async def test_stalled_backend_fails_within_stall_timeout(
-    make_manager: ManagerFactory, model_file: str
-) -> None:
+async def test_stalled_backend_fails_within_stall_timeout(make_manager: ManagerFactory, model_file: str) -> None:
     mgr, _ = make_manager([fake_model("a", model_file, "stall", stall_timeout_s=1.0)])
     t0 = time.monotonic()
     with pytest.raises(ModelLoadError, match="stalled"):
@@ -190,9 +186,7 @@ async def test_in_flight_and_pinned_are_never_evicted(make_manager: ManagerFacto
     await wait_for(lambda: status_of(mgr, "pinned")["state"] == "ready", 10)
     await asyncio.wait_for(mgr.ensure_ready("busy"), 10)
     mgr.request_started("busy")
-    with pytest.raises(
-        InsufficientMemoryError, match=r"insufficient memory.*pinned: pinned.*in flight: busy"
-    ):
+    with pytest.raises(InsufficientMemoryError, match=r"insufficient memory.*pinned: pinned.*in flight: busy"):
         await asyncio.wait_for(mgr.ensure_ready("big"), 10)
     assert status_of(mgr, "pinned")["state"] == "ready" and status_of(mgr, "busy")["state"] == "ready"
     assert status_of(mgr, "big")["state"] == "failed"
@@ -275,12 +269,8 @@ async def test_sigterm_ignored_gets_sigkill(make_manager: ManagerFactory, model_
 
 
 @run_async
-async def test_close_stops_everything_and_is_idempotent(
-    make_manager: ManagerFactory, model_file: str
-) -> None:
-    mgr, _ = make_manager(
-        [fake_model("a", model_file), fake_model("b", model_file, "ok", "--ready-after", "5")]
-    )
+async def test_close_stops_everything_and_is_idempotent(make_manager: ManagerFactory, model_file: str) -> None:
+    mgr, _ = make_manager([fake_model("a", model_file), fake_model("b", model_file, "ok", "--ready-after", "5")])
     await asyncio.wait_for(mgr.ensure_ready("a"), 10)
     loading = mgr.ensure_ready("b")
     await wait_for(lambda: status_of(mgr, "b")["pid"], 5)
@@ -336,9 +326,7 @@ async def test_stale_backend_from_a_crashed_gateway_is_stopped(
 
 
 @run_async
-async def test_pid_file_written_and_removed(
-    make_manager: ManagerFactory, model_file: str, tmp_path: Path
-) -> None:
+async def test_pid_file_written_and_removed(make_manager: ManagerFactory, model_file: str, tmp_path: Path) -> None:
     state = tmp_path / "st"
     mgr, _ = make_manager([fake_model("a", model_file)], state_dir=str(state))
     await asyncio.wait_for(mgr.ensure_ready("a"), 10)

@@ -120,9 +120,7 @@ def test_never_pinned_never_in_flight_never_loading() -> None:
         plan_placement(req("m", ("x", 2000)), {-1: 1000}, CPU, residents)
     msg = str(err.value)
     assert "insufficient memory for model 'm'" in msg and "needs 2000 MB" in msg
-    assert (
-        "pinned: pinned" in msg and "requests in flight: busy" in msg and "loading/unloading: loading" in msg
-    )
+    assert "pinned: pinned" in msg and "requests in flight: busy" in msg and "loading/unloading: loading" in msg
 
 
 def test_victims_on_other_devices_do_not_help() -> None:
