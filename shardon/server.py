@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable
 
 from granian.constants import HTTPModes, Interfaces
@@ -47,6 +48,10 @@ async def run(
     started: Callable[[Gateway], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set, for embedding in tests), then drain and exit."""
+    problem = _cannot_listen(config.server.host, config.server.port)
+    if problem:
+        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, problem)
+        return 1
     request_log = None
     if config.request_log:
         request_log = RequestLog(config.store)
@@ -79,7 +84,7 @@ async def run(
     if started is not None:
         started(gateway)
     stopping = asyncio.ensure_future(stop.wait())
-    log.info("shardon listening on http://%s:%d", config.server.host, config.server.port)
+    log.info("shardon serving on http://%s:%d", config.server.host, config.server.port)
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if serving.done():
@@ -101,6 +106,22 @@ async def run(
     if request_log is not None:
         await request_log.aclose()  # flushes every row appended so far
     return code
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the address cannot be bound (port taken, bad host), before anything is started."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None
 
 
 def serve(config: Config) -> int:
