@@ -81,6 +81,8 @@ class UsageStripper:
             # Nodes that honour include_usage add "usage": null to every chunk (as OpenAI does).
             # Unescaped quotes only occur in JSON structure, never inside a string value.
             complete = complete.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+            if b'"usage"' not in complete:
+                return complete  # the usual chunk: nothing else to look at
         kept = [event for event in complete.split(b"\n\n") if event and not _is_usage_only(event)]
         return b"".join(event + b"\n\n" for event in kept)
 
