@@ -63,7 +63,11 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in procs:
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()  # drains and stops the backends it started
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
@@ -150,3 +154,36 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         )
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr
+
+
+@pytest.mark.slow
+def test_backends_die_with_a_killed_gateway(serve: Any, tmp_path: Path) -> None:
+    """A gateway killed with SIGKILL cannot stop its backends: the kernel does (PR_SET_PDEATHSIG)."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by the test extra")
+    from shardon.lifecycle.tiny_gguf import write_tiny_gguf
+
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_gguf(models / "tiny.gguf")
+    proc, port = serve(env={"SHARDON_MODELS_DIR": str(models), "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "60"})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    resp.read()
+    conn.request("GET", "/admin/models")
+    (row,) = json.loads(conn.getresponse().read())["data"]
+    conn.close()
+    backend = row["pid"]
+    assert row["state"] == "ready" and Path(f"/proc/{backend}").exists()
+    proc.kill()
+    proc.wait(10)
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    wait_until(gone, timeout=15)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -260,9 +262,7 @@ def group_rss_mb(pgid: int) -> int:
 class BackendProcess:
     """One running backend: its Popen, process group, log and pid file."""
 
-    def __init__(
-        self, popen: subprocess.Popen[bytes], spec: LaunchSpec, log_path: str, pid_file: str
-    ) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], spec: LaunchSpec, log_path: str, pid_file: str) -> None:
         self.popen = popen
         self.spec = spec
         self.pid = popen.pid
@@ -305,6 +305,33 @@ def _rotate(path: str) -> None:
             os.replace(path, f"{path}.1")
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a pre-exec hook asking the kernel to SIGTERM the backend when Shardon dies.
+
+    Backends run in their own process group (so a stop reaches all their children), which also
+    means a Shardon killed with SIGKILL would leave them running; the pid files let the next start
+    clean up, and this makes the kernel do it at once. The libc function is looked up here, before
+    any fork: the hook itself only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return hook
+
+
+_PDEATHSIG = _parent_death_signal()
+
+
 def spawn(spec: LaunchSpec, *, log_path: str, pid_file: str, model: str) -> BackendProcess:
     """Start the backend in its own session with output to ``log_path``; write its pid file."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -323,6 +350,7 @@ def spawn(spec: LaunchSpec, *, log_path: str, pid_file: str, model: str) -> Back
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_PDEATHSIG,
             )
         except OSError as exc:
             raise BackendFailed(f"cannot start backend {spec.argv[0]!r}: {exc}") from exc
