@@ -315,7 +315,11 @@ def scenario(name: str, policy: str, noisy_rps: float, args: argparse.Namespace)
     quiet = [r for r in results if r[0] == "quiet"]
     if os.environ.get("FAIRNESS_DEBUG"):
         t0 = min(r[3] for r in results)
-        print(name, "slowest quiet (sent at s, ttft s):", sorted(((round(r[3] - t0, 2), r[1]) for r in quiet), key=lambda x: -(x[1] or 1e9))[:6])
+        print(
+            name,
+            "slowest quiet (sent at s, ttft s):",
+            sorted(((round(r[3] - t0, 2), r[1]) for r in quiet), key=lambda x: -(x[1] or 1e9))[:6],
+        )
     ttfts = [r[1] * 1000 for r in quiet if r[1] is not None]
     noisy_ok = sum(1 for r in results if r[0] == "noisy" and r[2] == 200)
     util = load["utilisation"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -100,7 +100,7 @@ def parse_time(name: str, value: str) -> float:
         except ValueError:
             raise ValueError(f"{name}: must be unix seconds or an ISO 8601 date-time") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         return dt.timestamp()
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"{name}: must be a non-negative finite number of unix seconds")

@@ -246,7 +246,7 @@ class Gateway:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def shutdown(self) -> None:
@@ -649,7 +649,9 @@ class Gateway:
 
     async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, *, fresh: bool) -> None:
         rec = ex.rec
-        conn = await node.pool.acquire(fresh=fresh)
+        conn = None if fresh else node.pool.take_idle()
+        if conn is None:
+            conn = await node.pool.connect()
         ex.conn = conn
         transport = None
         try:

@@ -166,7 +166,7 @@ class NodeRegistry:
                 pass
             ok = status == 200
             error = f"health check answered {status}"
-        except (UpstreamError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             error = f"health check failed: {exc or 'timeout'}"
         finally:
             conn.finish()

@@ -258,7 +258,9 @@ class Scheduler:
             route.inflight[tenant] = left
         else:
             route.inflight.pop(tenant, None)
-        self.dispatch(index)
+        routes = self._node_routes.get(index)
+        if routes is not None and (len(routes) > 1 or routes[0].waiting):
+            self.dispatch(index)
 
     def _give(self, waiter: Waiter, index: int) -> None:
         self.balancer.acquire(index)

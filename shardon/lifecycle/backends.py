@@ -377,7 +377,7 @@ async def probe(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT_
     """HTTP status of ``GET path``, or None when nothing answers."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return None
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
@@ -386,7 +386,7 @@ async def probe(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT_
         if len(parts) >= 2 and parts[0].startswith(b"HTTP/"):
             return int(parts[1])
         return None
-    except (OSError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, OSError, ValueError):
         return None
     finally:
         writer.close()

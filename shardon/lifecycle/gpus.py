@@ -62,9 +62,7 @@ class GpuInventory:
             module.nvmlInit()
         except Exception as exc:  # ImportError, NVMLError (no driver / library), anything else
             self.reason = f"NVML unavailable ({exc.__class__.__name__}: {exc})".strip()
-            log.info(
-                "lifecycle: %s; CPU-only mode with a %d MB budget", self.reason, config.cpu_memory_budget_mb
-            )
+            log.info("lifecycle: %s; CPU-only mode with a %d MB budget", self.reason, config.cpu_memory_budget_mb)
         else:
             try:
                 count = int(module.nvmlDeviceGetCount())

@@ -219,9 +219,7 @@ class LifecycleManager:
             return ready
         fut = self._loop.create_future()
         if self._closed or self._thread is None:
-            fut.set_exception(
-                ModelLoadError(f"model {name!r} cannot be loaded: the lifecycle is not running")
-            )
+            fut.set_exception(ModelLoadError(f"model {name!r} cannot be loaded: the lifecycle is not running"))
             return fut
         waiters = self._waiters.get(name)
         if waiters is not None:
@@ -230,9 +228,7 @@ class LifecycleManager:
         self._waiters[name] = [fut]
         if not self._to_side(self._side_ensure, name):
             del self._waiters[name]
-            fut.set_exception(
-                ModelLoadError(f"model {name!r} cannot be loaded: the lifecycle is not running")
-            )
+            fut.set_exception(ModelLoadError(f"model {name!r} cannot be loaded: the lifecycle is not running"))
         return fut
 
     def request_started(self, model: str) -> None:
@@ -418,9 +414,7 @@ class LifecycleManager:
                 rt.load_task.cancel()
                 tasks.append(rt.load_task)
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(rt.stop_task for rt in self._rt.values() if rt.stop_task), return_exceptions=True
-        )
+        await asyncio.gather(*(rt.stop_task for rt in self._rt.values() if rt.stop_task), return_exceptions=True)
         stops = []
         for rt in self._rt.values():
             if rt.proc is not None:
@@ -517,9 +511,7 @@ class LifecycleManager:
     def _need_mb(self, entry: CatalogEntry, variant: str, estimate: int, weights: int) -> int:
         if entry.memory_mb is not None:
             return entry.memory_mb
-        measured = self._measurements.get(Measurements.key(entry, variant, self._where_kind())).get(
-            "memory_mb"
-        )
+        measured = self._measurements.get(Measurements.key(entry, variant, self._where_kind())).get("memory_mb")
         if measured:
             return max(math.ceil(measured * 1.1), weights)
         return estimate
@@ -605,9 +597,7 @@ class LifecycleManager:
             await self._launch_and_wait(rt, plan, paths[plan.variant])
         except asyncio.CancelledError:
             await self._abort_load(rt, "loading was cancelled", "unloaded")
-            self._to_loop(
-                self._loop_failed, name, f"model {name!r} was not loaded: loading was cancelled", False
-            )
+            self._to_loop(self._loop_failed, name, f"model {name!r} was not loaded: loading was cancelled", False)
             raise
         except InsufficientMemory as exc:
             await self._abort_load(rt, str(exc), "failed")
@@ -687,9 +677,7 @@ class LifecycleManager:
             if all(oks):
                 return plan
             rt.plan = None  # a victim got busy meanwhile: plan again
-        raise InsufficientMemory(
-            f"insufficient memory for model {entry.name!r}: the models to evict stayed busy"
-        )
+        raise InsufficientMemory(f"insufficient memory for model {entry.name!r}: the models to evict stayed busy")
 
     async def _launch_and_wait(self, rt: _Runtime, plan: Plan, path: str) -> None:
         entry = rt.entry
@@ -769,7 +757,7 @@ class LifecycleManager:
         self._handshakes.add(reply)
         try:
             return await asyncio.wait_for(reply, HANDSHAKE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("lifecycle: gateway loop did not answer; %s kept", rt.entry.name)
             return force
         finally:
@@ -779,9 +767,7 @@ class LifecycleManager:
         if rt.endpoint is not None:
             self._to_loop(self._loop_withdraw, rt.entry.name, rt.endpoint.node_id)
 
-    async def _stop(
-        self, rt: _Runtime, reason: str, *, wait_freed: bool = True, final_state: str = "unloaded"
-    ) -> None:
+    async def _stop(self, rt: _Runtime, reason: str, *, wait_freed: bool = True, final_state: str = "unloaded") -> None:
         proc = rt.proc
         if proc is None:
             return
@@ -904,9 +890,7 @@ class LifecycleManager:
             self._measurements.update(rt.measure_key, memory_mb=used)
         if rt.entry.memory_mb is None and used > plan.memory_mb:
             k = len(plan.devices)
-            rt.plan = Plan(
-                plan.variant, used, plan.group, plan.devices, math.ceil(used / k), plan.evict, plan.loss
-            )
+            rt.plan = Plan(plan.variant, used, plan.group, plan.devices, math.ceil(used / k), plan.evict, plan.loss)
             self._publish()
 
     # ------------------------------------------------------------------------------------ status
@@ -963,9 +947,7 @@ class LifecycleManager:
         self._gpus = {
             "mode": self._inventory.mode,
             "devices": devices,
-            "groups": {
-                k: ["cpu" if d == CPU_INDEX else d for d in v] for k, v in self._inventory.groups.items()
-            },
+            "groups": {k: ["cpu" if d == CPU_INDEX else d for d in v] for k, v in self._inventory.groups.items()},
         }
 
 

@@ -88,9 +88,7 @@ def eviction_loss(r: Resident) -> float:
     return (decayed_heat(r.heat, r.idle_s) + 0.05) * (max(r.load_time_s, 0.0) + 0.5)
 
 
-def _candidates(
-    groups: Mapping[str, Sequence[int]], preferred: str | None
-) -> list[tuple[int, str, tuple[int, ...]]]:
+def _candidates(groups: Mapping[str, Sequence[int]], preferred: str | None) -> list[tuple[int, str, tuple[int, ...]]]:
     """(group rank, group name, devices): single devices of each group, then the whole group."""
     names = sorted(groups)
     if preferred in groups:

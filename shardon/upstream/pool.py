@@ -243,18 +243,25 @@ class NodePool:
         self._busy: set[UpstreamConnection] = set()
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
+        conn = None if fresh else self.take_idle()
+        return conn if conn is not None else await self.connect()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A kept-alive connection, without awaiting anything; None if there is none."""
         idle = self._idle
-        while idle and not fresh:
+        while idle:
             conn = idle.pop()
             if not conn.closed:
                 self._busy.add(conn)
                 return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
-                self.connect_timeout,
-            )
-        except asyncio.TimeoutError:
+            # asyncio.timeout, unlike wait_for, does not wrap the connect in a task of its own.
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        except TimeoutError:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
