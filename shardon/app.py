@@ -450,7 +450,7 @@ class Gateway:
             # did not ask for it, will not see the extra event.
             body = with_fields(body, stream_options={"include_usage": True})
             ex.stripper = UsageStripper()
-        ex.hasher = None if rec.endpoint == "/v1/embeddings" else OutputHasher()
+        ex.hasher = OutputHasher()  # the receipt's output hash, and the real usage
         managed = lifecycle is not None and lifecycle.knows(route.name)
         if managed:
             assert lifecycle is not None
@@ -536,7 +536,8 @@ class Gateway:
         rec = ex.rec
         hasher = ex.hasher
         if hasher is not None and rec.status and 200 <= rec.status < 300:
-            rec.output_sha256 = hasher.hexdigest()
+            if rec.endpoint != "/v1/embeddings":  # no generated text to prove
+                rec.output_sha256 = hasher.hexdigest()
             usage = hasher.usage
             if usage:
                 rec.prompt_tokens = usage.get("prompt_tokens")

@@ -223,3 +223,13 @@ def test_metrics_parse_and_match_the_log(make_mock: Any, make_gateway: Any) -> N
     assert ttft and ttft[0].value == 4
     tokens = {s.labels["kind"]: s.value for s in families["shardon_tokens"].samples if s.name == "shardon_tokens_total"}
     assert tokens["completion"] == 8
+
+
+def test_embeddings_usage_is_logged_without_an_output_hash(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["m1"])
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    status, headers, body = post(gw.url, "/v1/embeddings", b'{"model":"m1","input":["hello there","x"]}')
+    assert status == 200
+    row = one_row(gw, headers["x-request-id"])
+    assert row["prompt_tokens"] == json.loads(body)["usage"]["prompt_tokens"] > 0
+    assert row["output_sha256"] is None
