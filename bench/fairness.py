@@ -121,23 +121,11 @@ class SimNode:
                             "slots": self.slots,
                         }
                     ).encode()
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                        + str(len(out)).encode()
-                        + b"\r\n\r\n"
-                        + out
-                    )
-                    await writer.drain()
+                    await _json_response(writer, out)
                     continue
                 if not path.startswith("/v1/completions"):
                     out = b'{"object":"list","data":[{"id":"m1","object":"model"}]}'
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                        + str(len(out)).encode()
-                        + b"\r\n\r\n"
-                        + out
-                    )
-                    await writer.drain()
+                    await _json_response(writer, out)
                     continue
                 req = json.loads(body)
                 prompt_tokens = max(1, len(req.get("prompt", "")) // 4)
@@ -149,6 +137,16 @@ class SimNode:
             pass
         finally:
             writer.close()
+
+
+async def _json_response(writer: asyncio.StreamWriter, body: bytes) -> None:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    await writer.drain()
 
 
 def node_main(port: int, slots: int) -> None:

@@ -443,7 +443,7 @@ class Gateway:
                 raise
             if wait > 0:
                 rec.overflow = True
-                await self._sleep_unless_gone(ex, wait)
+                await self._wait_unless_gone(ex, wait)
                 budget -= wait
         if stream and not (req.stream_options and req.stream_options.include_usage):
             # Ask the node for the stream's real usage (for limits and the log); the client, who
@@ -492,35 +492,8 @@ class Gateway:
     async def _wait_for_model(self, ex: Exchange, lifecycle: LifecycleManager, model: str, timeout: float) -> None:
         """Wait (queued) while a managed model loads; one load however many requests wait."""
         ex.rec.queued_at = ex.rec.queued_at or time.time()
-        loading = lifecycle.ensure_ready(model)
-        done: asyncio.Future[None] = self.loop.create_future()
-
-        def settle(exc: BaseException | None) -> None:
-            if not done.done():
-                if exc is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(exc)
-
-        def loaded(fut: asyncio.Future[BackendEndpoint]) -> None:
-            settle(None if fut.cancelled() or fut.exception() is None else fut.exception())
-
-        loading.add_done_callback(loaded)
-        timer = self.loop.call_later(
-            timeout,
-            settle,
-            errors.QueueTimeout(f"model '{model}' was not ready within {timeout:g}s (still loading)"),
-        )
-        watch = ex.ensure_watch()
-        gone = lambda: settle(errors.ClientGone())  # noqa: E731
-        watch.callbacks.append(gone)
-        try:
-            await done
-        finally:
-            timer.cancel()
-            loading.remove_done_callback(loaded)
-            if gone in watch.callbacks:
-                watch.callbacks.remove(gone)
+        late = errors.QueueTimeout(f"model '{model}' was not ready within {timeout:g}s (still loading)")
+        await self._wait_unless_gone(ex, timeout, late, lifecycle.ensure_ready(model))
 
     def _account(
         self,
@@ -555,26 +528,43 @@ class Gateway:
             # unserved (deadline, client gone) was never charged.
             route.queue.refund(self.scheduler.tenant_key(principal.tenant.name), priority, -delta)
 
-    async def _sleep_unless_gone(self, ex: Exchange, seconds: float) -> None:
+    async def _wait_unless_gone(
+        self,
+        ex: Exchange,
+        seconds: float,
+        late: BaseException | None = None,
+        event: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Wait for ``event`` (its exception is raised) or ``seconds`` (then ``late`` is raised, if
+        given); :class:`~shardon.errors.ClientGone` as soon as the client leaves."""
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def finished(fut: asyncio.Future[Any]) -> None:
+            settle(None if fut.cancelled() else fut.exception())
+
+        def gone() -> None:
+            settle(errors.ClientGone())
+
+        if event is not None:
+            event.add_done_callback(finished)
+        timer = self.loop.call_later(seconds, settle, late)
         watch = ex.ensure_watch()
-        fut: asyncio.Future[None] = self.loop.create_future()
-
-        def done() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        def wake() -> None:
-            if not fut.done():
-                fut.set_exception(errors.ClientGone())
-
-        timer = self.loop.call_later(seconds, done)
-        watch.callbacks.append(wake)
+        watch.callbacks.append(gone)
         try:
-            await fut
+            await done
         finally:
             timer.cancel()
-            if wake in watch.callbacks:
-                watch.callbacks.remove(wake)
+            if event is not None:
+                event.remove_done_callback(finished)
+            if gone in watch.callbacks:
+                watch.callbacks.remove(gone)
 
     async def _wait_for_slot(
         self, ex: Exchange, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float

@@ -166,27 +166,27 @@ def build_launch(
 # ------------------------------------------------------------------------------------- /proc helpers
 
 
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (with the pid, a unique identity)."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3, the state, first)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data.rsplit(b")", 1)[-1].split()
+    return data.rsplit(b")", 1)[-1].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (with the pid, a unique identity)."""
+    fields = _proc_stat(pid)
     try:
-        return int(fields[19])
+        return int(fields[19]) if fields is not None else None
     except (IndexError, ValueError):
         return None
 
 
 def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data.rsplit(b")", 1)[-1].split()
+    fields = _proc_stat(pid)
     return fields[0].decode() if fields else None
 
 
