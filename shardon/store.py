@@ -3,19 +3,23 @@
 Threading model
 ---------------
 - The request path (the event loop) only calls `RequestLog.append(record)` and `RequestLog.audit(...)`.
-  Both snapshot their argument into a tuple and append it to an in-memory deque: O(1), no I/O, no
-  lock, safe from any thread. They never wait on the database.
-- One daemon thread (``shardon-store-writer``) owns the only write connection. Every
+  Both append to an in-memory deque: O(1), no I/O, no lock, safe from any thread. They never wait
+  on the database. `append` packs the record first (msgpack, ~0.2 µs): the row is a snapshot, and
+  the record can be freed at once, as it would be without a log.
+- One daemon thread (``shardon-store``, also its OS thread name) owns the write connections. Every
   ``flush_interval_ms`` (sooner when ``batch_max`` rows are waiting, or on `flush()`), it drains the
-  deque in batches of at most ``batch_max`` rows, each batch one transaction (``executemany``). Every
+  deque in batches of at most ``batch_max`` rows, each batch one transaction, written by
+  `shardon._fast.RowWriter.insert_packed`: rows parsed and written through SQLite's C API with the
+  GIL released, so the writer barely competes with the event loop for the GIL (the pure-Python twin
+  decodes with msgspec and uses ``executemany``). Every
   ``cleanup_interval_s`` it deletes requests older than ``retention_days`` (audit entries are kept).
 - Admin reads (`query`, `get`, `stats`, ...) are coroutines: they run on read-only connections in a
   small private thread pool, so the event loop never blocks on them. WAL mode lets them read while
   the writer writes.
 
 Appending the same ``id`` again replaces the row (last write wins), so the gateway may log a request
-early and again when it ends. A record is snapshotted when appended: mutating it afterwards does not
-change what is written.
+early and again when it ends. A record is snapshotted (packed) when appended: mutating it afterwards
+does not change what is written.
 
 Durability and crash-loss bound
 -------------------------------
@@ -29,7 +33,7 @@ If the database cannot be written (locked beyond the busy timeout, disk full), t
 rows and retries with back-off; beyond ``_MAX_PENDING`` waiting rows it drops the oldest ones and
 counts them in ``dropped``. A row SQLite refuses (e.g. an integer too large) is dropped alone.
 
-Schema (``PRAGMA user_version`` = 1)::
+Schema (``PRAGMA user_version`` = 2)::
 
     requests(id TEXT PRIMARY KEY, received_at REAL, queued_at REAL, dispatched_at REAL,
              first_token_at REAL, finished_at REAL, endpoint TEXT, tenant TEXT, key_id TEXT,
@@ -37,13 +41,19 @@ Schema (``PRAGMA user_version`` = 1)::
              stream INTEGER, status INTEGER, error_type TEXT, prompt_tokens INTEGER,
              completion_tokens INTEGER, bytes_in INTEGER, bytes_out INTEGER, retries INTEGER,
              overflow INTEGER, client_addr TEXT, output_sha256 TEXT)
-      indexes: received_at; (status, received_at); (model, received_at); (tenant, received_at);
-               (node_id, received_at)
+      indexes: received_at; status WHERE status <> 200 (partial: errors only)
     audit(id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, actor TEXT, action TEXT, target TEXT,
           detail TEXT -- JSON object)
       index: at
 
 Columns that a newer `RequestRecord` adds are added to an older database with ALTER TABLE at start.
+
+Why so few indexes: each index costs every row a B-tree insert on the writer's core (about 0.5 µs
+each here, see bench/README.md), and the log's whole budget is a few percent of the proxy's time per
+request. Time ranges and paging use ``received_at``; status filters that exclude 200 use the partial
+index (errors are rare rows); filters on model, node, tenant and key scan the requested time range,
+so on a large log give ``since``/``until``. Version 1 databases lose their four composite indexes
+at start (version 2); their rows are kept.
 """
 
 from __future__ import annotations
@@ -69,6 +79,8 @@ from urllib.parse import quote
 import msgspec
 import orjson
 
+from shardon._fast import RowWriter
+from shardon._threads import name_this_thread
 from shardon.receipts import receipt_for
 
 __all__ = [
@@ -85,7 +97,7 @@ log = logging.getLogger("shardon.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MAX_PENDING = 500_000  # rows kept in memory while the database cannot be written
 _DELETE_CHUNK = 5_000  # rows deleted per retention statement (keeps write locks short)
 _PERCENTILES = (50, 90, 99)
@@ -104,6 +116,10 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Most rows per transaction; this many waiting rows also wake the writer early."""
     cleanup_interval_s: float = 3600
     """How often the retention clean-up runs (it also runs at start)."""
+    writer_cpus: list[int] = msgspec.field(default_factory=list)
+    """CPUs the writer thread may run on (Linux). Empty: the process's own. On a machine with a core
+    to spare, giving the writer cores other than the event loop's takes the log's cost off the
+    request path (see bench/README.md)."""
 
     def __post_init__(self) -> None:
         if self.flush_interval_ms <= 0:
@@ -112,6 +128,8 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("store.batch_max must be > 0")
         if self.cleanup_interval_s <= 0:
             raise ValueError("store.cleanup_interval_s must be > 0")
+        if any(cpu < 0 for cpu in self.writer_cpus):
+            raise ValueError("store.writer_cpus must be CPU numbers (>= 0)")
 
     def resolved_path(self) -> Path:
         """The database file this config names (``~`` and environment variables expanded)."""
@@ -126,12 +144,13 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-class RequestRecord(msgspec.Struct, kw_only=True, gc=False):
+class RequestRecord(msgspec.Struct, kw_only=True, gc=False, array_like=True):
     """One request as the gateway saw it; filled in progressively, appended to the log when it ends.
 
     Timestamps are unix seconds (``time.time()``). ``status`` is the HTTP status sent to the client
     (499 when the client went away; 0 while unknown). ``key_id`` identifies an API key, never the
-    secret itself.
+    secret itself. Fields are in the request log's column order; the log packs a record as a
+    msgpack array of them (``array_like``).
     """
 
     id: str = msgspec.field(default_factory=_new_id)
@@ -183,19 +202,24 @@ _SQL_TYPES = {
 }
 _BOOL_COLUMNS = frozenset({"stream", "overflow"})
 
+_NOT_OK = "status <> 200"  # the partial index's condition; a query must repeat it word for word to use it
 _INDEXES = (
     ("idx_requests_received_at", "requests(received_at)"),
-    ("idx_requests_status", "requests(status, received_at)"),
-    ("idx_requests_model", "requests(model, received_at)"),
-    ("idx_requests_tenant", "requests(tenant, received_at)"),
-    ("idx_requests_node", "requests(node_id, received_at)"),
+    ("idx_requests_errors", f"requests(status) WHERE {_NOT_OK}"),
     ("idx_audit_at", "audit(at)"),
 )
+_DROPPED_INDEXES = ("idx_requests_status", "idx_requests_model", "idx_requests_tenant", "idx_requests_node")  # v1
+_WRITER_PRAGMAS = ("cache_size = -32768",)  # 32 MiB: index pages stay in memory
 
-_INSERT_REQUEST = "INSERT OR REPLACE INTO requests ({}) VALUES ({})".format(
-    ", ".join(REQUEST_COLUMNS), ", ".join("?" * len(REQUEST_COLUMNS))
-)
 _INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
+
+
+def _row_id(packed: bytes) -> object:
+    """The id of a packed row, for error messages (None if it cannot be read)."""
+    try:
+        return msgspec.msgpack.decode(packed)[0]
+    except (msgspec.DecodeError, IndexError, TypeError, KeyError):
+        return None
 
 
 def _column_sql(name: str) -> str:
@@ -217,6 +241,8 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
             "actor TEXT, action TEXT NOT NULL, target TEXT, detail TEXT)"
         )
+        for name in _DROPPED_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
         for name, target in _INDEXES:
             conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {target}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -276,6 +302,8 @@ def _where(
         else:
             clauses.append("status >= ? AND status < ?")
             args += [lo, hi]
+        if not lo <= 200 < hi:
+            clauses.append(_NOT_OK)  # lets SQLite use the partial index of non-200 rows
     for column, value in (("model", model), ("node_id", node), ("tenant", tenant), ("key_id", key_id)):
         if value is not None:
             clauses.append(f"{column} = ?")
@@ -548,7 +576,9 @@ class RequestLog:
         self._close_lock = threading.Lock()
         self._late_logged = False
         self._batch_max = self.config.batch_max
+        self._pack = msgspec.msgpack.Encoder().encode
         self._readers: ThreadPoolExecutor | None = None
+        self._rows: RowWriter  # the request-row writer, opened by the writer thread
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
@@ -563,6 +593,8 @@ class RequestLog:
         self.deleted = 0
         """Rows removed by retention since start."""
         self.last_cleanup: float | None = None
+        self.writer_cpus: list[int] | None = None
+        """The CPUs the writer thread was moved to, when ``writer_cpus`` is set and that worked."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -631,7 +663,7 @@ class RequestLog:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("request log writer did not stop in %ss; %d rows unwritten", timeout, len(self._q))
-        left = sum(1 for item in self._q if isinstance(item, tuple))
+        left = sum(1 for item in self._q if isinstance(item, (bytes, _Audit)))
         if left:
             log.error("request log closed with %d rows unwritten", left)
             self.dropped += left
@@ -659,12 +691,21 @@ class RequestLog:
     # -- the hot path ---------------------------------------------------------------------------
 
     def append(self, record: RequestRecord) -> None:
-        """Queue a request row. O(1), no I/O, thread-safe; never waits on the database."""
+        """Queue a request row. O(1), no I/O, thread-safe; never waits on the database.
+
+        The record is packed now: changing it afterwards does not change the row.
+        """
         if self._closed:
             self._late()
             return
+        try:
+            packed = self._pack(record)
+        except (OverflowError, TypeError, ValueError) as exc:  # a value no row can hold; never the caller's problem
+            log.error("request log: dropping row %r: %s", record.id, exc)
+            self.dropped += 1
+            return
         q = self._q
-        q.append(msgspec.structs.astuple(record))
+        q.append(packed)
         if len(q) >= self._batch_max and not self._wake.is_set():
             self._wake.set()
 
@@ -686,6 +727,18 @@ class RequestLog:
         self.dropped += 1
 
     # -- the writer thread ----------------------------------------------------------------------
+
+    def _pin_writer(self) -> None:
+        """Move this (the writer) thread to ``writer_cpus``; on failure, say so and stay put."""
+        cpus = set(self.config.writer_cpus)
+        if not cpus:
+            return
+        try:
+            os.sched_setaffinity(0, cpus)  # 0: the calling thread, on Linux
+        except (AttributeError, OSError, ValueError) as exc:
+            log.warning("request log writer: cannot run on CPUs %s: %s", sorted(cpus), exc)
+        else:
+            self.writer_cpus = sorted(os.sched_getaffinity(0))
 
     def _open_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -711,9 +764,18 @@ class RequestLog:
         return conn
 
     def _run(self) -> None:
+        name_this_thread("shardon-store")
+        self._pin_writer()
         try:
             conn = self._open_writer()
         except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        try:
+            self._rows = RowWriter(str(self.path), "requests", REQUEST_COLUMNS, pragmas=_WRITER_PRAGMAS)
+        except BaseException as exc:
+            conn.close()
             self._start_error = exc
             self._ready.set()
             return
@@ -739,6 +801,7 @@ class RequestLog:
         except BaseException:  # pragma: no cover - a bug; keep the process alive, say why
             log.exception("request log writer crashed")
         finally:
+            self._rows.close()
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA optimize")
             conn.close()
@@ -765,11 +828,11 @@ class RequestLog:
         return True
 
     def _write_batch(self, conn: sqlite3.Connection, items: list[Any]) -> bool:
-        rows: list[tuple[Any, ...]] = []
+        rows: list[bytes] = []
         audits: list[tuple[Any, ...]] = []
         markers: list[threading.Event] = []
         for item in items:
-            if type(item) is tuple:
+            if type(item) is bytes:
                 rows.append(item)
             elif isinstance(item, _Audit):
                 audits.append(item)
@@ -789,30 +852,34 @@ class RequestLog:
         return True
 
     def _transaction(
-        self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], audits: Sequence[tuple[Any, ...]]
+        self, conn: sqlite3.Connection, rows: list[bytes], audits: Sequence[tuple[Any, ...]]
     ) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if rows:
-                conn.executemany(_INSERT_REQUEST, rows)
-            if audits:
+        """Rows (one transaction, by the RowWriter), then audit entries (another, on ``conn``).
+
+        If the audit part fails, the caller retries both: rewriting a row replaces it (same id).
+        """
+        if rows:
+            self._rows.insert_packed(rows)
+            self.written += len(rows)
+        if audits:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 conn.executemany(_INSERT_AUDIT, audits)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.written += len(rows)
-        self.audits_written += len(audits)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.audits_written += len(audits)
 
     def _one_by_one(
-        self, conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], audits: Iterable[tuple[Any, ...]]
+        self, conn: sqlite3.Connection, rows: Iterable[bytes], audits: Iterable[tuple[Any, ...]]
     ) -> None:
         for row in rows:
             try:
                 self._transaction(conn, [row], ())
             except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-                log.error("request log: dropping row %r: %s", row[0] if row else None, exc)
+                log.error("request log: dropping row %r: %s", _row_id(row), exc)
                 self.dropped += 1
         for entry in audits:
             try:

@@ -4,11 +4,16 @@
   tenant.
 - :class:`TokenBucket`: rate limiting with caller-supplied time.
 - :class:`LeastConnBalancer`: least connections per weight among healthy nodes, round-robin ties.
+- :class:`RowWriter`: the request log's batch insert, on SQLite's C API with the GIL released.
 
 Each lives in a ``_*_c.pyx`` module and a ``_*_py.py`` twin with the same API and behaviour. The
 compiled classes are used unless the environment variable ``SHARDON_NO_EXTENSIONS`` is ``1``, ``true``
 or ``yes``; if they cannot be imported, the twins are used and a :class:`RuntimeWarning` says so (once,
 at import). ``USING_EXTENSIONS`` tells which set is in use.
+
+`RowWriter` is selected on its own (``ROWWRITER_COMPILED``): besides being built, its compiled form
+needs the SQLite shared library that Python's ``sqlite3`` module uses, which some Python builds link
+in statically; then the twin is used, with a warning saying why.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import os
 import warnings
 from typing import TYPE_CHECKING
 
-__all__ = ["USING_EXTENSIONS", "FairQueue", "LeastConnBalancer", "TokenBucket"]
+__all__ = ["ROWWRITER_COMPILED", "USING_EXTENSIONS", "FairQueue", "LeastConnBalancer", "RowWriter", "TokenBucket"]
 
 _NO_EXTENSIONS = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 
 USING_EXTENSIONS: bool
+ROWWRITER_COMPILED: bool
 
 if TYPE_CHECKING:
+    from ._rowwriter_py import RowWriter
     from ._balancer_py import LeastConnBalancer
     from ._bucket_py import TokenBucket
     from ._queue_py import FairQueue
@@ -31,8 +38,10 @@ elif _NO_EXTENSIONS:
     from ._balancer_py import LeastConnBalancer
     from ._bucket_py import TokenBucket
     from ._queue_py import FairQueue
+    from ._rowwriter_py import RowWriter
 
     USING_EXTENSIONS = False
+    ROWWRITER_COMPILED = False
 else:
     try:
         from ._balancer_c import LeastConnBalancer
@@ -51,3 +60,22 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
+
+    if USING_EXTENSIONS:
+        try:
+            from ._rowwriter_c import RowWriter
+
+            ROWWRITER_COMPILED = True
+        except ImportError as exc:
+            from ._rowwriter_py import RowWriter
+
+            ROWWRITER_COMPILED = False
+            warnings.warn(
+                f"shardon: compiled request-log writer unavailable ({exc}), using its pure-Python twin",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    else:
+        from ._rowwriter_py import RowWriter
+
+        ROWWRITER_COMPILED = False

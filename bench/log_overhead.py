@@ -1,0 +1,172 @@
+"""What the request log and metrics cost: Shardon with both on vs both off, interleaved.
+
+What it measures: two Shardon processes with the same config except ``request_log`` and
+``metrics.enabled``, in front of the same mock node, each pinned to core 0 (node and wrk on core 1,
+as in ``bench/proxy.py``). Only one is under load at a time: ``wrk -t1 -c64`` POSTs a small chat
+completion for ``--duration`` seconds to "on", then to "off", for ``--rounds`` rounds, alternating which goes first. Interleaving
+puts both through the same drift of this shared machine; the figure is the median over rounds of
+``1 - on/off`` (throughput cost). Also reported: proxy CPU-µs per request for each, and, for "on",
+the CPU the request-log writer thread used per row (from ``/proc/<pid>/task``), the rows written
+and the rows still waiting after the load (the writer must keep up, not defer).
+
+    python bench/log_overhead.py [--rounds 5] [--duration 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, wait_port  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int, name_prefix: str) -> float:
+    """CPU seconds (user+system) of the threads of ``pid`` whose name starts with ``name_prefix``."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            if not comm.startswith(name_prefix):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def start_shardon(
+    tmp: Path, name: str, node_port: int, log_on: bool, metrics_on: bool, writer_cpus: list[int]
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = free_port()
+    db = tmp / f"{name}.db"
+    config = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "log": {"level": "warning", "access_log": False},
+        "store": {"path": str(db), "writer_cpus": writer_cpus},
+        "request_log": log_on,
+        "metrics": {"enabled": metrics_on},
+        "demo": False,
+        "scheduler": {"max_queue_size": 100000},
+        "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, port, db
+
+
+def rows_in(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=6)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--on", choices=("both", "log", "metrics"), default="both", help="what 'on' turns on")
+    parser.add_argument(
+        "--writer-cpu",
+        type=int,
+        action="append",
+        default=[],
+        help="store.writer_cpus for 'on' (default: none, the writer shares the proxy's pinned core)",
+    )
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="shardon-logbench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        node_port = free_port()
+        node = subprocess.Popen(
+            ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "shardon.upstream.mock", "--port", str(node_port),
+             "--models", "m1", "--chunks", "16"],
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        procs.append(node)
+        wait_port(node_port)
+        on, on_port, on_db = start_shardon(tmp, "on", node_port, args.on != "metrics", args.on != "log", args.writer_cpu)
+        off, off_port, _ = start_shardon(tmp, "off", node_port, False, False, [])
+        procs += [on, off]
+        wait_port(on_port)
+        wait_port(off_port)
+        script = tmp / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.body = \'' + json.dumps(CHAT) + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
+        )
+        url = "http://127.0.0.1:{}/v1/chat/completions"
+        for port in (on_port, off_port):
+            run_wrk(url.format(port), 2, args.connections, script)  # warm-up: pools, caches
+        time.sleep(1.0)
+        where = f"writer thread on core(s) {args.writer_cpu}" if args.writer_cpu else "writer on the proxy's core"
+        print(
+            f"# {args.on} on vs off, {args.rounds} rounds x {args.duration}s each, proxy on core {PROXY_CORE}, {where}"
+        )
+        costs: list[float] = []
+        us_on: list[float] = []
+        us_off: list[float] = []
+        writer_cpu = 0.0
+        rows_before = rows_in(on_db) if args.on != "metrics" else 0
+        for i in range(args.rounds):
+            result = {}
+            order = [("on", on, on_port), ("off", off, off_port)]
+            for name, proc, port in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+                cpu0 = cpu_seconds([proc.pid])
+                w0 = thread_cpu(proc.pid, "shardon-store") if name == "on" else 0.0
+                r = run_wrk(url.format(port), args.duration, args.connections, script)
+                cpu = cpu_seconds([proc.pid]) - cpu0
+                if name == "on":
+                    writer_cpu += thread_cpu(proc.pid, "shardon-store") - w0
+                r["us_per_req"] = cpu / (r["rps"] * args.duration) * 1e6
+                result[name] = r
+            cost = 1 - result["on"]["rps"] / result["off"]["rps"]
+            costs.append(cost)
+            us_on.append(result["on"]["us_per_req"])
+            us_off.append(result["off"]["us_per_req"])
+            print(
+                f"round {i + 1}: on {result['on']['rps']:8.0f} req/s ({result['on']['us_per_req']:5.1f} CPU-us/req)"
+                f"  off {result['off']['rps']:8.0f} req/s ({result['off']['us_per_req']:5.1f} CPU-us/req)"
+                f"  cost {cost * 100:+5.1f}%"
+            )
+        time.sleep(1.5)  # one flush interval and then some: what is still waiting now was deferred
+        rows = rows_in(on_db) - rows_before if args.on != "metrics" else 0
+        print(
+            f"writer thread: {writer_cpu:.2f} CPU-s for about {rows} rows written"
+            f" ({writer_cpu / max(rows, 1) * 1e6:.2f} CPU-us/row)"
+        )
+        print(
+            f"CPU per request: on {statistics.median(us_on):.1f} us, off {statistics.median(us_off):.1f} us"
+            f" (+{statistics.median(us_on) - statistics.median(us_off):.1f} us)"
+        )
+        print(f"throughput cost of log+metrics: median {statistics.median(costs) * 100:.1f}% (target < 5%)")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
