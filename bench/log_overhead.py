@@ -1,15 +1,20 @@
-"""What the request log and metrics cost: Shardon with both on vs both off, interleaved.
+"""What the request log and metrics cost: Shardon with them on vs off, interleaved, in one run.
 
-What it measures: two Shardon processes with the same config except ``request_log`` and
-``metrics.enabled``, in front of the same mock node, each pinned to core 0 (node and wrk on core 1,
-as in ``bench/proxy.py``). Only one is under load at a time: ``wrk -t1 -c64`` POSTs a small chat
-completion for ``--duration`` seconds to "on", then to "off", for ``--rounds`` rounds, alternating which goes first. Interleaving
-puts both through the same drift of this shared machine; the figure is the median over rounds of
-``1 - on/off`` (throughput cost). Also reported: proxy CPU-µs per request for each, and, for "on",
-the CPU the request-log writer thread used per row (from ``/proc/<pid>/task``), the rows written
-and the rows still waiting after the load (the writer must keep up, not defer).
+What it measures: two Shardon processes whose configs differ only in ``request_log`` and
+``metrics.enabled`` (``--on`` picks both, or one of them), in front of the same mock node. Both
+are pinned to core 0; the node and wrk share core 1, as in ``bench/proxy.py``. One is under load
+at a time: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` seconds to each, for
+``--rounds`` rounds, alternating which goes first. Interleaving puts both through the same drift
+of this shared machine. The figure is the median over rounds of ``1 - on/off`` (throughput cost).
 
-    python bench/log_overhead.py [--rounds 5] [--duration 6]
+Also reported: CPU-µs per request of each process (all its threads), and for "on" the CPU its
+request-log writer thread used per row written (from ``/proc/<pid>/task``).
+
+``--writer-cpu 1`` sets ``store.writer_cpus: [1]`` for "on": the writer thread leaves the
+proxy's pinned core for the other one (the deployment the docs recommend when a core is spare);
+without it the writer shares the proxy's single core, the worst case.
+
+    python bench/log_overhead.py [--rounds 8] [--duration 4] [--on both|log|metrics] [--writer-cpu 1]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, wait_port  # noqa: E402
+from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, wait_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -96,21 +101,37 @@ def main() -> None:
     try:
         node_port = free_port()
         node = subprocess.Popen(
-            ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "shardon.upstream.mock", "--port", str(node_port),
-             "--models", "m1", "--chunks", "16"],
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                sys.executable,
+                "-m",
+                "shardon.upstream.mock",
+                "--port",
+                str(node_port),
+                "--models",
+                "m1",
+                "--chunks",
+                "16",
+            ],
             stdout=subprocess.DEVNULL,
             cwd=ROOT,
         )
         procs.append(node)
         wait_port(node_port)
-        on, on_port, on_db = start_shardon(tmp, "on", node_port, args.on != "metrics", args.on != "log", args.writer_cpu)
+        on, on_port, on_db = start_shardon(
+            tmp, "on", node_port, args.on != "metrics", args.on != "log", args.writer_cpu
+        )
         off, off_port, _ = start_shardon(tmp, "off", node_port, False, False, [])
         procs += [on, off]
         wait_port(on_port)
         wait_port(off_port)
         script = tmp / "post.lua"
         script.write_text(
-            'wrk.method = "POST"\nwrk.body = \'' + json.dumps(CHAT) + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
+            'wrk.method = "POST"\nwrk.body = \''
+            + json.dumps(CHAT)
+            + '\'\nwrk.headers["Content-Type"] = "application/json"\n'
         )
         url = "http://127.0.0.1:{}/v1/chat/completions"
         for port in (on_port, off_port):

@@ -851,9 +851,7 @@ class RequestLog:
             m.set()
         return True
 
-    def _transaction(
-        self, conn: sqlite3.Connection, rows: list[bytes], audits: Sequence[tuple[Any, ...]]
-    ) -> None:
+    def _transaction(self, conn: sqlite3.Connection, rows: list[bytes], audits: Sequence[tuple[Any, ...]]) -> None:
         """Rows (one transaction, by the RowWriter), then audit entries (another, on ``conn``).
 
         If the audit part fails, the caller retries both: rewriting a row replaces it (same id).
@@ -872,9 +870,7 @@ class RequestLog:
                 raise
             self.audits_written += len(audits)
 
-    def _one_by_one(
-        self, conn: sqlite3.Connection, rows: Iterable[bytes], audits: Iterable[tuple[Any, ...]]
-    ) -> None:
+    def _one_by_one(self, conn: sqlite3.Connection, rows: Iterable[bytes], audits: Iterable[tuple[Any, ...]]) -> None:
         for row in rows:
             try:
                 self._transaction(conn, [row], ())
@@ -883,7 +879,7 @@ class RequestLog:
                 self.dropped += 1
         for entry in audits:
             try:
-                self._transaction(conn, (), [entry])
+                self._transaction(conn, [], [entry])
             except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
                 log.error("request log: dropping audit entry: %s", exc)
                 self.dropped += 1

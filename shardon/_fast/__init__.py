@@ -30,10 +30,10 @@ USING_EXTENSIONS: bool
 ROWWRITER_COMPILED: bool
 
 if TYPE_CHECKING:
-    from ._rowwriter_py import RowWriter
     from ._balancer_py import LeastConnBalancer
     from ._bucket_py import TokenBucket
     from ._queue_py import FairQueue
+    from ._rowwriter_py import RowWriter
 elif _NO_EXTENSIONS:
     from ._balancer_py import LeastConnBalancer
     from ._bucket_py import TokenBucket
