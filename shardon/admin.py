@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
-from granian.rsgi import HTTPProtocol, Scope
 
 from . import __version__, admin_queries, errors
 from .auth import create_key_decoder
 from .receipts import receipt_for
+from .rsgi import HTTPProtocol, Scope
 
 if TYPE_CHECKING:
     from .app import Gateway

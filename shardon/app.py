@@ -15,23 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import orjson
-from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 
-from . import __version__, errors
+from . import __version__, errors, rsgi
 from ._fast import LeastConnBalancer
 from .auth import KeyStore, Principal, RateLimiter
 from .config import Config, NodeConfig
+from .fastpath import FastPath, FastRequest
 from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
 from .nodes import Node, NodeRegistry
-from .receipts import OutputHasher
+from .receipts import OutputHasher, hash_response
+from .rsgi import HTTPProtocol, Scope
 from .scheduler import Route, Scheduler
 from .schemas import (
     PRIORITY_BY_NAME,
@@ -44,82 +44,93 @@ from .schemas import (
 )
 from .store import RequestLog, RequestRecord
 from .upstream.base import UpstreamError
-from .upstream.pool import Sweeper, UpstreamConnection
+from .upstream.pool import Sweeper, UpstreamConnection, client_headers
 
 log = logging.getLogger("shardon.app")
 access_log = logging.getLogger("shardon.access")
 
 JSON = [("content-type", "application/json")]
-# Hop-by-hop and framing headers are Granian's business, not the node's.
-_SKIP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
-# How long a request may run before Shardon starts watching for its client leaving. Short requests
-# never pay for the watcher; long ones (generations) are cancelled within this delay.
-_WATCH_AFTER_S = 0.02
-
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
 
 
-class ClientWatch:
-    """Notices a client that disconnects, and runs callbacks when it does."""
-
-    __slots__ = ("callbacks", "gone", "task")
-
-    def __init__(self, proto: HTTPProtocol) -> None:
-        self.gone = False
-        self.callbacks: list[Callable[[], object]] = []
-        self.task = asyncio.ensure_future(proto.client_disconnect())
-        self.task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Future[None]) -> None:
-        if task.cancelled():
-            return
-        self.gone = True
-        for cb in list(self.callbacks):
-            cb()
-
-    def close(self) -> None:
-        self.task.cancel()
-        self.callbacks.clear()
-
-
 class Exchange:
-    """Per-request state shared between the data path and the client watcher."""
+    """Per-request state shared between the data path and the client watcher.
 
-    __slots__ = ("conn", "hasher", "proto", "rec", "started", "stripper", "timer", "transport", "watch")
+    The watcher: `watch` asks the engine to tell when the client disconnects
+    (``proto.client_disconnect()``); then the node connection is closed (which stops the
+    generation) and the callbacks added with `add_gone` run (a queued request leaves its queue).
+    """
+
+    __slots__ = (
+        "_disconnect",
+        "_on_gone",
+        "conn",
+        "gone",
+        "hasher",
+        "proto",
+        "rec",
+        "started",
+        "stripper",
+        "timer",
+        "transport",
+        "usage",
+    )
 
     def __init__(self, proto: HTTPProtocol, rec: RequestRecord) -> None:
         self.proto = proto
         self.rec = rec
         self.conn: UpstreamConnection | None = None
         self.started = False  # a response byte has been handed to the client
-        self.watch: ClientWatch | None = None
+        self.gone = False  # the client disconnected
         self.timer: asyncio.TimerHandle | None = None
         self.transport: Any = None  # the client's response stream, once started
-        self.hasher: OutputHasher | None = None
+        self.hasher: OutputHasher | None = None  # streams: the receipt's output hash, the usage
         self.stripper: UsageStripper | None = None
+        self.usage: dict[str, Any] | None = None  # non-streamed: the usage the node reported
+        self._disconnect: asyncio.Future[Any] | None = None
+        self._on_gone: list[Callable[[], object]] | None = None
 
-    def ensure_watch(self) -> ClientWatch:
-        if self.watch is None:
-            self.watch = ClientWatch(self.proto)
-            self.watch.callbacks.append(self._client_gone)
-        return self.watch
+    def watch(self) -> None:
+        """Start noticing the client leaving (idempotent)."""
+        if self._disconnect is None:
+            waiter = self.proto.client_disconnect()
+            if not isinstance(waiter, asyncio.Future):
+                waiter = asyncio.ensure_future(waiter)  # granian's is an awaitable: run it as a task
+            self._disconnect = waiter
+            waiter.add_done_callback(self._client_gone)
 
-    def _client_gone(self) -> None:
+    def add_gone(self, callback: Callable[[], object]) -> None:
+        self.watch()
+        if self._on_gone is None:
+            self._on_gone = []
+        self._on_gone.append(callback)
+
+    def remove_gone(self, callback: Callable[[], object]) -> None:
+        if self._on_gone is not None and callback in self._on_gone:
+            self._on_gone.remove(callback)
+
+    def _client_gone(self, waiter: asyncio.Future[Any]) -> None:
+        if waiter.cancelled():
+            return
+        self.gone = True
         conn = self.conn
         if conn is not None:
             conn.close()  # stops the generation on the node
-
-    @property
-    def client_gone(self) -> bool:
-        return self.watch is not None and self.watch.gone
+        if self._on_gone:
+            for callback in list(self._on_gone):
+                callback()
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.watch is not None:
-            self.watch.close()
-        # Granian ends a streamed response when its transport object is released: drop it now,
-        # not whenever the garbage collector breaks the exchange ↔ watcher cycle.
+        waiter = self._disconnect
+        if waiter is not None:
+            if isinstance(waiter, asyncio.Task):
+                waiter.cancel()
+            else:
+                waiter.remove_done_callback(self._client_gone)  # no exchange ↔ future cycle left
+        self._on_gone = None
+        # Granian ends a streamed response when its transport object is released: drop it now.
         self.transport = None
 
 
@@ -138,9 +149,8 @@ class Gateway:
         self.tenant_header = config.auth.tenant_header.lower()
         self.draining = False
         self.in_flight = 0
-        # Request ids: a random per-process prefix and a counter (unique, sortable, no syscall).
-        self._id_prefix = os.urandom(6).hex()
-        self._seq = 0
+        # The last request id handed out (see next_id); the request log raises it to its newest row.
+        self.last_id = 0
         self.started_at = time.time()
         self.request_log = request_log
         self.metrics = metrics or Metrics(enabled=False)
@@ -158,6 +168,11 @@ class Gateway:
             ("GET", "/metrics"): self._metrics,
         }
         self._paths = {path for _, path in self.routes}
+        self._method_paths = {path: f"{method} {path}".encode() for method, path in self.routes if method == "POST"}
+        # How long a request runs before the gateway watches for its client leaving: at once with
+        # the native engine (its notice is a plain future); granian's costs a task per request, so
+        # its engine sets 20 ms: short requests never pay for it, generations are still cut.
+        self.watch_after_s = 0.0
         from .admin import Admin
 
         self.admin = Admin(self)
@@ -167,6 +182,8 @@ class Gateway:
         self.registry: NodeRegistry
         self._sweeper: Sweeper
         self.lifecycle: LifecycleManager | None = None
+        # The callback path for common requests (shardon/fastpath.py), for engines that can use it.
+        self.fast_path: FastPath | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -179,6 +196,8 @@ class Gateway:
         self._start_lifecycle()
         self._sweeper.start()
         self.registry.start()
+        if self.config.server.fast_path:
+            self.fast_path = FastPath(self)
 
     def _start_lifecycle(self) -> None:
         """Models started on demand: a route each (no node until loaded), and the side thread."""
@@ -320,18 +339,37 @@ class Gateway:
         proto.response_bytes(200, [("content-type", content_type)], body)
 
     # -- the data path ----------------------------------------------------------------------
+    def next_id(self, now: float) -> str:
+        """A new request id: 16 hex digits of ``(milliseconds since the epoch << 20) + n``.
+
+        Ids only increase (a clock stepping back cannot repeat one: the counter carries on), so they
+        are unique across restarts (the request log seeds `last_id` with its newest row) and sorted
+        by arrival; the request log uses the number as its primary key.
+        """
+        value = int(now * 1000) << 20
+        if value <= self.last_id:
+            value = self.last_id + 1
+        self.last_id = value
+        return f"{value:016x}"
+
     async def _inference(self, scope: Scope, proto: HTTPProtocol) -> None:
-        self._seq += 1
+        now = time.time()
         rec = RequestRecord(
-            id=f"{self._id_prefix}{self._seq:012x}",
-            received_at=time.time(),
+            id=self.next_id(now),
+            received_at=now,
             endpoint=scope.path,
             client_addr=scope.client,
         )
-        ex = Exchange(proto, rec)
         self.in_flight += 1
+        ex = Exchange(proto, rec)
+        await self._guarded(ex, self._serve(scope, ex))
+
+    async def _guarded(self, ex: Exchange, work: Awaitable[None]) -> None:
+        """The error edge: errors become OpenAI-shaped answers (or 499s); the record is finished."""
+        rec = ex.rec
+        proto = ex.proto
         try:
-            await self._serve(scope, ex)
+            await work
         except errors.ShardonError as err:
             rec.status = err.status
             rec.error_type = err.code
@@ -339,7 +377,10 @@ class Gateway:
                 headers = err.headers()
                 headers.append(("x-request-id", rec.id))
                 proto.response_bytes(err.status, headers, err.body())
-        except (errors.ClientGone, ProtocolClosed):
+        except errors.ClientGone:
+            rec.status = 499
+            rec.error_type = "client_disconnected"
+        except rsgi.closed_errors:
             rec.status = 499
             rec.error_type = "client_disconnected"
         except Exception as exc:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
@@ -352,10 +393,46 @@ class Gateway:
         finally:
             ex.close()
             rec.finished_at = time.time()
-            self.in_flight -= 1
-            if self.in_flight == 0 and self.draining:
-                self._idle.set()
-            self._finish(rec)
+            self.request_done(rec)
+
+    def request_done(self, rec: RequestRecord) -> None:
+        """A request has ended, whichever path served it: count it out, log it."""
+        self.in_flight -= 1
+        if self.in_flight == 0 and self.draining:
+            self._idle.set()
+        self._finish(rec)
+
+    def resume(self, job: FastRequest, error: UpstreamError | None) -> None:
+        """Finish a callback-path request here: retry after ``error``, or relay a long answer."""
+        ex = Exchange(job.request, job.rec)
+        self.loop.create_task(self._guarded(ex, self._resumed(ex, job, error)))
+
+    async def _resumed(self, ex: Exchange, job: FastRequest, error: UpstreamError | None) -> None:
+        rec = ex.rec
+        route, req, body, index = job.route, job.req, job.body, job.index
+        prompt_estimate = len(body) // 4
+        estimate = prompt_estimate + (req.max_tokens or req.max_completion_tokens or self.default_max_tokens)
+        ex.watch()
+        try:
+            if error is not None:
+                await self._dispatch(rec.endpoint, ex, route, req, body, index, prior=error)
+                return
+            conn = ex.conn = job.conn
+            try:
+                rec.first_token_at = time.time()
+                status = rec.status = conn.status
+                headers = client_headers(conn.headers)
+                headers.append(("x-request-id", rec.id))
+                headers.append(("x-shardon-node", job.node.id))
+                await self._relay(ex, conn, status, headers)
+            finally:
+                ex.conn = None
+                conn.finish()
+                self.scheduler.release(index, route, rec.tenant or "default", time.monotonic() - job.started)
+            if job.node.failures:
+                self.registry.record_success(job.node)
+        finally:
+            self._account(ex, route, job.principal, job.priority, prompt_estimate, estimate, [])
 
     def _finish(self, rec: RequestRecord) -> None:
         if self.request_log is not None:
@@ -377,21 +454,17 @@ class Gateway:
                 rec.id,
             )
 
-    def _decode(self, body: bytes) -> RoutingFields:
-        try:
-            return routing_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            msg = str(exc)
+    @staticmethod
+    def _bad_body(exc: msgspec.MsgspecError) -> errors.BadRequest:
+        msg = str(exc)
+        if isinstance(exc, msgspec.ValidationError):
             param = msg.rsplit("`$.", 1)[1].rstrip("`") if "`$." in msg else None
             if "missing required field" in msg:
                 param = msg.split("`")[1]
-            raise errors.BadRequest(f"invalid request: {msg}", param=param) from None
-        except msgspec.DecodeError as exc:
-            raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
+            return errors.BadRequest(f"invalid request: {msg}", param=param)
+        return errors.BadRequest(f"request body is not valid JSON: {msg}")
 
-    def _priority(self, value: str | None, cap: int) -> int:
-        if value is None:
-            return min(self.default_priority, cap)
+    def _priority(self, value: str, cap: int) -> int:
         priority = PRIORITY_BY_NAME.get(value.strip().lower())
         if priority is None:
             raise errors.BadRequest(
@@ -400,6 +473,7 @@ class Gateway:
         return min(priority, cap)
 
     async def _serve(self, scope: Scope, ex: Exchange) -> None:
+        """Auth, body, routing fields, limits, a slot (now or queued), then the node."""
         rec = ex.rec
         if self.draining:
             raise errors.Draining("the gateway is shutting down", retry_after=5)
@@ -413,29 +487,38 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
         body = await ex.proto()
-        rec.bytes_in = len(body)
-        if len(body) > self.max_body:
+        size = rec.bytes_in = len(body)
+        if size > self.max_body:
             raise errors.PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
-        req = self._decode(body)
-        rec.model = req.model
+        try:
+            req = routing_decoder.decode(body)
+        except msgspec.MsgspecError as exc:
+            raise self._bad_body(exc) from None
+        model = rec.model = req.model
         stream = rec.stream = bool(req.stream)
-        route = self.scheduler.route(req.model)
+        scheduler = self.scheduler
+        route = scheduler.routes.get(model)
         lifecycle = self.lifecycle
         if route is None and lifecycle is not None:
-            canonical = lifecycle.resolve(req.model)  # an alias of a managed model
-            route = self.scheduler.route(canonical) if canonical else None
+            canonical = lifecycle.resolve(model)  # an alias of a managed model
+            route = scheduler.routes.get(canonical) if canonical else None
         if route is None:
-            raise errors.ModelNotFound(f"The model '{req.model}' does not exist", param="model")
-        if principal.allowed_models is not None and req.model not in principal.allowed_models:
-            raise errors.Forbidden(f"this API key may not use model '{req.model}'", param="model")
-        priority = self._priority(headers.get("x-priority"), principal.max_priority)
+            raise errors.ModelNotFound(f"The model '{model}' does not exist", param="model")
+        if principal.allowed_models is not None and model not in principal.allowed_models:
+            raise errors.Forbidden(f"this API key may not use model '{model}'", param="model")
+        value = headers.get("x-priority")
+        if value is None:
+            priority = min(self.default_priority, principal.max_priority)
+        else:
+            priority = self._priority(value, principal.max_priority)
         rec.priority = PRIORITY_NAMES[priority]
-        prompt_estimate = len(body) // 4
+        prompt_estimate = size // 4
         estimate = prompt_estimate + (req.max_tokens or req.max_completion_tokens or self.default_max_tokens)
 
         budget = self.queue_timeout
-        req_buckets, tok_buckets = self.limiter.buckets(principal, time.monotonic())
-        if req_buckets or tok_buckets:
+        tok_buckets: list[Any] = []
+        if principal.limited:
+            req_buckets, tok_buckets = self.limiter.buckets(principal, time.monotonic())
             try:
                 wait = self.limiter.admit(req_buckets, tok_buckets, estimate, time.monotonic(), budget)
             except errors.RateLimited:
@@ -445,12 +528,13 @@ class Gateway:
                 rec.overflow = True
                 await self._wait_unless_gone(ex, wait)
                 budget -= wait
-        if stream and not (req.stream_options and req.stream_options.include_usage):
-            # Ask the node for the stream's real usage (for limits and the log); the client, who
-            # did not ask for it, will not see the extra event.
-            body = with_fields(body, stream_options={"include_usage": True})
-            ex.stripper = UsageStripper()
-        ex.hasher = OutputHasher()  # the receipt's output hash, and the real usage
+        if stream:
+            ex.hasher = OutputHasher()  # the receipt's output hash, and the real usage
+            if not (req.stream_options and req.stream_options.include_usage):
+                # Ask the node for the stream's real usage (for limits and the log); the client, who
+                # did not ask for it, will not see the extra event.
+                body = with_fields(body, stream_options={"include_usage": True})
+                ex.stripper = UsageStripper()
         managed = lifecycle is not None and lifecycle.knows(route.name)
         if managed:
             assert lifecycle is not None
@@ -461,33 +545,19 @@ class Gateway:
             # In flight from now on: the model is not stopped or evicted under this request.
             lifecycle.request_started(route.name)
         try:
-            await self._admit_and_dispatch(scope, ex, route, req, body, principal, priority, estimate, budget)
+            index = scheduler.admit(route, tenant.name, tenant.weight)
+            if index < 0:
+                index = await self._wait_for_slot(ex, route, priority, tenant.name, estimate, tenant.weight, budget)
+            elif self.watch_after_s:
+                ex.timer = self.loop.call_later(self.watch_after_s, ex.watch)
+            else:
+                ex.watch()
+            await self._dispatch(scope.path, ex, route, req, body, index)
         finally:
             if managed:
                 assert lifecycle is not None
                 lifecycle.request_finished(route.name)
             self._account(ex, route, principal, priority, prompt_estimate, estimate, tok_buckets)
-
-    async def _admit_and_dispatch(
-        self,
-        scope: Scope,
-        ex: Exchange,
-        route: Route,
-        req: RoutingFields,
-        body: bytes,
-        principal: Principal,
-        priority: int,
-        estimate: float,
-        budget: float,
-    ) -> None:
-        tenant = principal.tenant
-        self.scheduler.arrive(route, tenant.name, tenant.weight)
-        index = self.scheduler.try_acquire(route, tenant.name)
-        if index < 0:
-            index = await self._wait_for_slot(ex, route, priority, tenant.name, estimate, tenant.weight, budget)
-        else:
-            ex.timer = self.loop.call_later(_WATCH_AFTER_S, ex.ensure_watch)
-        await self._dispatch(scope, ex, route, req, body, index)
 
     async def _wait_for_model(self, ex: Exchange, lifecycle: LifecycleManager, model: str, timeout: float) -> None:
         """Wait (queued) while a managed model loads; one load however many requests wait."""
@@ -507,23 +577,27 @@ class Gateway:
     ) -> None:
         """Real usage into the record; estimates corrected in the token buckets and the fair queue."""
         rec = ex.rec
-        hasher = ex.hasher
-        if hasher is not None and rec.status and 200 <= rec.status < 300:
-            if rec.endpoint != "/v1/embeddings":  # no generated text to prove
-                rec.output_sha256 = hasher.hexdigest()
-            usage = hasher.usage
+        status = rec.status
+        if 200 <= status < 300:
+            hasher = ex.hasher
+            if hasher is not None:  # a stream
+                if rec.endpoint != "/v1/embeddings":  # no generated text to prove
+                    rec.output_sha256 = hasher.hexdigest()
+                usage = hasher.usage
+                if not usage:
+                    rec.completion_tokens = hasher.text_events
+            else:
+                usage = ex.usage
             if usage:
                 rec.prompt_tokens = usage.get("prompt_tokens")
                 rec.completion_tokens = usage.get("completion_tokens")
-            elif rec.stream:
-                rec.completion_tokens = hasher.text_events
-        actual = (rec.prompt_tokens or prompt_estimate) + (rec.completion_tokens or 0)
         if rec.dispatched_at is None:
-            actual = 0  # never reached a node: nothing was used
+            return  # never reached a node: nothing was used, nothing was charged
+        actual = (rec.prompt_tokens or prompt_estimate) + (rec.completion_tokens or 0)
         delta = actual - estimate
         if tok_buckets:
             self.limiter.correct(tok_buckets, delta, time.monotonic())
-        if rec.queued_at is not None and rec.dispatched_at is not None:
+        if rec.queued_at is not None:
             # Only a request the queue charged (popped) is corrected; one that left the queue
             # unserved (deadline, client gone) was never charged.
             route.queue.refund(self.scheduler.tenant_key(principal.tenant.name), priority, -delta)
@@ -555,16 +629,14 @@ class Gateway:
         if event is not None:
             event.add_done_callback(finished)
         timer = self.loop.call_later(seconds, settle, late)
-        watch = ex.ensure_watch()
-        watch.callbacks.append(gone)
+        ex.add_gone(gone)
         try:
             await done
         finally:
             timer.cancel()
             if event is not None:
                 event.remove_done_callback(finished)
-            if gone in watch.callbacks:
-                watch.callbacks.remove(gone)
+            ex.remove_gone(gone)
 
     async def _wait_for_slot(
         self, ex: Exchange, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float
@@ -573,53 +645,65 @@ class Gateway:
         waiter = scheduler.enqueue(route, priority, tenant, cost, weight, timeout)
         if ex.rec.queued_at is None:
             ex.rec.queued_at = time.time()
-        watch = ex.ensure_watch()
         cancel = lambda: scheduler.cancel(waiter, errors.ClientGone())  # noqa: E731
-        watch.callbacks.append(cancel)
+        ex.add_gone(cancel)
         try:
             index = await waiter.future
         except asyncio.CancelledError:
             scheduler.abandon(waiter)
             raise
         finally:
-            if cancel in watch.callbacks:
-                watch.callbacks.remove(cancel)
-        if watch.gone:
+            ex.remove_gone(cancel)
+        if ex.gone:
             scheduler.release(index, route, tenant)
             raise errors.ClientGone()
         return index
 
     async def _dispatch(
-        self, scope: Scope, ex: Exchange, route: Route, req: RoutingFields, body: bytes, index: int
+        self,
+        path: str,
+        ex: Exchange,
+        route: Route,
+        req: RoutingFields,
+        body: bytes,
+        index: int,
+        prior: UpstreamError | None = None,
     ) -> None:
-        """Forward to the node holding slot ``index``; retry elsewhere while nothing reached the client."""
+        """Forward to the node holding slot ``index``; retry elsewhere while nothing reached the client.
+
+        ``prior``: the first attempt already failed so (on the callback path); its slot is freed here.
+        """
         rec = ex.rec
         tenant = rec.tenant or "default"
         scheduler = self.scheduler
         registry = self.registry
         tried: list[int] = []
         fresh = False
-        method_path = b"POST " + scope.path.encode()
+        method_path = self._method_paths.get(path) or b"POST " + path.encode()
         while True:
             node = registry.by_index[index]
-            rec.node_id = node.id
-            rec.backend = node.backend
-            rec.model_file_sha256 = node.model_file_sha256
-            rec.dispatched_at = time.time()
-            error: UpstreamError | None = None
-            try:
-                served = route.served_names.get(index, req.model)
-                payload = body if served == req.model else with_fields(body, model=served)
-                await self._forward(ex, node, method_path, payload, fresh=fresh)
-            except UpstreamError as exc:
-                error = exc
-            finally:
-                scheduler.release(index, route, tenant)
-                scheduler.note_service_time(route, time.time() - rec.dispatched_at)
+            error: UpstreamError | None = prior
+            if prior is not None:
+                prior = None
+                scheduler.release(index, route, tenant, time.time() - (rec.dispatched_at or time.time()))
+            else:
+                rec.node_id = node.id
+                rec.backend = node.backend
+                rec.model_file_sha256 = node.model_file_sha256
+                rec.dispatched_at = dispatched = time.time()
+                try:
+                    served = route.served_names.get(index, req.model)
+                    payload = body if served == req.model else with_fields(body, model=served)
+                    await self._forward(ex, node, method_path, payload, fresh)
+                except UpstreamError as exc:
+                    error = exc
+                finally:
+                    scheduler.release(index, route, tenant, time.time() - dispatched)
             if error is None:
-                registry.record_success(node)
+                if node.failures:
+                    registry.record_success(node)
                 return
-            if ex.client_gone:
+            if ex.gone:
                 raise errors.ClientGone()
             if not error.reused:
                 registry.record_failure(node, str(error))
@@ -638,64 +722,87 @@ class Gateway:
                 index = await self._wait_for_slot(ex, route, 3, tenant, 0.0, 1.0, self.queue_timeout)
             log.info("request %s retried after: %s", rec.id, error)
 
-    async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, *, fresh: bool) -> None:
+    async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, fresh: bool) -> None:
+        """One attempt on ``node``: send, wait for the head, answer at once or stream."""
         rec = ex.rec
         conn = None if fresh else node.pool.take_idle()
         if conn is None:
             conn = await node.pool.connect()
         ex.conn = conn
-        transport = None
         try:
             conn.send(node.request_head(method_path, len(body)), body)
-            status, upstream_headers = await conn.response_head()
+            while not conn.headers_done:
+                await conn.wait()
+            status = conn.status
             if status >= 500 and rec.retries < self.max_retries:
                 # The node refused before producing anything: let another node try.
-                while await conn.read():
-                    pass
+                while not conn.complete:
+                    await conn.wait()
                 raise UpstreamError(f"node answered {status}", before_first_byte=True)
-            headers = _client_headers(upstream_headers)
-            headers.append(("x-request-id", rec.id))
-            headers.append(("x-shardon-node", node.id))
-            hasher = ex.hasher if status == 200 else None
-            data = await conn.read()
+            while not conn.chunks and not conn.complete:
+                await conn.wait()
             rec.first_token_at = time.time()
             rec.status = status
+            headers = client_headers(conn.headers)
+            headers.append(("x-request-id", rec.id))
+            headers.append(("x-shardon-node", node.id))
             if conn.complete and not rec.stream:
                 # The whole response arrived at once (the usual non-streamed answer): one write.
-                if hasher is not None:
-                    hasher.feed_json(data)
+                data = conn.take()
+                if status == 200:
+                    sha, ex.usage = hash_response(data)
+                    if rec.endpoint != "/v1/embeddings":  # no generated text to prove
+                        rec.output_sha256 = sha
                 rec.bytes_out = len(data)
                 ex.started = True
                 ex.proto.response_bytes(status, headers, data)
                 return
-            transport = ex.transport = ex.proto.response_stream(status, headers)
-            ex.started = True
-            stripper = ex.stripper if status == 200 else None
-            sse = rec.stream
-            sent = 0
-            while data:
-                if hasher is not None and sse:
-                    hasher.feed_sse(data)
-                if stripper is not None:
-                    data = stripper.feed(data)
+            await self._relay(ex, conn, status, headers)
+        finally:
+            ex.conn = None
+            conn.finish()
+
+    async def _relay(self, ex: Exchange, conn: UpstreamConnection, status: int, headers: list[tuple[str, str]]) -> None:
+        """Stream the node's response to the client chunk by chunk, as its bytes arrive."""
+        rec = ex.rec
+        transport = ex.transport = ex.proto.response_stream(status, headers)
+        ex.started = True
+        ok = status == 200
+        hasher = ex.hasher if ok and rec.stream else None
+        stripper = ex.stripper if ok else None
+        whole = bytearray() if ok and not rec.stream else None  # a non-streamed body, for its hash
+        sent = 0
+        try:
+            while True:
+                data = conn.take()
                 if data:
-                    sent += len(data)
-                    try:
-                        await transport.send_bytes(data)
-                    except ProtocolClosed:
-                        rec.bytes_out = sent
-                        raise errors.ClientGone() from None
-                data = await conn.read()
+                    if hasher is not None:
+                        hasher.feed_sse(data)
+                    elif whole is not None:
+                        whole += data
+                    if stripper is not None:
+                        data = stripper.feed(data)
+                    if data:
+                        sent += len(data)
+                        try:
+                            await transport.send_bytes(data)
+                        except rsgi.closed_errors:
+                            raise errors.ClientGone() from None
+                if conn.complete:
+                    break
+                await conn.wait()
             if stripper is not None and (tail := stripper.flush()):
                 sent += len(tail)
                 await transport.send_bytes(tail)
-            rec.bytes_out = sent
+            if whole is not None:
+                sha, ex.usage = hash_response(bytes(whole))
+                if rec.endpoint != "/v1/embeddings":
+                    rec.output_sha256 = sha
         finally:
+            rec.bytes_out = sent
             # A raised error's traceback keeps this frame alive; it must not keep the client's
-            # stream open (Granian closes it when the transport is released).
-            transport = None
-            ex.conn = None
-            conn.finish()
+            # stream open (granian closes it when the transport is released).
+            del transport
 
     async def _fail_stream(self, ex: Exchange, error: UpstreamError) -> None:
         """After the first byte: no silent retry; the client is told in-band and the stream ends."""
@@ -704,19 +811,5 @@ class Gateway:
         rec.error_type = "upstream_error"
         if ex.transport is not None and rec.stream:
             event = errors.error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
-            with contextlib.suppress(ProtocolClosed):
+            with contextlib.suppress(*rsgi.closed_errors):
                 await ex.transport.send_bytes(b"data: " + event + b"\n\n")
-
-
-_header_cache: dict[tuple[tuple[bytes, bytes], ...], list[tuple[str, str]]] = {}
-
-
-def _client_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The node's response headers for the client, minus framing; cached, as nodes repeat them."""
-    key = tuple(pair for pair in upstream if pair[0].lower() not in _SKIP_HEADERS)
-    cached = _header_cache.get(key)
-    if cached is None:
-        cached = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in key]
-        if len(_header_cache) < 1024:
-            _header_cache[key] = cached
-    return list(cached)

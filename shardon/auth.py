@@ -68,15 +68,17 @@ class ApiKey(msgspec.Struct, kw_only=True):
 
 
 class Principal:
-    """The authenticated caller of one request."""
+    """The authenticated caller of a request (one per key or open-mode tenant, reused)."""
 
-    __slots__ = ("allowed_models", "key", "max_priority", "tenant")
+    __slots__ = ("allowed_models", "key", "limited", "max_priority", "tenant")
 
     def __init__(self, tenant: Tenant, key: ApiKey | None) -> None:
         self.tenant = tenant
         self.key = key
         self.max_priority = 3 if key is None or key.max_priority is None else PRIORITY_BY_NAME[key.max_priority]
         self.allowed_models = None if key is None or key.models is None else frozenset(key.models)
+        # Whether any rate limit applies: the request path skips the limiter entirely when not.
+        self.limited = bool(tenant.rpm or tenant.tpm or (key is not None and (key.rpm or key.tpm)))
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -120,6 +122,9 @@ class KeyStore:
         self.tenants: dict[str, Tenant] = {t.name: Tenant(t.name, t.weight, t.rpm, t.tpm) for t in tenants}
         self.tenants.setdefault(DEFAULT_TENANT, Tenant(DEFAULT_TENANT))
         self._by_digest: dict[str, ApiKey] = {}
+        # Principals built once per key digest (and per tenant in open mode), not per request.
+        self._principals: dict[str, Principal] = {}
+        self._open_principals: dict[str, Principal] = {}
         self._ever_keyed = False
         self._admin_digests = [digest(k) for k in auth.admin_keys]
         self._db_lock = threading.Lock()
@@ -219,6 +224,7 @@ class KeyStore:
         for sha, key in list(self._by_digest.items()):
             if key.id == key_id:
                 del self._by_digest[sha]  # effective for the very next request
+                self._principals.pop(sha, None)
                 if key.source == "runtime" and self.db_path is not None:
                     with self._db_lock:
                         conn = self._connect()
@@ -246,9 +252,12 @@ class KeyStore:
 
     def authenticate(self, authorization: str | None, tenant_header: str | None) -> Principal:
         """The caller of a ``/v1`` request, or :class:`~shardon.errors.Unauthorized`."""
-        if self.open:
+        if not self._ever_keyed:  # open: no key was ever configured or created
             name = tenant_header if (tenant_header and self.auth.trust_tenant_header) else DEFAULT_TENANT
-            return Principal(self.tenant(name), None)
+            principal = self._open_principals.get(name)
+            if principal is None:
+                principal = self._open_principals[name] = Principal(self.tenant(name), None)
+            return principal
         secret = _bearer(authorization)
         if secret is None:
             raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -256,7 +265,10 @@ class KeyStore:
         key = self._by_digest.get(presented)
         if key is None or not hmac.compare_digest(key.key_sha256, presented):
             raise errors.Unauthorized("invalid API key")
-        return Principal(self.tenant(key.tenant), key)
+        principal = self._principals.get(presented)
+        if principal is None or principal.key is not key:
+            principal = self._principals[presented] = Principal(self.tenant(key.tenant), key)
+        return principal
 
     def authenticate_admin(self, authorization: str | None, client: str | None) -> str:
         """The admin caller's identity for the audit log, or Unauthorized/Forbidden."""

@@ -47,9 +47,19 @@ class ServerConfig(_Section):
     max_body_bytes: PositiveInt = 1048576
     drain_timeout_s: NonNegFloat = 30.0
     backlog: PositiveInt = 1024
-    # Requests Granian hands to Shardon at once (queued ones included). Shardon's own queue
-    # limits (scheduler.max_queue_size per model) are what bound admission, so this is large:
-    # were it reached, new requests — a quiet tenant's too — would wait unseen in the socket.
+    # The HTTP engine hosting the gateway (shardon/server.py says why native is the default).
+    engine: Literal["native", "granian"] = "native"
+    # Native engine: an idle keep-alive connection closes after this long (longer than clients'
+    # own pool expiry, e.g. httpx's 5 s, so a client never reuses a connection as it closes)...
+    keepalive_timeout_s: PositiveFloat = 75.0
+    # ... and a request head must arrive within this (slow clients cannot hold connections).
+    header_timeout_s: PositiveFloat = 30.0
+    # Native engine: serve common requests by callbacks alone (shardon/fastpath.py). Off: every
+    # request takes the general path (same behaviour, more CPU per request).
+    fast_path: bool = True
+    # Granian engine: requests it hands to Shardon at once (queued ones included). Shardon's own
+    # queue limits (scheduler.max_queue_size per model) are what bound admission, so this is
+    # large: were it reached, new requests — a quiet tenant's too — would wait unseen in the socket.
     max_concurrent_requests: PositiveInt = 65536
 
 

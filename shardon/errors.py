@@ -36,6 +36,13 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+class ProtocolClosed(ConnectionError):
+    """The client's connection is gone: nothing more can be sent on this request (native engine).
+
+    Not a `ShardonError`: nobody is left to answer. The gateway logs the request as 499.
+    """
+
+
 class BadRequest(ShardonError):
     status = 400
     type = "invalid_request_error"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -116,6 +117,7 @@ class Metrics:
         # loop, and turned into metric families only when scraped (see _RequestCollector).
         self._hot = _RequestCollector(max_series)
         reg.register(self._hot)
+        self.observe_request = self._hot.observe  # type: ignore[method-assign]  # one call per request
         self._rate_limited = fam(
             Counter,
             "shardon_rate_limited_total",
@@ -144,9 +146,10 @@ class Metrics:
     # -- the hot path ---------------------------------------------------------------------------
 
     def observe_request(self, record: RequestRecord) -> None:
-        """Count a finished request and observe its timings (from the record's timestamps)."""
-        if self.enabled:
-            self._hot.observe(record)
+        """Count a finished request and observe its timings (from the record's timestamps).
+
+        (When enabled, the instance attribute set in ``__init__`` calls the collector directly.)
+        """
 
     def set_queue_depth(self, model: str | None, priority: str | None, n: int) -> None:
         if self.enabled:
@@ -208,66 +211,91 @@ class _Histogram:
         return out
 
 
+class _ModelSeries:
+    """A model's three latency histograms, updated in place."""
+
+    __slots__ = ("duration", "tpot", "ttft")
+
+    def __init__(self) -> None:
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.tpot = _Histogram(TPOT_BUCKETS)
+
+
 class _RequestCollector:
     """Per-request counters and histograms, kept as plain Python aggregates.
 
     ``prometheus_client`` takes a lock per ``inc``/``observe`` (it must be thread-safe); the gateway
-    observes every request on one event-loop thread, so it keeps its own aggregates (a dict
-    increment, a ``bisect``) and builds the metric families only when ``/metrics`` is scraped, on
-    that same thread. Cardinality is bounded like the other series: past ``max_series`` label sets,
-    new ones are counted under ``other``.
+    observes every request on one event-loop thread, so it keeps its own aggregates and builds the
+    metric families only when ``/metrics`` is scraped, on that same thread. `observe` is one call per
+    request: dict increments and in-place bucket counts, no further Python call. Cardinality is
+    bounded like the other series: past ``max_series`` label sets, new ones are counted under
+    ``other``.
     """
 
     def __init__(self, max_series: int) -> None:
         self.max_series = max_series
         self.requests: dict[tuple[Any, ...], int] = {}
         self.tokens: dict[tuple[Any, ...], float] = {}
-        self.histograms: dict[str, dict[Any, _Histogram]] = {"duration": {}, "ttft": {}, "tpot": {}}
-        self._bounds = {"duration": DURATION_BUCKETS, "ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS}
+        self.models: dict[Any, _ModelSeries] = {}
 
-    def _key(self, table: dict[Any, Any], key: Any) -> Any:
-        if key in table or len(table) < self.max_series:
-            return key
-        return (OTHER,) * len(key) if isinstance(key, tuple) else OTHER
-
-    def _hist(self, name: str, model: Any) -> _Histogram:
-        table = self.histograms[name]
-        hist = table.get(model)
-        if hist is None:
-            model = self._key(table, model)
-            hist = table.get(model)
-            if hist is None:
-                hist = table[model] = _Histogram(self._bounds[name])
-        return hist
+    def _series(self, model: Any) -> _ModelSeries:
+        models = self.models
+        if len(models) >= self.max_series:
+            model = OTHER
+        series = models.get(model)
+        if series is None:
+            series = models[model] = _ModelSeries()
+        return series
 
     def observe(self, record: RequestRecord) -> None:
         model = record.model
         tenant = record.tenant
         status = record.status
         requests = self.requests
-        key = self._key(requests, (model, status, tenant))
-        requests[key] = requests.get(key, 0) + 1
+        key: tuple[Any, ...] = (model, status, tenant)
+        count = requests.get(key)
+        if count is None and len(requests) >= self.max_series:
+            key = (OTHER, OTHER, OTHER)
+            count = requests.get(key)
+        requests[key] = (count or 0) + 1
         prompt = record.prompt_tokens
         completion = record.completion_tokens
         if prompt or completion:
             tokens = self.tokens
             if prompt:
-                key = self._key(tokens, (model, tenant, "prompt"))
+                key = (model, tenant, "prompt")
+                if key not in tokens and len(tokens) >= self.max_series:
+                    key = (OTHER, OTHER, OTHER)
                 tokens[key] = tokens.get(key, 0) + prompt
             if completion:
-                key = self._key(tokens, (model, tenant, "completion"))
+                key = (model, tenant, "completion")
+                if key not in tokens and len(tokens) >= self.max_series:
+                    key = (OTHER, OTHER, OTHER)
                 tokens[key] = tokens.get(key, 0) + completion
         if not 200 <= status < 300:
             return
+        series = self.models.get(model)
+        if series is None:
+            series = self._series(model)
         received = record.received_at
         finished = record.finished_at
         first = record.first_token_at
         if finished is not None and finished >= received:
-            self._hist("duration", model).observe(finished - received)
+            hist = series.duration
+            value = finished - received
+            hist.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+            hist.sum += value
         if first is not None and first >= received:
-            self._hist("ttft", model).observe(first - received)
+            hist = series.ttft
+            value = first - received
+            hist.counts[bisect_left(TTFT_BUCKETS, value)] += 1
+            hist.sum += value
             if finished is not None and completion is not None and completion > 1 and finished >= first:
-                self._hist("tpot", model).observe((finished - first) / (completion - 1))
+                hist = series.tpot
+                value = (finished - first) / (completion - 1)
+                hist.counts[bisect_left(TPOT_BUCKETS, value)] += 1
+                hist.sum += value
 
     def collect(self) -> Iterator[Metric]:
         def label(value: Any) -> str:
@@ -296,8 +324,10 @@ class _RequestCollector:
         }
         for name, (metric, doc) in docs.items():
             family = HistogramMetricFamily(metric, doc, labels=("model",))
-            for model, hist in self.histograms[name].items():
-                family.add_metric([label(model)], hist.buckets(), hist.sum)
+            for model, series in self.models.items():
+                hist: _Histogram = getattr(series, name)
+                if hist.sum or any(hist.counts):
+                    family.add_metric([label(model)], hist.buckets(), hist.sum)
             yield family
 
     def describe(self) -> Iterator[Metric]:

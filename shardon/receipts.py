@@ -33,7 +33,7 @@ import msgspec
 if TYPE_CHECKING:
     from shardon.store import RequestRecord
 
-__all__ = ["OutputHasher", "receipt_for"]
+__all__ = ["OutputHasher", "hash_response", "receipt_for"]
 
 
 class _Delta(msgspec.Struct, gc=False):
@@ -221,6 +221,35 @@ class OutputHasher:
                 self.text_events += 1
                 self._hash.update(text.encode())
             return
+
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def hash_response(body: bytes) -> tuple[str, dict[str, Any] | None]:
+    """``(output_sha256, usage)`` of a complete non-streamed response body.
+
+    The same digest `OutputHasher.feed_json` gives, in one call and one decode: the non-streamed
+    request path needs no incremental state.
+    """
+    try:
+        ev: _Event | None = _EVENT_DECODER.decode(body)
+    except msgspec.ValidationError:
+        ev = _lenient(body)
+    except msgspec.DecodeError:
+        ev = None
+    if ev is None:
+        return _EMPTY_SHA256, None
+    for ch in ev.choices or ():
+        if ch.index == 0:
+            text = ch.text
+            if text is None:
+                part = ch.delta if ch.delta is not None else ch.message
+                text = part.content if part is not None else None
+            if text:
+                return hashlib.sha256(text.encode()).hexdigest(), ev.usage
+            break
+    return _EMPTY_SHA256, ev.usage
 
 
 def _ms(later: Any, earlier: Any) -> float | None:

@@ -168,6 +168,24 @@ class Scheduler:
         return self.headroom > 0 and self.balancer.free_slots(route.candidates) <= self.headroom
 
     # -- admission --------------------------------------------------------------------------
+    def admit(self, route: Route, tenant: str, weight: float) -> int:
+        """`arrive` then `try_acquire`, in one call: the request path's common case."""
+        route.last_seen[tenant] = time.monotonic()
+        route.weights[tenant] = weight
+        if route.held or len(route.queue):
+            return -1
+        balancer = self.balancer
+        index = balancer.pick(route.candidates, None)
+        if index < 0:
+            return -1
+        headroom = self.headroom
+        if headroom and balancer.free_slots(route.candidates) <= headroom and self._over_share(route, tenant):
+            return -1
+        balancer.acquire(index)
+        inflight = route.inflight
+        inflight[tenant] = inflight.get(tenant, 0) + 1
+        return index
+
     def try_acquire(self, route: Route, tenant: str) -> int:
         """Take a slot now if nobody of this model is waiting; -1 if the request must queue."""
         if route.waiting:
@@ -251,15 +269,19 @@ class Scheduler:
                 waiter.timer.cancel()
 
     # -- dispatch ---------------------------------------------------------------------------
-    def release(self, index: int, route: Route, tenant: str) -> None:
+    def release(self, index: int, route: Route, tenant: str, service_s: float | None = None) -> None:
+        """Free the slot; ``service_s`` (how long the request held it) feeds ``Retry-After`` estimates."""
         self.balancer.release(index)
-        left = route.inflight.get(tenant, 0) - 1
+        if service_s is not None:
+            route.service_ewma += 0.1 * (service_s - route.service_ewma)
+        inflight = route.inflight
+        left = inflight.get(tenant, 0) - 1
         if left > 0:
-            route.inflight[tenant] = left
+            inflight[tenant] = left
         else:
-            route.inflight.pop(tenant, None)
+            inflight.pop(tenant, None)
         routes = self._node_routes.get(index)
-        if routes is not None and (len(routes) > 1 or routes[0].waiting):
+        if routes is not None and (len(routes) > 1 or routes[0].held or len(routes[0].queue)):
             self.dispatch(index)
 
     def _give(self, waiter: Waiter, index: int) -> None:

@@ -1,4 +1,16 @@
-"""Run the gateway: Granian (RSGI) embedded in this process's uvloop, so one process owns all state.
+"""Run the gateway: one RSGI application on this process's uvloop, so one process owns all state.
+
+The HTTP engine that hosts it is picked by name (``server.engine``) from `ENGINES`:
+
+- ``native`` (default): Shardon's own HTTP/1.1 server (`shardon.httpd`: uvloop protocol, httptools
+  parser) in the event loop's thread. A request costs one loop callback and no thread hop, which
+  is what brings the proxy's per-request overhead near nginx's (bench/README.md).
+- ``granian``: Granian's embedded RSGI server. Its Rust runtime thread hands each request to the
+  Python loop across threads (GIL hand-off, wake-up); on this project's 2-core benchmark machine a
+  bare granian app that forwards to the node reaches about 0.7x nginx's requests/s at a full core,
+  below the gateway's target, so it is the choice for HTTP/2 or its other features, not the default.
+
+Both run the same `Gateway`; the test suite runs its end-to-end tests against both.
 
 SIGTERM or SIGINT drains: new requests get 503, requests in flight (streams included) finish up to
 ``server.drain_timeout_s``, then the listener closes and the process exits.
@@ -8,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
 from collections.abc import Callable
-
-from granian.constants import HTTPModes, Interfaces
-from granian.server.embed import Server
+from typing import Protocol
 
 from .app import Gateway
 from .config import Config, NodeConfig
@@ -26,9 +37,77 @@ log = logging.getLogger("shardon")
 EMBEDDED_MOCK_MODEL = "mock-model"
 
 
+class Engine(Protocol):
+    """What `run` needs of an HTTP engine."""
+
+    async def serve(self) -> None:
+        """Listen and serve until `stop`; raise if the address cannot be served."""
+
+    def begin_drain(self) -> None:
+        """SIGTERM arrived: keep answering (the gateway sends 503), stop keeping connections alive."""
+
+    def stop(self) -> None:
+        """Close the listener and every connection; `serve` returns."""
+
+
+def _native_engine(gateway: Gateway, config: Config) -> Engine:
+    from .httpd import NativeServer
+
+    server = config.server
+    return NativeServer(
+        gateway,
+        server.host,
+        server.port,
+        backlog=server.backlog,
+        max_body=server.max_body_bytes,
+        keepalive_timeout_s=server.keepalive_timeout_s,
+        header_timeout_s=server.header_timeout_s,
+    )
+
+
 class _QuietEmbedded(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "experimental" not in record.getMessage()
+
+
+class _GranianEngine:
+    def __init__(self, gateway: Gateway, config: Config) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.rsgi import ProtocolClosed
+        from granian.server.embed import Server
+
+        from . import rsgi
+
+        rsgi.register_closed_error(ProtocolClosed)
+        gateway.watch_after_s = 0.02
+        logging.getLogger("_granian").addFilter(_QuietEmbedded())
+        self.server = Server(
+            gateway,
+            address=config.server.host,
+            port=config.server.port,
+            interface=Interfaces.RSGI,
+            http=HTTPModes.http1,
+            websockets=False,
+            backlog=config.server.backlog,
+            backpressure=config.server.max_concurrent_requests,
+            log_level=config.log.level,  # type: ignore[arg-type]
+            log_access=False,
+        )
+
+    async def serve(self) -> None:
+        await self.server.serve()
+
+    def begin_drain(self) -> None:
+        pass  # granian has no such state; the gateway's 503s do the draining
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+ENGINES: dict[str, Callable[[Gateway, Config], Engine]] = {
+    "native": _native_engine,
+    "granian": _GranianEngine,
+}
 
 
 async def _start_embedded_mock(gateway: Gateway) -> object:
@@ -62,19 +141,12 @@ async def run(
     if config.embedded_mock or (config.embedded_mock is None and not config.nodes and gateway.lifecycle is None):
         mock = await _start_embedded_mock(gateway)
 
-    logging.getLogger("_granian").addFilter(_QuietEmbedded())
-    server = Server(
-        gateway,
-        address=config.server.host,
-        port=config.server.port,
-        interface=Interfaces.RSGI,
-        http=HTTPModes.http1,
-        websockets=False,
-        backlog=config.server.backlog,
-        backpressure=config.server.max_concurrent_requests,
-        log_level=config.log.level,  # type: ignore[arg-type]
-        log_access=False,
-    )
+    server = ENGINES[config.server.engine](gateway, config)
+    # Everything allocated so far (modules, config, tables) lives as long as the process: moving it
+    # out of the collector's reach keeps its full passes from walking it again and again (each one
+    # took milliseconds, a tail-latency spike, under load).
+    gc.collect()
+    gc.freeze()
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -94,6 +166,7 @@ async def run(
         code = 1
     else:
         log.info("draining: %d request(s) in flight", gateway.in_flight)
+        server.begin_drain()
         if not await gateway.drain(config.server.drain_timeout_s):
             log.warning("drain timeout: %d request(s) cut", gateway.in_flight)
         server.stop()

@@ -165,5 +165,5 @@ def test_request_series_are_plain_aggregates() -> None:
     m.observe_request(r)
     m.observe_request(r)
     assert m._hot.requests == {("m", 200, "t"): 2}
-    hist = m._hot.histograms["ttft"]["m"]
+    hist = m._hot.models["m"].ttft
     assert sum(hist.counts) == 2 and hist.sum > 0

@@ -1,0 +1,1176 @@
+# cython: language_level=3
+"""The wire, compiled: the same objects and behaviour as ``_wire_py.py`` (read its docstring).
+
+Why it is compiled: these objects run for every request, several callbacks each (httptools calls
+``on_url``/``on_header``/... per request, uvloop ``data_received`` per read), and in Python their
+attribute traffic and frames were most of the gateway's own per-request cost. Here they are
+``cdef`` classes with typed fields, calling one another directly; what they call outside (the
+gateway's scheduler, key store, metrics, request log) stays Python.
+
+Differences from the twin are only of form: objects are built with ``__new__`` and fields filled
+in directly (no ``__init__`` call), and cross-object calls are ``cdef`` methods.
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.list cimport PyList_Append, PyList_GET_SIZE
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+import msgspec
+
+from shardon import errors
+from shardon.errors import PayloadTooLarge, ProtocolClosed, error_body
+from shardon.receipts import hash_response
+from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
+from shardon.store import RequestRecord
+from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "FastPath",
+    "FastRequest",
+    "HTTPConnection",
+    "Headers",
+    "NodePool",
+    "Request",
+    "ResponseStream",
+    "UpstreamConnection",
+    "client_headers",
+    "status_line",
+]
+
+log = logging.getLogger("shardon.httpd")
+fast_log = logging.getLogger("shardon.fastpath")
+
+MAX_HEAD_BYTES = 64 * 1024
+
+cdef:
+    Py_ssize_t _MAX_HEAD = MAX_HEAD_BYTES
+    Py_ssize_t _LARGE_WRITE = 16 * 1024
+    Py_ssize_t _HIGH_WATER = 256 * 1024
+    Py_ssize_t _WHOLE_LIMIT = 256 * 1024
+    frozenset _FRAMING = frozenset(
+        {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
+    )
+    dict _STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in HTTPStatus}
+    dict _METHODS = {m: m.decode() for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH")}
+    list _JSON = [("content-type", "application/json")]
+    dict _header_cache = {}
+    object _monotonic = time.monotonic
+    object _time = time.time
+    object _decode_routing = routing_decoder.decode
+    object _ShardonError = errors.ShardonError
+    object _MsgspecError = msgspec.MsgspecError
+    object _HttpParserError = httptools.HttpParserError
+    object _HttpParserUpgrade = httptools.HttpParserUpgrade
+
+
+def status_line(int status):
+    cdef object line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+cdef bytes _encode_headers(list headers):
+    cdef str text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    if text.count("\n") != len(headers):  # a CR/LF inside a name or value would split the head
+        raise ValueError("response header names and values must not contain line breaks")
+    return text.encode("latin-1")
+
+
+def client_headers(list upstream):
+    """A node's end-to-end response headers as the client gets them (a new list, from a cache)."""
+    cdef tuple key = tuple(upstream)
+    cdef object cached = _header_cache.get(key)
+    if cached is None:
+        cached = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in upstream]
+        if len(_header_cache) < 1024:
+            _header_cache[key] = cached
+    return list(cached)
+
+
+# == client side ====================================================================================
+
+
+cdef class Headers(dict):
+    """Request headers: lower-cased names → values (repeated headers keep the last; ``get_all``)."""
+
+    cdef public list raw
+
+    def __init__(self, list raw):
+        self.raw = raw
+        for name, value in raw:
+            PyDict_SetItem(self, (<bytes>name).decode("latin-1").lower(), (<bytes>value).decode("latin-1"))
+
+    def get_all(self, str key):
+        cdef bytes key_bytes = key.encode("latin-1")
+        return [value.decode("latin-1") for name, value in self.raw if name.lower() == key_bytes]
+
+
+cdef Headers _new_headers(list raw):
+    cdef Headers headers = Headers.__new__(Headers, raw)
+    headers.raw = raw
+    cdef bytes name, value
+    for name, value in raw:
+        PyDict_SetItem(headers, name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+@cython.final
+cdef class Request:
+    """One request: its scope, its body as it arrives, the response sent for it."""
+
+    cdef:
+        public object _body_waiter
+        public object _disconnect
+        public list body
+        public bint body_done
+        public Py_ssize_t body_size
+        public bint chunked
+        public str client
+        public HTTPConnection conn
+        public bint disconnected
+        public object headers
+        public str http_version
+        public bint keep_alive
+        public str method
+        public object on_lost
+        public str path
+        public str query_string
+        public bint response_done
+        public bint response_started
+        public str server
+        public int status
+        public object stream
+        public bint too_large
+
+    proto = "http"
+    rsgi_version = "1.5"
+    scheme = "http"
+
+    def __init__(self, HTTPConnection conn, str method, str path, str query_string, str http_version,
+                 headers, bint keep_alive):
+        _init_request(self, conn, method, path, query_string, http_version, headers, keep_alive)
+
+    @property
+    def authority(self):
+        return self.headers.get("host")
+
+    # -- told by the connection -----------------------------------------------------------------
+    cpdef wake_body(self):
+        cdef object waiter = self._body_waiter
+        if waiter is not None:
+            self._body_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    cpdef lost(self):
+        """The client's connection is gone."""
+        self.disconnected = True
+        self.keep_alive = False
+        cdef object on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost()
+        cdef object waiter = self._disconnect
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.wake_body()
+        if self.stream is not None:
+            (<ResponseStream>self.stream).wake()
+
+    # -- RSGI HTTPProtocol ----------------------------------------------------------------------
+    async def __call__(self):
+        if not self.body_done:
+            await self._wait_body()
+        if self.too_large:
+            raise PayloadTooLarge(f"request body exceeds {self.conn.server.max_body} bytes")
+        cdef list body = self.body
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    async def _wait_body(self):
+        cdef bint continue_sent = False
+        while not self.body_done and not self.too_large:
+            if self.disconnected:
+                raise ProtocolClosed("client disconnected while sending the body")
+            if not continue_sent and (self.headers.get("expect") or "").lower() == "100-continue":
+                continue_sent = True
+                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            waiter = self._body_waiter = self.conn.loop.create_future()
+            await waiter
+
+    def client_disconnect(self):
+        cdef object waiter = self._disconnect
+        if waiter is None:
+            waiter = self._disconnect = self.conn.loop.create_future()
+            if self.disconnected:
+                waiter.set_result(None)
+        return waiter
+
+    cpdef response_bytes(self, int status, list headers, bytes body):
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = self.response_done = True
+        self.status = status
+        self.conn.send_response(self, status, headers, body)
+
+    def response_str(self, int status, list headers, str body):
+        self.response_bytes(status, headers, body.encode())
+
+    def response_empty(self, int status, list headers):
+        self.response_bytes(status, headers, b"")
+
+    def response_stream(self, int status, list headers):
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = True
+        self.status = status
+        cdef ResponseStream stream = ResponseStream(self)
+        self.stream = stream
+        self.conn.start_stream(self, status, headers)
+        return stream
+
+
+cdef inline void _init_request(Request self, HTTPConnection conn, str method, str path, str query_string,
+                               str http_version, object headers, bint keep_alive):
+    self.conn = conn
+    self.method = method
+    self.path = path
+    self.query_string = query_string
+    self.http_version = http_version
+    self.headers = headers
+    self.client = conn.client
+    self.server = conn.server_addr
+    self.keep_alive = keep_alive
+    self.body = []
+    self.body_size = 0
+    self.body_done = False
+    self.too_large = False
+    self._body_waiter = None
+    self._disconnect = None
+    self.disconnected = False
+    self.response_started = False
+    self.response_done = False
+    self.status = 0
+    self.stream = None
+    self.chunked = True
+    self.on_lost = None
+
+
+@cython.final
+cdef class ResponseStream:
+    """A streamed (chunked) response: each ``send_bytes`` is one HTTP chunk, written at once."""
+
+    cdef public Request request
+    cdef object _drain
+
+    def __init__(self, Request request):
+        self.request = request
+        self._drain = None
+
+    async def send_bytes(self, bytes data):
+        cdef Request request = self.request
+        if request.disconnected:
+            raise ProtocolClosed("client disconnected")
+        if not data or request.method == "HEAD":
+            return
+        cdef HTTPConnection conn = request.conn
+        conn.write_chunk(request, data)
+        while conn.write_paused and not request.disconnected:
+            # The client reads slower than the node writes: wait until its socket drains.
+            drain = self._drain = conn.loop.create_future()
+            conn.drain_waiters.append(drain)
+            await drain
+        if request.disconnected:
+            raise ProtocolClosed("client disconnected")
+
+    async def send_str(self, str data):
+        await self.send_bytes(data.encode())
+
+    cpdef wake(self):
+        cdef object drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+
+@cython.final
+cdef class HTTPConnection:
+    """One client connection of the native engine (``server``: its `NativeServer`)."""
+
+    cdef:
+        bytes _url
+        list _headers
+        public object app
+        public str client
+        public bint closed
+        public Request current
+        public list drain_waiters
+        public Py_ssize_t head_bytes
+        public double head_started
+        public double idle_since
+        public object loop
+        public object parser
+        public Request parsing
+        public Request pending
+        public object pipeline
+        public bint reading_paused
+        public object server
+        public str server_addr
+        public object transport
+        public bint write_paused
+
+    def __init__(self, server):
+        self.server = server
+        self.loop = server.loop
+        self.app = server.app
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self.client = ""
+        self.server_addr = ""
+        self.current = None
+        self.parsing = None
+        self.pending = None
+        self.pipeline = deque()
+        self._url = b""
+        self._headers = []
+        self.head_bytes = 0
+        self.head_started = 0.0
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiters = []
+        self.closed = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple) and len(sock) >= 2:
+            self.server_addr = f"{sock[0]}:{sock[1]}"
+        self.idle_since = self.loop.time()
+        self.server.connections.add(self)
+
+    def data_received(self, data):
+        cdef Request pending, request
+        try:
+            self.parser.feed_data(data)
+            pending = self.pending
+            if pending is not None:
+                # Its body did not come with its head: the application reads it as it arrives.
+                self.pending = None
+                self._start_app(pending)
+        except _HttpParserUpgrade:
+            # No protocol switch is offered: the request is answered, then the connection closes.
+            request = self.parsing
+            if request is not None:
+                self.parsing = None
+                request.keep_alive = False
+                request.body_done = True
+                request.wake_body()
+            pending = self.pending
+            if pending is not None:
+                self.pending = None
+                self._dispatch(pending)
+        except _HttpParserError as exc:
+            self.pending = None
+            if self.head_bytes > _MAX_HEAD:
+                self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            else:
+                self.reject(400, f"malformed HTTP request: {exc}")
+
+    def eof_received(self):
+        return None  # the transport closes itself; connection_lost tells the requests
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        cdef Request request
+        for request in (self.current, self.parsing, *self.pipeline):
+            if request is not None:
+                request.lost()
+        self.pipeline.clear()
+        self._wake_drain()
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        self._wake_drain()
+
+    cdef _wake_drain(self):
+        cdef list waiters = self.drain_waiters
+        if waiters:
+            self.drain_waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_url(self, bytes url):
+        if not self.head_started:
+            self.head_started = self.loop.time()
+        self._url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > _MAX_HEAD:
+            raise _HttpParserError("request head too large")
+
+    def on_header(self, bytes name, bytes value):
+        PyList_Append(self._headers, (name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > _MAX_HEAD:
+            raise _HttpParserError("request head too large")
+
+    def on_headers_complete(self):
+        parser = self.parser
+        cdef bytes raw_method = parser.get_method()
+        cdef object method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("latin-1")
+        cdef bytes path, query
+        path, _, query = self._url.partition(b"?")
+        cdef str path_str = path.decode("latin-1")
+        if "%" in path_str:
+            path_str = unquote(path_str, encoding="latin-1")
+        cdef Request request = Request.__new__(Request)
+        _init_request(
+            request,
+            self,
+            method,
+            path_str,
+            query.decode("latin-1") if query else "",
+            parser.get_http_version(),
+            _new_headers(self._headers),
+            parser.should_keep_alive() and not self.server.draining,
+        )
+        self._url = b""
+        self._headers = []
+        self.head_bytes = 0
+        self.head_started = 0.0
+        self.parsing = request
+        if self.current is None:
+            # Started when its body is in (usually later in this read), or at the end of the read.
+            self.current = self.pending = request
+        else:
+            self.pipeline.append(request)
+            if not self.reading_paused and self.transport is not None:
+                self.reading_paused = True
+                self.transport.pause_reading()
+
+    def on_body(self, bytes body):
+        cdef Request request = self.parsing
+        if request is None or request.too_large:
+            return
+        request.body_size += len(body)
+        if request.body_size > self.server.max_body:
+            # Stop buffering: the application answers 413 and the connection closes after it.
+            request.too_large = True
+            request.keep_alive = False
+            request.body = []
+            request.wake_body()
+            return
+        PyList_Append(request.body, body)
+
+    def on_message_complete(self):
+        cdef Request request = self.parsing
+        if request is not None:
+            self.parsing = None
+            request.body_done = True
+            if request._body_waiter is not None:
+                request.wake_body()
+            if request is self.pending:
+                self.pending = None
+                self._dispatch(request)
+
+    # -- running the application ------------------------------------------------------------
+    cdef _dispatch(self, Request request):
+        """A whole request: the callback path if it takes it, else the RSGI application."""
+        fast = self.server.fast_path
+        if fast is None:
+            self._start_app(request)
+        elif type(fast) is FastPath:
+            if not (<FastPath>fast).serve(request):
+                self._start_app(request)
+        elif not fast(request):
+            self._start_app(request)
+
+    cdef _start_app(self, Request request):
+        self.loop.create_task(self._serve(request))
+
+    async def _serve(self, Request request):
+        """Run the application for ``request``, then finish its response if the app did not."""
+        try:
+            await self.app(request, request)
+        except Exception:
+            log.exception("application error on %s %s", request.method, request.path)
+        if not request.response_started:
+            if not request.disconnected:
+                body = error_body("the application sent no response", "server_error", "internal_error")
+                request.response_bytes(500, _JSON, body)
+            else:
+                self._response_complete(request)
+        elif not request.response_done:
+            request.response_done = True  # a stream: it ends when the application returns
+            if not request.disconnected and not self.closed and request.chunked:
+                self.transport.write(b"0\r\n\r\n")
+            self._response_complete(request)
+
+    # -- writing ----------------------------------------------------------------------------
+    cdef bytes _head(self, Request request, int status, list headers, bytes framing):
+        server = self.server
+        if server.draining:
+            request.keep_alive = False
+        return b"".join(
+            (
+                status_line(status),
+                _encode_headers(headers),
+                framing,
+                server.date_header,
+                b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n",
+            )
+        )
+
+    cpdef send_response(self, Request request, int status, list headers, bytes body):
+        cdef bytes head
+        if not request.disconnected and not self.closed:
+            head = self._head(request, status, headers, b"content-length: %d\r\n" % len(body))
+            transport = self.transport
+            if not body or request.method == "HEAD":
+                transport.write(head)
+            elif len(body) > _LARGE_WRITE:
+                transport.writelines((head, body))
+            else:
+                transport.write(head + body)
+        self._response_complete(request)
+
+    cpdef start_stream(self, Request request, int status, list headers):
+        if request.disconnected or self.closed:
+            return
+        cdef bytes framing
+        if request.http_version == "1.0":
+            # No chunked encoding in HTTP/1.0: the body ends when the connection does.
+            request.keep_alive = False
+            request.chunked = False
+            framing = b""
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+        self.transport.write(self._head(request, status, headers, framing))
+
+    cpdef write_chunk(self, Request request, bytes data):
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        if not request.chunked:
+            transport.write(data)
+        elif len(data) > _LARGE_WRITE:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    cpdef write(self, bytes data):
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    cdef _response_complete(self, Request request):
+        if self.current is not request:
+            return
+        self.current = None
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if not request.keep_alive or self.server.draining:
+            self.closed = True
+            transport.close()  # flushes what was written, then closes
+            return
+        cdef Request nxt
+        if self.pipeline:
+            nxt = self.current = self.pipeline.popleft()
+            if nxt.body_done:
+                self._dispatch(nxt)
+            else:
+                self._start_app(nxt)
+            if self.pipeline:
+                return
+        else:
+            self.idle_since = self.loop.time()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+    def reject(self, int status, str message):
+        """A protocol-level error: answer in OpenAI's shape and close the connection."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.current is None or not self.current.response_started:
+            body = error_body(message, "invalid_request_error", "invalid_request")
+            transport.write(
+                b"".join(
+                    (
+                        status_line(status),
+                        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                        self.server.date_header,
+                        b"connection: close\r\n\r\n",
+                        body,
+                    )
+                )
+            )
+        self.closed = True
+        transport.close()
+
+    # -- housekeeping (the server's once-a-second sweep) ------------------------------------
+    def is_idle(self):
+        return self.current is None and self.parsing is None and not self.pipeline and not self.head_started
+
+    def close(self):
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+
+# == node side ======================================================================================
+
+
+@cython.final
+cdef class UpstreamConnection:
+    """One keep-alive connection to a node, one request at a time."""
+
+    cdef:
+        bint _keep_alive
+        object _loop
+        bint _paused
+        object _waiter
+        public Py_ssize_t buffered
+        public list chunks
+        public bint closed
+        public bint complete
+        public object error
+        public bint got_bytes
+        public list headers
+        public bint headers_done
+        public bint in_use
+        public object listener
+        public object parser
+        public NodePool pool
+        public bint reused
+        public int status
+        public object transport
+        public double wait_started
+
+    def __init__(self, NodePool pool):
+        self.pool = pool
+        self._loop = pool.loop
+        self.transport = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.in_use = False
+        self.reused = False
+        self._waiter = None
+        self._paused = False
+        self.listener = None
+        self._reset()
+
+    cdef inline void _reset(self):
+        self.status = 0
+        self.headers = []
+        self.headers_done = False
+        self.chunks = []
+        self.buffered = 0
+        self.complete = False
+        self._keep_alive = False
+        self.error = None
+        self.got_bytes = False
+        self.wait_started = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if not self.in_use:
+            # Bytes nobody asked for: the connection is out of sync; never reuse it.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except _HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"bad response from node: {exc}", before_first_byte=False))
+            self.close()
+            return
+        listener = self.listener
+        if listener is not None:
+            if type(listener) is FastRequest:
+                (<FastRequest>listener).upstream_event()
+            else:
+                listener.upstream_event()
+            return
+        # One wake-up per read, however many parser events it produced.
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self.wait_started = 0.0
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.in_use and not self.complete:
+            self._fail(
+                UpstreamError(
+                    "node closed the connection" + (f": {exc}" if exc else ""),
+                    before_first_byte=not self.got_bytes,
+                    reused=self.reused and not self.got_bytes,
+                )
+            )
+        self.pool._forget(self)
+
+    def eof_received(self):
+        return None
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_header(self, bytes name, bytes value):
+        if name.lower() not in _FRAMING:
+            PyList_Append(self.headers, (name, value))
+
+    def on_headers_complete(self):
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+
+    def on_body(self, bytes body):
+        PyList_Append(self.chunks, body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self):
+        self.complete = True
+        self._keep_alive = self.parser.should_keep_alive()
+
+    # -- caller side ------------------------------------------------------------------------
+    cpdef _fail(self, error):
+        if self.error is None:
+            self.error = error
+        listener = self.listener
+        if listener is not None:
+            if type(listener) is FastRequest:
+                (<FastRequest>listener).upstream_event()
+            else:
+                listener.upstream_event()
+            return
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self.wait_started = 0.0
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def wait(self):
+        """A future resolved when more of the response has arrived (raising if the request failed)."""
+        waiter = self._loop.create_future()
+        if self.error is not None:
+            waiter.set_exception(self.error)
+            return waiter
+        self._waiter = waiter
+        self.wait_started = _monotonic()
+        return waiter
+
+    cpdef send(self, bytes head, bytes body=b""):
+        """Write one request; the body is written as given, not copied into the head."""
+        self._reset()
+        self.in_use = True
+        if len(body) > _LARGE_WRITE:
+            self.transport.writelines((head, body))  # large bodies are not copied
+        else:
+            self.transport.write(head + body)  # one small copy beats a vectored write
+
+    cpdef bytes take(self):
+        """The body bytes that arrived since the last call (``b""`` if none)."""
+        cdef list chunks = self.chunks
+        if not chunks:
+            return b""
+        cdef bytes data = chunks[0] if PyList_GET_SIZE(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def response_head(self):
+        while not self.headers_done:
+            await self.wait()
+        return self.status, self.headers
+
+    async def read(self):
+        """The body bytes that arrived since the last call; ``b""`` once the response is complete."""
+        while not self.chunks:
+            if self.complete:
+                return b""
+            await self.wait()
+        return self.take()
+
+    def timed_out(self, double now, double limit):
+        if self.wait_started and now - self.wait_started > limit:
+            self._fail(UpstreamTimeout(f"node sent nothing for {limit:g}s", before_first_byte=not self.got_bytes))
+            return True
+        return False
+
+    cpdef finish(self):
+        """Give the connection back: pooled if the response completed cleanly, else closed."""
+        self.in_use = False
+        if self.complete and self._keep_alive and not self.closed and self.error is None:
+            self.reused = True
+            self.pool._put_idle(self)
+        else:
+            self.close()
+        self.error = None  # break the error → traceback → frame → connection cycle
+
+    cpdef close(self):
+        if self.in_use and not self.complete:
+            # Wake a reader still waiting on this response: it must not hang on a dead connection.
+            self._fail(UpstreamError("connection closed by shardon", before_first_byte=not self.got_bytes))
+        self.in_use = False
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            # abort(), not close(): no point flushing a request the node should stop working on.
+            self.transport.abort()
+        self.pool._forget(self)
+
+
+@cython.final
+cdef class NodePool:
+    """Idle keep-alive connections to one node."""
+
+    cdef:
+        public object _idle
+        public set _busy
+        public double connect_timeout
+        public str host
+        public object loop
+        public int max_idle
+        public int port
+
+    def __init__(self, str host, int port, *, loop, double connect_timeout, int max_idle):
+        self.host = host
+        self.port = port
+        self.loop = loop
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle = deque()
+        self._busy = set()
+
+    async def acquire(self, *, bint fresh=False):
+        conn = None if fresh else self.take_idle()
+        return conn if conn is not None else await self.connect()
+
+    cpdef UpstreamConnection take_idle(self):
+        """A kept-alive connection, without awaiting anything; None if there is none."""
+        idle = self._idle
+        cdef UpstreamConnection conn
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self._busy.add(conn)
+                return conn
+        return None
+
+    async def connect(self):
+        try:
+            # asyncio.timeout, unlike wait_for, does not wrap the connect in a task of its own.
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        except TimeoutError:
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+        self._busy.add(conn)
+        return conn
+
+    cpdef _put_idle(self, UpstreamConnection conn):
+        self._busy.discard(conn)
+        if len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        self._idle.append(conn)
+
+    cpdef _forget(self, UpstreamConnection conn):
+        self._busy.discard(conn)
+        if conn.closed:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(conn)
+
+    def sweep(self, double now, double read_timeout):
+        for conn in list(self._busy):
+            if conn.timed_out(now, read_timeout):
+                conn.close()
+
+    @property
+    def idle_count(self):
+        return len(self._idle)
+
+    @property
+    def busy_count(self):
+        return len(self._busy)
+
+    def close(self):
+        for conn in list(self._idle) + list(self._busy):
+            conn.close()
+        self._idle.clear()
+        self._busy.clear()
+
+
+# == the callback path (shardon/fastpath.py) =========================================================
+
+
+@cython.final
+cdef class FastPath:
+    """Decides, for a request whose body has arrived, whether the callback path can serve it."""
+
+    cdef:
+        public object gateway
+        public dict method_paths
+        public str tenant_header
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self.method_paths = dict(gateway._method_paths)
+        self.tenant_header = gateway.tenant_header
+
+    def __call__(self, Request request):
+        """Serve ``request`` (True), or leave it to the RSGI application untouched (False)."""
+        return self.serve(request)
+
+    cdef bint serve(self, Request request) except -1:
+        gateway = self.gateway
+        cdef object method_path = self.method_paths.get(request.path)
+        if method_path is None or request.method != "POST" or gateway.draining or request.too_large:
+            return False
+        headers = request.headers
+        try:
+            principal = gateway.keys.authenticate(headers.get("authorization"), headers.get(self.tenant_header))
+        except _ShardonError:
+            return False
+        if principal.limited:
+            return False
+        cdef list chunks = request.body
+        cdef bytes body = chunks[0] if PyList_GET_SIZE(chunks) == 1 else b"".join(chunks)
+        if len(body) > gateway.max_body:
+            return False
+        try:
+            req = _decode_routing(body)
+        except _MsgspecError:
+            return False
+        if req.stream:
+            return False
+        model = req.model
+        scheduler = gateway.scheduler
+        route = scheduler.routes.get(model)
+        if route is None:
+            return False
+        lifecycle = gateway.lifecycle
+        if lifecycle is not None and lifecycle.knows(route.name):
+            return False
+        allowed = principal.allowed_models
+        if allowed is not None and model not in allowed:
+            return False
+        value = headers.get("x-priority")
+        cdef int priority
+        if value is None:
+            priority = min(<int>gateway.default_priority, <int>principal.max_priority)
+        else:
+            named = PRIORITY_BY_NAME.get(value.strip().lower())
+            if named is None:
+                return False
+            priority = min(<int>named, <int>principal.max_priority)
+        tenant = principal.tenant
+        cdef int index = scheduler.admit(route, tenant.name, tenant.weight)
+        if index < 0:
+            return False
+        node = gateway.registry.by_index[index]
+        cdef UpstreamConnection conn = (<NodePool>node.pool).take_idle()
+        if conn is None:
+            scheduler.release(index, route, tenant.name)
+            return False
+        served = route.served_names.get(index, model)
+        cdef bytes payload = body if served == model else with_fields(body, model=served)
+        now = _time()
+        key = principal.key
+        rec = RequestRecord(
+            id=gateway.next_id(now),
+            received_at=now,
+            dispatched_at=now,
+            endpoint=request.path,
+            tenant=tenant.name,
+            key_id=None if key is None else key.id,
+            model=model,
+            node_id=node.id,
+            backend=node.backend,
+            model_file_sha256=node.model_file_sha256,
+            priority=PRIORITY_NAMES[priority],
+            bytes_in=len(body),
+            client_addr=request.client,
+        )
+        gateway.in_flight += 1
+        cdef FastRequest job = FastRequest.__new__(FastRequest)
+        job.gateway = gateway
+        job.request = request
+        job.rec = rec
+        job.route = route
+        job.index = index
+        job.node = node
+        job.conn = conn
+        job.principal = principal
+        job.req = req
+        job.body = body
+        job.priority = priority
+        job.started = _monotonic()
+        conn.listener = job
+        request.on_lost = job.client_lost
+        conn.send(node.request_head(method_path, len(payload)), payload)
+        conn.wait_started = job.started  # the sweeper's read timeout applies from now
+        return True
+
+
+@cython.final
+cdef class FastRequest:
+    """One request on the callback path, from the node's answer to its record."""
+
+    cdef:
+        public bytes body
+        public UpstreamConnection conn
+        public object gateway
+        public int index
+        public object node
+        public object principal
+        public int priority
+        public object rec
+        public object req
+        public Request request
+        public object route
+        public double started
+
+    def __init__(self, gateway, Request request, rec, route, int index, node, UpstreamConnection conn,
+                 principal, req, bytes body, int priority):
+        self.gateway = gateway
+        self.request = request
+        self.rec = rec
+        self.route = route
+        self.index = index
+        self.node = node
+        self.conn = conn
+        self.principal = principal
+        self.req = req
+        self.body = body
+        self.priority = priority
+        self.started = _monotonic()
+
+    cpdef upstream_event(self):
+        """The node sent bytes, or the connection failed (called by `UpstreamConnection`)."""
+        cdef UpstreamConnection conn = self.conn
+        cdef int status
+        try:
+            if conn.error is not None:
+                self._hand_over(conn.error)
+                return
+            if not conn.complete:
+                if conn.buffered > _WHOLE_LIMIT:
+                    self._hand_over(None)
+                else:
+                    conn.wait_started = _monotonic()
+                return
+            status = conn.status
+            if status >= 500 and self.gateway.max_retries > 0:
+                # The node refused before producing anything: the general path retries elsewhere.
+                self._hand_over(UpstreamError(f"node answered {status}", before_first_byte=True))
+                return
+            self._answer(conn, status)
+        except Exception:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
+            fast_log.exception("request %s failed", self.rec.id)
+            self._fail_internal()
+
+    cdef _answer(self, UpstreamConnection conn, int status):
+        rec = self.rec
+        gateway = self.gateway
+        cdef bytes data = conn.take()
+        now = _time()
+        rec.first_token_at = now
+        rec.status = status
+        cdef list headers = client_headers(conn.headers)
+        PyList_Append(headers, ("x-request-id", rec.id))
+        PyList_Append(headers, ("x-shardon-node", self.node.id))
+        if status == 200:
+            sha, usage = hash_response(data)
+            if rec.endpoint != "/v1/embeddings":  # no generated text to prove
+                rec.output_sha256 = sha
+            if usage:
+                rec.prompt_tokens = usage.get("prompt_tokens")
+                rec.completion_tokens = usage.get("completion_tokens")
+        rec.bytes_out = len(data)
+        conn.listener = None
+        conn.finish()
+        cdef Request request = self.request
+        request.on_lost = None
+        request.response_bytes(status, headers, data)
+        gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
+        node = self.node
+        if node.failures:
+            gateway.registry.record_success(node)
+        rec.finished_at = now
+        gateway.request_done(rec)
+
+    def client_lost(self):
+        """The client disconnected while the node was working: stop it, free everything, log 499."""
+        cdef UpstreamConnection conn = self.conn
+        conn.listener = None
+        conn.close()  # stops the generation on the node
+        rec = self.rec
+        rec.status = 499
+        rec.error_type = "client_disconnected"
+        gateway = self.gateway
+        gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
+        rec.finished_at = _time()
+        gateway.request_done(rec)
+
+    cdef _hand_over(self, error):
+        """Let the general path finish: retry after ``error``, or relay a long answer (None)."""
+        cdef UpstreamConnection conn = self.conn
+        conn.listener = None
+        if error is not None:
+            conn.finish()  # pooled again if the node answered cleanly (a 5xx), else closed
+        self.request.on_lost = None
+        self.gateway.resume(self, error)
+
+    cdef _fail_internal(self):
+        cdef UpstreamConnection conn = self.conn
+        conn.listener = None
+        conn.close()
+        rec = self.rec
+        rec.status = 500
+        rec.error_type = "internal_error"
+        cdef Request request = self.request
+        request.on_lost = None
+        if not request.response_started and not request.disconnected:
+            internal = _ShardonError("internal error")
+            request.response_bytes(500, internal.headers(), internal.body())
+        gateway = self.gateway
+        gateway.scheduler.release(self.index, self.route, rec.tenant)
+        rec.finished_at = _time()
+        gateway.request_done(rec)

@@ -1,0 +1,114 @@
+"""The native engine's listener: uvloop ``create_server`` + one `HTTPConnection` per client.
+
+It has the same two-call surface as granian's embedded server, so ``shardon.server`` drives either:
+``await serve()`` listens until ``stop()``; ``stop()`` closes the listener and every connection.
+
+Draining (``begin_drain``): idle keep-alive connections close and every response from then on
+carries ``Connection: close``; requests in flight finish normally. The listener stays open until
+``stop()``, so a client arriving meanwhile is told why (the gateway answers 503) instead of being
+refused.
+
+A once-a-second sweep refreshes the cached ``Date`` header, closes keep-alive connections idle
+longer than ``keepalive_timeout_s`` and answers 408 to a request head that has taken longer than
+``header_timeout_s`` (a slow-loris client cannot hold a connection forever). No timer is armed per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .._fast.wire import HTTPConnection
+
+App = Callable[[Any, Any], Coroutine[Any, Any, None]]
+
+__all__ = ["NativeServer"]
+
+_SWEEP_S = 1.0
+
+
+def _date_header() -> bytes:
+    return b"date: " + email.utils.formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+
+
+class NativeServer:
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        *,
+        backlog: int = 1024,
+        max_body: int = 1 << 20,
+        keepalive_timeout_s: float = 75.0,
+        header_timeout_s: float = 30.0,
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+        self.max_body = max_body
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.header_timeout_s = header_timeout_s
+        self.connections: set[HTTPConnection] = set()
+        self.draining = False
+        self.date_header = _date_header()
+        # The application's callback path for whole requests (shardon/fastpath.py), if it has one:
+        # ``fast_path(request) -> bool`` serves the request itself when it returns True.
+        self.fast_path: Callable[[Any], bool] | None = getattr(app, "fast_path", None)
+        self.loop: asyncio.AbstractEventLoop
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopped = self.loop.create_future()
+        self._server = await self.loop.create_server(
+            lambda: HTTPConnection(self), self.host, self.port, backlog=self.backlog, reuse_address=True
+        )
+        sockets = self._server.sockets or ()
+        if sockets and self.port == 0:
+            self.port = sockets[0].getsockname()[1]
+        self._sweeper = self.loop.call_later(_SWEEP_S, self._sweep)
+
+    async def serve(self) -> None:
+        """Listen until `stop` is called."""
+        await self.start()
+        assert self._stopped is not None
+        await self._stopped
+
+    def begin_drain(self) -> None:
+        """Idle connections close; responses from now on close their connection."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.is_idle():
+                conn.close()
+
+    def stop(self) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _sweep(self) -> None:
+        self.date_header = _date_header()
+        now = self.loop.time()
+        idle_limit = now - self.keepalive_timeout_s
+        head_limit = now - self.header_timeout_s
+        for conn in list(self.connections):
+            if conn.head_started and conn.head_started < head_limit:
+                conn.reject(408, f"request head not received within {self.header_timeout_s:g}s")
+            elif conn.is_idle() and conn.idle_since < idle_limit:
+                conn.close()
+        self._sweeper = self.loop.call_later(_SWEEP_S, self._sweep)
