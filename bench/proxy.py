@@ -4,8 +4,10 @@ What it measures, in one run so the ratios share the machine's noise:
 
 1. Non-streaming: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` seconds to
    (a) the mock node directly, (b) nginx in front of it (upstream keep-alive, buffering off), and
-   (c) Shardon in front of it. Reported: requests/s, latency p50/p99 (wrk), the proxy's CPU use
-   (from /proc, user+system, all its processes) and requests per proxy-CPU-second.
+   (c) Shardon in front of it (its default native engine; with ``--granian`` also (d) Shardon on
+   the granian engine, for comparison). Reported: requests/s, latency p50/p99 (wrk), the proxy's
+   CPU use (from /proc, user+system, all its processes and threads, the request log's writer
+   included) and requests per proxy-CPU-second.
 2. Streaming: ``--streams`` concurrent streams of 64 chunks, 20 ms apart, through each target;
    reported: time-to-first-token p50/p99 and inter-chunk gap p50/p99 (client side), and the
    difference each proxy adds to straight-to-node; Shardon's peak RSS under that load.
@@ -16,6 +18,7 @@ generators share core 1, so the proxy has one core to itself.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``). Usage::
 
     python bench/proxy.py [--duration 10] [--streams 500] [--no-log] [--no-metrics] [--only stream]
+                          [--granian]
 """
 
 from __future__ import annotations
@@ -86,6 +89,14 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) of ``pid`` at its current RSS (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError as exc:
+        print(f"(cannot reset the peak RSS of {pid}: {exc}; the figure below is the lifetime peak)")
 
 
 def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, float]:
@@ -253,6 +264,7 @@ def main() -> None:
     parser.add_argument("--no-log", action="store_true", help="run Shardon without its request log")
     parser.add_argument("--no-metrics", action="store_true", help="run Shardon without metrics")
     parser.add_argument("--only", choices=("nonstream", "stream"), help="run one half only")
+    parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
     parser.add_argument("--stream-client", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_client:
@@ -303,22 +315,17 @@ def main() -> None:
             "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
         }
         (tmp / "shardon.yaml").write_text(json.dumps(config))
-        shardon = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                PROXY_CORE,
-                sys.executable,
-                "-m",
-                "shardon",
-                "serve",
-                "--config",
-                str(tmp / "shardon.yaml"),
-            ],
-            cwd=ROOT,
-            stderr=subprocess.DEVNULL,
-        )
+        shardon = start_shardon(tmp / "shardon.yaml")
         procs.append(shardon)
+        granian = None
+        if args.granian:
+            granian_port = free_port()
+            config["server"] = {"host": "127.0.0.1", "port": granian_port, "engine": "granian"}
+            config["store"] = {"path": str(tmp / "shardon-granian.db")}
+            (tmp / "shardon-granian.yaml").write_text(json.dumps(config))
+            granian = start_shardon(tmp / "shardon-granian.yaml")
+            procs.append(granian)
+            wait_port(granian_port)
         wait_port(nginx_port)
         wait_port(shardon_port)
         time.sleep(1.0)
@@ -334,11 +341,15 @@ def main() -> None:
             "nginx": (nginx_port, children(nginx.pid)),
             "shardon": (shardon_port, [shardon.pid]),
         }
+        if granian is not None:
+            targets["granian"] = (granian_port, [granian.pid])
         if args.only != "stream":
             nonstreaming(args, targets, script)
+        print(f"shardon peak RSS so far {peak_rss_mb(shardon.pid):.1f} MB")
         if args.only != "nonstream":
+            reset_peak_rss(shardon.pid)  # the target is about the streaming load: measure its peak alone
             streaming(args, targets)
-        print(f"shardon peak RSS {peak_rss_mb(shardon.pid):.1f} MB (target <= 60, under the streaming load)")
+            print(f"shardon peak RSS under the streaming load {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
     finally:
         for proc in procs:
             proc.terminate()
@@ -348,6 +359,14 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_shardon(config_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], script: Path) -> None:
@@ -389,7 +408,7 @@ def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]
             f"   streams {r['streams']} errors {r['n_errors']} {r['errors'][:2]}"
         )
     d = streams["direct"]
-    for name in ("nginx", "shardon"):
+    for name in [n for n in ("nginx", "shardon", "granian") if n in streams]:
         r = streams[name]
         print(
             f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "

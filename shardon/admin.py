@@ -17,6 +17,7 @@ from . import __version__, admin_queries, errors
 from .auth import create_key_decoder
 from .receipts import receipt_for
 from .rsgi import HTTPProtocol, Scope
+from .store import format_request_id
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -167,10 +168,10 @@ class Admin:
         return 200, await self._log().query(**kwargs)
 
     async def request(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        request_id = admin_queries.parse_request_id(args[0])
+        request_id = admin_queries.parse_request_id(args[0])  # the hex id of x-request-id → int
         row = await self._log().get(request_id)
         if row is None:
-            raise errors.NotFound(f"no request with id '{request_id}'")
+            raise errors.NotFound(f"no request with id '{format_request_id(request_id)}'")
         if row.get("receipt") is None and row.get("finished_at") is not None:
             row["receipt"] = receipt_for(row)
         return 200, row

@@ -15,6 +15,7 @@ Bad input raises ``ValueError("<param>: <why>")``; the gateway answers it with a
   offset it is UTC); ``since <= received_at < until``; ``since`` must not be after ``until``.
 - ``limit``: 0..`MAX_LIMIT` (default 100); ``offset``: 0..`MAX_OFFSET` (default 0).
 - ``model``, ``node``, ``tenant``, ``key_id``: at most `MAX_NAME` characters, no control characters.
+- A request id (`parse_request_id`, from the path): the 16 hex digits of ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+from shardon.store import parse_request_id as _parse_request_id
 from shardon.store import parse_status_filter
 
 __all__ = [
@@ -45,7 +47,6 @@ MAX_OFFSET = 10_000_000
 MAX_NAME = 256
 _MAX_FIELDS = 32
 _MAX_QUERY = 8192
-_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -177,8 +178,12 @@ def parse_audit_query(qs: str | bytes | None) -> dict[str, Any]:
     return _parse(qs, ("limit", "offset"), {"limit": 100, "offset": 0})
 
 
-def parse_request_id(value: str) -> str:
-    """Validate a request id taken from a path (``/admin/requests/{id}``)."""
-    if not _ID_RE.fullmatch(value):
-        raise ValueError("id: must be 1-128 characters of letters, digits, '_', '-', '.', ':'")
-    return value
+def parse_request_id(value: str) -> int:
+    """The integer id of a request id taken from a path (``/admin/requests/{id}``).
+
+    The id is the 16 hex digits a client got in ``x-request-id`` (`shardon.store.parse_request_id`).
+    """
+    try:
+        return _parse_request_id(value)
+    except ValueError:
+        raise ValueError("id: must be 16 hex digits (the x-request-id of a response)") from None

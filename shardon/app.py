@@ -42,7 +42,7 @@ from .schemas import (
     routing_decoder,
     with_fields,
 )
-from .store import RequestLog, RequestRecord
+from .store import RequestLog, RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
 from .upstream.pool import Sweeper, UpstreamConnection, client_headers
 
@@ -149,8 +149,6 @@ class Gateway:
         self.tenant_header = config.auth.tenant_header.lower()
         self.draining = False
         self.in_flight = 0
-        # The last request id handed out (see next_id); the request log raises it to its newest row.
-        self.last_id = 0
         self.started_at = time.time()
         self.request_log = request_log
         self.metrics = metrics or Metrics(enabled=False)
@@ -339,18 +337,10 @@ class Gateway:
         proto.response_bytes(200, [("content-type", content_type)], body)
 
     # -- the data path ----------------------------------------------------------------------
-    def next_id(self, now: float) -> str:
-        """A new request id: 16 hex digits of ``(milliseconds since the epoch << 20) + n``.
-
-        Ids only increase (a clock stepping back cannot repeat one: the counter carries on), so they
-        are unique across restarts (the request log seeds `last_id` with its newest row) and sorted
-        by arrival; the request log uses the number as its primary key.
-        """
-        value = int(now * 1000) << 20
-        if value <= self.last_id:
-            value = self.last_id + 1
-        self.last_id = value
-        return f"{value:016x}"
+    @staticmethod
+    def next_id(now: float) -> int:
+        """A new request id (`shardon.store.RequestIds`): increasing, and the request log's key."""
+        return request_ids.next(now)
 
     async def _inference(self, scope: Scope, proto: HTTPProtocol) -> None:
         now = time.time()
@@ -375,7 +365,7 @@ class Gateway:
             rec.error_type = err.code
             if not ex.started:
                 headers = err.headers()
-                headers.append(("x-request-id", rec.id))
+                headers.append(("x-request-id", format_request_id(rec.id)))
                 proto.response_bytes(err.status, headers, err.body())
         except errors.ClientGone:
             rec.status = 499
@@ -384,7 +374,7 @@ class Gateway:
             rec.status = 499
             rec.error_type = "client_disconnected"
         except Exception as exc:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
-            log.exception("request %s failed", rec.id)
+            log.exception("request %s failed", format_request_id(rec.id))
             rec.status = 500
             rec.error_type = "internal_error"
             if not ex.started:
@@ -409,20 +399,25 @@ class Gateway:
 
     async def _resumed(self, ex: Exchange, job: FastRequest, error: UpstreamError | None) -> None:
         rec = ex.rec
-        route, req, body, index = job.route, job.req, job.body, job.index
-        prompt_estimate = len(body) // 4
+        route, req, index = job.route, job.req, job.index
+        prompt_estimate = len(job.body) // 4
         estimate = prompt_estimate + (req.max_tokens or req.max_completion_tokens or self.default_max_tokens)
+        ex.hasher = job.hasher
+        ex.stripper = job.stripper
         ex.watch()
         try:
             if error is not None:
-                await self._dispatch(rec.endpoint, ex, route, req, body, index, prior=error)
+                # job.payload: the body as sent (usage asked for, model alias applied).
+                await self._dispatch(rec.endpoint, ex, route, req, job.payload, index, prior=error)
                 return
-            conn = ex.conn = job.conn
+            conn = job.conn
+            assert conn is not None  # a long answer being relayed
+            ex.conn = conn
             try:
                 rec.first_token_at = time.time()
                 status = rec.status = conn.status
                 headers = client_headers(conn.headers)
-                headers.append(("x-request-id", rec.id))
+                headers.append(("x-request-id", format_request_id(rec.id)))
                 headers.append(("x-shardon-node", job.node.id))
                 await self._relay(ex, conn, status, headers)
             finally:
@@ -451,7 +446,7 @@ class Gateway:
                 rec.tenant,
                 rec.node_id,
                 ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
-                rec.id,
+                format_request_id(rec.id),
             )
 
     @staticmethod
@@ -578,19 +573,22 @@ class Gateway:
         """Real usage into the record; estimates corrected in the token buckets and the fair queue."""
         rec = ex.rec
         status = rec.status
-        if 200 <= status < 300:
-            hasher = ex.hasher
-            if hasher is not None:  # a stream
-                if rec.endpoint != "/v1/embeddings":  # no generated text to prove
-                    rec.output_sha256 = hasher.hexdigest()
-                usage = hasher.usage
-                if not usage:
-                    rec.completion_tokens = hasher.text_events
-            else:
-                usage = ex.usage
-            if usage:
-                rec.prompt_tokens = usage.get("prompt_tokens")
-                rec.completion_tokens = usage.get("completion_tokens")
+        ok = 200 <= status < 300
+        hasher = ex.hasher
+        usage: dict[str, Any] | None = None
+        if hasher is not None and ex.started:
+            # A stream that reached the client, however it ended (a 502 or 499 keeps the usage
+            # seen so far: the tokens the node did generate).
+            if ok:
+                rec.output_sha256 = hasher.hexdigest()
+            usage = hasher.usage
+            if not usage:
+                rec.completion_tokens = hasher.text_events
+        elif ok:
+            usage = ex.usage
+        if usage:
+            rec.prompt_tokens = usage.get("prompt_tokens")
+            rec.completion_tokens = usage.get("completion_tokens")
         if rec.dispatched_at is None:
             return  # never reached a node: nothing was used, nothing was charged
         actual = (rec.prompt_tokens or prompt_estimate) + (rec.completion_tokens or 0)
@@ -720,7 +718,7 @@ class Gateway:
             index = scheduler.take(route, tenant, None if fresh else tried)
             if index < 0:
                 index = await self._wait_for_slot(ex, route, 3, tenant, 0.0, 1.0, self.queue_timeout)
-            log.info("request %s retried after: %s", rec.id, error)
+            log.info("request %s retried after: %s", format_request_id(rec.id), error)
 
     async def _forward(self, ex: Exchange, node: Node, method_path: bytes, body: bytes, fresh: bool) -> None:
         """One attempt on ``node``: send, wait for the head, answer at once or stream."""
@@ -744,7 +742,7 @@ class Gateway:
             rec.first_token_at = time.time()
             rec.status = status
             headers = client_headers(conn.headers)
-            headers.append(("x-request-id", rec.id))
+            headers.append(("x-request-id", format_request_id(rec.id)))
             headers.append(("x-shardon-node", node.id))
             if conn.complete and not rec.stream:
                 # The whole response arrived at once (the usual non-streamed answer): one write.

@@ -7,10 +7,22 @@ request itself is forwarded as the client's bytes, so fields Shardon does not kn
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import orjson
+
+# The usage stripper runs once per stream chunk: compiled, with its pure-Python twin (shardon/_fast).
+from ._fast.sse import UsageStripper
+
+__all__ = [
+    "PRIORITY_BY_NAME",
+    "PRIORITY_NAMES",
+    "RoutingFields",
+    "StreamOptions",
+    "UsageStripper",
+    "models_list",
+    "routing_decoder",
+    "with_fields",
+]
 
 
 class StreamOptions(msgspec.Struct):
@@ -43,63 +55,6 @@ def with_fields(body: bytes, **fields: object) -> bytes:
         else:
             obj[name] = value
     return orjson.dumps(obj)
-
-
-class _UsageProbe(msgspec.Struct):
-    choices: list[Any] | None = None
-    usage: dict[str, Any] | None = None
-
-
-_probe_decoder = msgspec.json.Decoder(_UsageProbe)
-
-
-class UsageStripper:
-    """Removes the usage-only SSE event Shardon asked the node for on the client's behalf.
-
-    Shardon adds ``stream_options.include_usage`` when it needs the real token count of a stream
-    the client did not ask usage for; the extra event (``"choices": []`` with ``usage``) must not
-    reach the client. Events pass through as the node's bytes; only complete events are inspected,
-    and an incomplete one is held until its end arrives (which adds no delay to complete events).
-    """
-
-    __slots__ = ("_pending",)
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if self._pending:
-            data = self._pending + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
-        if b'"usage"' not in complete:
-            return complete
-        if b'"usage":null' in complete:
-            # Nodes that honour include_usage add "usage": null to every chunk (as OpenAI does).
-            # Unescaped quotes only occur in JSON structure, never inside a string value.
-            complete = complete.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
-            if b'"usage"' not in complete:
-                return complete  # the usual chunk: nothing else to look at
-        kept = [event for event in complete.split(b"\n\n") if event and not _is_usage_only(event)]
-        return b"".join(event + b"\n\n" for event in kept)
-
-    def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
-
-
-def _is_usage_only(event: bytes) -> bool:
-    payload = event.partition(b"data:")[2].strip()
-    if not payload.startswith(b"{"):
-        return False
-    try:
-        probe = _probe_decoder.decode(payload)
-    except msgspec.DecodeError:
-        return False
-    return probe.usage is not None and not probe.choices
 
 
 def models_list(names: list[str], created: int) -> bytes:

@@ -33,15 +33,29 @@ If the database cannot be written (locked beyond the busy timeout, disk full), t
 rows and retries with back-off; beyond ``_MAX_PENDING`` waiting rows it drops the oldest ones and
 counts them in ``dropped``. A row SQLite refuses (e.g. an integer too large) is dropped alone.
 
-Schema (``PRAGMA user_version`` = 2)::
+Request ids
+-----------
+A request id is a 63-bit integer, ``(milliseconds since the epoch << 20) + n``, from `request_ids`
+(`RequestIds`): ids only increase, so they sort by arrival, and the time in an id is never earlier
+than the row's ``received_at``: the gateway takes both from one clock reading
+(``RequestRecord(id=request_ids.next(now), received_at=now)``). A record built otherwise must keep
+``id >= request_id_floor(received_at)`` for the time filters to see it exactly (`RequestRecord`'s
+defaults read the clock twice, id first, so give both where ``since`` matters). At start the log
+reads its newest id (`RequestLog.newest_id`) and seeds `request_ids` with it, so new ids exceed every
+stored one even if the clock went back. Clients see an id as 16 hex digits
+(`format_request_id`, the ``x-request-id`` header); `parse_request_id` reads it back, and every row
+dict the reads return carries ``"id"`` in that form.
 
-    requests(id TEXT PRIMARY KEY, received_at REAL, queued_at REAL, dispatched_at REAL,
+Schema (``PRAGMA user_version`` = 3)::
+
+    requests(id INTEGER PRIMARY KEY, received_at REAL, queued_at REAL, dispatched_at REAL,
              first_token_at REAL, finished_at REAL, endpoint TEXT, tenant TEXT, key_id TEXT,
              model TEXT, node_id TEXT, backend TEXT, model_file_sha256 TEXT, priority TEXT,
              stream INTEGER, status INTEGER, error_type TEXT, prompt_tokens INTEGER,
              completion_tokens INTEGER, bytes_in INTEGER, bytes_out INTEGER, retries INTEGER,
              overflow INTEGER, client_addr TEXT, output_sha256 TEXT)
-      indexes: received_at; status WHERE status <> 200 (partial: errors only)
+      id is the rowid itself (no separate key B-tree)
+      index: status WHERE status <> 200 (partial: errors only)
     audit(id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, actor TEXT, action TEXT, target TEXT,
           detail TEXT -- JSON object)
       index: at
@@ -50,10 +64,21 @@ Columns that a newer `RequestRecord` adds are added to an older database with AL
 
 Why so few indexes: each index costs every row a B-tree insert on the writer's core (about 0.5 µs
 each here, see bench/README.md), and the log's whole budget is a few percent of the proxy's time per
-request. Time ranges and paging use ``received_at``; status filters that exclude 200 use the partial
-index (errors are rare rows); filters on model, node, tenant and key scan the requested time range,
-so on a large log give ``since``/``until``. Version 1 databases lose their four composite indexes
-at start (version 2); their rows are kept.
+request. The id is the rowid, so a row is one B-tree insert (a text key was a second B-tree, and a
+``received_at`` index a third: the writer went from about 4.3 to 2.8 µs per row without them).
+Because ids are in arrival order, the table is its own time index: listing is ``ORDER BY id DESC``
+(newest first, no sort), ``since`` adds the bound ``id >= request_id_floor(since)`` (it never excludes
+a matching row; the exact ``received_at`` filter is kept), and retention deletes by id. Status filters
+that exclude 200 use the partial index (errors are rare rows); filters on model, node, tenant and key
+scan the requested time range, so on a large log give ``since``.
+
+Migration: version 1 and 2 databases (``id TEXT PRIMARY KEY``; told apart by the type of ``id`` in
+``PRAGMA table_info``, not only by ``user_version``) are rebuilt at start, in one transaction: the old
+table is renamed, the new one created, every row copied in ``received_at`` order with the id
+``(milliseconds of received_at << 20) + n`` (n numbers the rows of one millisecond), and the old table
+and its indexes (``received_at``; version 1's four composite ones) dropped. The old text ids are not
+kept: before 1.0 they were only ever echoed in ``x-request-id`` headers, nothing stored or looked
+them up. A database of a newer version than this Shardon's is refused.
 """
 
 from __future__ import annotations
@@ -67,7 +92,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -87,17 +111,22 @@ __all__ = [
     "AUDIT_COLUMNS",
     "REQUEST_COLUMNS",
     "SCHEMA_VERSION",
+    "RequestIds",
     "RequestLog",
     "RequestRecord",
     "StoreConfig",
+    "format_request_id",
+    "parse_request_id",
     "parse_status_filter",
+    "request_id_floor",
+    "request_ids",
 ]
 
 log = logging.getLogger("shardon.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MAX_PENDING = 500_000  # rows kept in memory while the database cannot be written
 _DELETE_CHUNK = 5_000  # rows deleted per retention statement (keeps write locks short)
 _PERCENTILES = (50, 90, 99)
@@ -140,20 +169,70 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return root / "shardon" / "shardon.db"
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
+class RequestIds:
+    """Request ids: ``(milliseconds since the epoch << 20) + n``, 63-bit integers that only increase.
+
+    A clock stepping back cannot repeat an id (the counter carries on past the last one); ids from
+    one process sort by arrival, and `seed` (the request log calls it with its newest row's id at
+    start) keeps them increasing across restarts. Shown to clients as 16 hex digits
+    (`format_request_id`).
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self, now: float) -> int:
+        value = int(now * 1000) << 20
+        if value <= self.last:
+            value = self.last + 1
+        self.last = value
+        return value
+
+    def seed(self, newest: int) -> None:
+        """Ids handed out from now on exceed ``newest``."""
+        if newest > self.last:
+            self.last = newest
+
+
+request_ids = RequestIds()
+"""The process's request ids (the gateway's and `RequestRecord`'s default)."""
+
+
+def format_request_id(request_id: int) -> str:
+    """A request id as clients see it: 16 lower-case hex digits."""
+    return f"{request_id:016x}"
+
+
+def parse_request_id(text: str) -> int:
+    """The id `format_request_id` wrote; ValueError for anything else."""
+    if len(text) != 16 or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError("a request id is 16 hex digits")
+    return int(text, 16)
+
+
+def request_id_floor(t: float) -> int:
+    """The smallest id a request received at unix time ``t`` or later can have."""
+    return int(t * 1000) << 20
+
+
+def _new_id() -> int:
+    return request_ids.next(time.time())
 
 
 class RequestRecord(msgspec.Struct, kw_only=True, gc=False, array_like=True):
     """One request as the gateway saw it; filled in progressively, appended to the log when it ends.
 
+    ``id`` is the integer request id (`request_ids`; the request log's primary key, shown to clients
+    by `format_request_id`); keep ``id >= request_id_floor(received_at)`` (see the module docstring).
     Timestamps are unix seconds (``time.time()``). ``status`` is the HTTP status sent to the client
     (499 when the client went away; 0 while unknown). ``key_id`` identifies an API key, never the
     secret itself. Fields are in the request log's column order; the log packs a record as a
     msgpack array of them (``array_like``).
     """
 
-    id: str = msgspec.field(default_factory=_new_id)
+    id: int = msgspec.field(default_factory=_new_id)
     received_at: float = msgspec.field(default_factory=time.time)
     queued_at: float | None = None
     dispatched_at: float | None = None
@@ -184,7 +263,7 @@ REQUEST_COLUMNS: tuple[str, ...] = RequestRecord.__struct_fields__
 AUDIT_COLUMNS: tuple[str, ...] = ("id", "at", "actor", "action", "target", "detail")
 
 _SQL_TYPES = {
-    "id": "TEXT PRIMARY KEY NOT NULL",
+    "id": "INTEGER PRIMARY KEY NOT NULL",  # the rowid itself: one B-tree per row, no separate key
     "received_at": "REAL",
     "queued_at": "REAL",
     "dispatched_at": "REAL",
@@ -204,35 +283,89 @@ _BOOL_COLUMNS = frozenset({"stream", "overflow"})
 
 _NOT_OK = "status <> 200"  # the partial index's condition; a query must repeat it word for word to use it
 _INDEXES = (
-    ("idx_requests_received_at", "requests(received_at)"),
     ("idx_requests_errors", f"requests(status) WHERE {_NOT_OK}"),
     ("idx_audit_at", "audit(at)"),
 )
-_DROPPED_INDEXES = ("idx_requests_status", "idx_requests_model", "idx_requests_tenant", "idx_requests_node")  # v1
+_DROPPED_INDEXES = (
+    "idx_requests_status",  # v1
+    "idx_requests_model",  # v1
+    "idx_requests_tenant",  # v1
+    "idx_requests_node",  # v1
+    "idx_requests_received_at",  # v1, v2: ids are in arrival order
+)
 _WRITER_PRAGMAS = ("cache_size = -32768",)  # 32 MiB: index pages stay in memory
 
 _INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
+_OLD_REQUESTS = "requests_before_v3"  # the old table's name while a v1/v2 database is rebuilt
 
 
-def _row_id(packed: bytes) -> object:
-    """The id of a packed row, for error messages (None if it cannot be read)."""
+def _show_id(value: object) -> str:
+    """A request id for error messages: the client's hex form when it is one, else its repr."""
+    return format_request_id(value) if type(value) is int and value >= 0 else repr(value)
+
+
+def _row_id(packed: bytes) -> str:
+    """The id of a packed row, for error messages."""
     try:
-        return msgspec.msgpack.decode(packed)[0]
+        value = msgspec.msgpack.decode(packed)[0]
     except (msgspec.DecodeError, IndexError, TypeError, KeyError):
-        return None
+        value = None
+    return _show_id(value)
 
 
 def _column_sql(name: str) -> str:
     return f"{name} {_SQL_TYPES.get(name, 'TEXT')}"
 
 
+def _create_requests_table(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS requests ({})".format(", ".join(_column_sql(c) for c in REQUEST_COLUMNS)))
+
+
+def _has_integer_id(table_info: list[Any]) -> bool:
+    """Whether ``PRAGMA table_info(requests)`` shows ``id INTEGER PRIMARY KEY`` (the rowid alias)."""
+    pk = [row for row in table_info if row[5]]
+    return len(pk) == 1 and pk[0][1] == "id" and str(pk[0][2]).upper() == "INTEGER"
+
+
+def _rebuild_with_integer_ids(conn: sqlite3.Connection, old_columns: Sequence[str]) -> int:
+    """Rebuild a v1/v2 ``requests`` table (``id TEXT PRIMARY KEY``) with integer ids. Returns the rows copied.
+
+    Runs inside the caller's transaction. A row's new id is ``(milliseconds of received_at << 20) + n``,
+    n numbering the rows of one millisecond in ``received_at`` order (then old rowid order): unique,
+    in arrival order, and never earlier than the row's ``received_at``, as `RequestIds` makes them.
+    The old text ids are dropped (see the module docstring). ``INSERT OR REPLACE`` turns a NULL
+    (from a hand-made table) in a ``NOT NULL DEFAULT`` column into the default.
+    """
+    conn.execute(f"ALTER TABLE requests RENAME TO {_OLD_REQUESTS}")
+    _create_requests_table(conn)
+    copied = [c for c in REQUEST_COLUMNS if c != "id" and c in old_columns]
+    ms = "CAST(COALESCE(received_at, 0) * 1000 AS INTEGER)" if "received_at" in old_columns else "0"
+    order = "received_at, old_rowid" if "received_at" in old_columns else "old_rowid"
+    more = "".join(f", {c}" for c in copied)
+    conn.execute(
+        f"INSERT OR REPLACE INTO requests (id{more}) "
+        f"SELECT (ms << 20) + ROW_NUMBER() OVER (PARTITION BY ms ORDER BY {order}) - 1{more} "
+        f"FROM (SELECT {ms} AS ms, rowid AS old_rowid{more} FROM {_OLD_REQUESTS}) ORDER BY ms, {order}"
+    )
+    n = int(conn.execute("SELECT changes()").fetchone()[0])
+    conn.execute(f"DROP TABLE {_OLD_REQUESTS}")  # and its indexes
+    return n
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
-    """Create or upgrade the schema (idempotent). ``conn`` is in autocommit mode."""
+    """Create or upgrade the schema (idempotent). ``conn`` is in autocommit mode.
+
+    One transaction: a v1/v2 database is rebuilt with integer ids (`_rebuild_with_integer_ids`),
+    missing columns are added, dropped indexes dropped, ``user_version`` raised to `SCHEMA_VERSION`.
+    """
+    rebuilt = -1
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS requests ({})".format(", ".join(_column_sql(c) for c in REQUEST_COLUMNS))
-        )
+        info = conn.execute("PRAGMA table_info(requests)").fetchall()
+        if info and not _has_integer_id(info):
+            rebuilt = _rebuild_with_integer_ids(conn, [row[1] for row in info])
+        else:
+            _create_requests_table(conn)
         have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
         for col in REQUEST_COLUMNS:
             if col not in have:
@@ -252,6 +385,10 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    if rebuilt >= 0:
+        log.info("request log: rebuilt %d rows with integer request ids (schema version %d)", rebuilt, SCHEMA_VERSION)
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA incremental_vacuum").fetchall()  # give the old table's pages back
 
 
 class _Audit(tuple[Any, ...]):
@@ -309,6 +446,10 @@ def _where(
             clauses.append(f"{column} = ?")
             args.append(value)
     if since is not None:
+        # The id bound lets SQLite seek the primary key to the first row that can match (an id's
+        # time is never earlier than its received_at); the exact received_at test stays.
+        clauses.append("id >= ?")
+        args.append(request_id_floor(float(since)))
         clauses.append("received_at >= ?")
         args.append(float(since))
     if until is not None:
@@ -318,7 +459,10 @@ def _where(
 
 
 def _row_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    """A request row as callers see it: ``"id"`` as 16 hex digits, booleans as bool, the receipt."""
     d = dict(zip(columns, row, strict=True))
+    if "id" in d:
+        d["id"] = format_request_id(d["id"])
     for col in _BOOL_COLUMNS:
         if col in d and d[col] is not None:
             d[col] = bool(d[col])
@@ -346,21 +490,25 @@ def _query_sync(
     """Requests matching every given filter, newest first: ``{"data": [row, ...], "total": n}``.
 
     ``status`` is an exact status (404) or a class ("4xx"); ``since``/``until`` bound ``received_at``
-    (``since <= received_at < until``); ``total`` counts every match, ignoring limit/offset.
+    (``since <= received_at < until``); ``total`` counts every match, ignoring limit/offset. Newest
+    first is by id (arrival order): a walk down the primary key, no sort. Each row's ``"id"`` is
+    the 16-hex-digit form (`format_request_id`).
     """
     if limit < 0 or offset < 0:
         raise ValueError("limit and offset must be >= 0")
     where, args = _where(status=status, model=model, node=node, tenant=tenant, key_id=key_id, since=since, until=until)
     total = conn.execute(f"SELECT COUNT(*) FROM requests{where}", args).fetchone()[0]
     rows = conn.execute(
-        f"{_SELECT_REQUESTS}{where} ORDER BY received_at DESC, rowid DESC LIMIT ? OFFSET ?",
+        f"{_SELECT_REQUESTS}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
         [*args, int(limit), int(offset)],
     ).fetchall()
     return {"data": [_row_dict(REQUEST_COLUMNS, r) for r in rows], "total": total}
 
 
-def _get_sync(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
-    """One request by id, or None."""
+def _get_sync(conn: sqlite3.Connection, request_id: int) -> dict[str, Any] | None:
+    """One request by its integer id (`parse_request_id` reads the hex form), or None."""
+    if not 0 <= request_id < 1 << 63:  # 16 hex digits can name more than SQLite's integers hold
+        return None
     row = conn.execute(f"{_SELECT_REQUESTS} WHERE id = ?", (request_id,)).fetchone()
     return None if row is None else _row_dict(REQUEST_COLUMNS, row)
 
@@ -593,6 +741,9 @@ class RequestLog:
         self.deleted = 0
         """Rows removed by retention since start."""
         self.last_cleanup: float | None = None
+        self.newest_id = 0
+        """The largest request id stored when the log started (0 for an empty log). The writer seeds
+        `request_ids` with it, so ids handed out afterwards are larger than every stored one."""
         self.writer_cpus: list[int] | None = None
         """The CPUs the writer thread was moved to, when ``writer_cpus`` is set and that worked."""
 
@@ -701,7 +852,7 @@ class RequestLog:
         try:
             packed = self._pack(record)
         except (OverflowError, TypeError, ValueError) as exc:  # a value no row can hold; never the caller's problem
-            log.error("request log: dropping row %r: %s", record.id, exc)
+            log.error("request log: dropping row %s: %s", _show_id(record.id), exc)
             self.dropped += 1
             return
         q = self._q
@@ -758,6 +909,8 @@ class RequestLog:
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"database schema version {version} is newer than this Shardon ({SCHEMA_VERSION})")
             _create_schema(conn)
+            self.newest_id = int(conn.execute("SELECT max(id) FROM requests").fetchone()[0] or 0)
+            request_ids.seed(self.newest_id)
         except BaseException:
             conn.close()
             raise
@@ -875,7 +1028,7 @@ class RequestLog:
             try:
                 self._transaction(conn, [row], ())
             except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-                log.error("request log: dropping row %r: %s", _row_id(row), exc)
+                log.error("request log: dropping row %s: %s", _row_id(row), exc)
                 self.dropped += 1
         for entry in audits:
             try:
@@ -906,13 +1059,15 @@ class RequestLog:
         self.last_cleanup = time.time()
         if days <= 0:
             return
-        cutoff = self.last_cleanup - days * 86400.0
+        # By id, the primary key: every id below the floor of the cutoff is a row received before it
+        # (ids are in arrival order; there is no received_at index to search).
+        floor = request_id_floor(self.last_cleanup - days * 86400.0)
         removed = 0
         try:
             while True:
                 cur = conn.execute(
-                    "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE received_at < ? LIMIT ?)",
-                    (cutoff, _DELETE_CHUNK),
+                    "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE id < ? ORDER BY id LIMIT ?)",
+                    (floor, _DELETE_CHUNK),
                 )
                 removed += max(cur.rowcount, 0)
                 if cur.rowcount < _DELETE_CHUNK:
@@ -980,7 +1135,7 @@ class RequestLog:
             key_id=key_id,
         )
 
-    async def get(self, request_id: str) -> dict[str, Any] | None:
+    async def get(self, request_id: int) -> dict[str, Any] | None:
         """See `_get_sync`."""
         return await self._read(_get_sync, request_id)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -125,8 +126,19 @@ def make_mock() -> Iterator[Callable[..., Any]]:
         node.stop()
 
 
+# SHARDON_TEST_ENGINES narrows the engines (tests/test_twins.py runs the native one alone).
+ENGINES = tuple(os.environ.get("SHARDON_TEST_ENGINES", "native,granian").split(","))
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test runs on both HTTP engines: the native one (its common requests on
+    the callback path, shardon/fastpath.py) and granian (every request on the general path)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayThread]]:
+def make_gateway(tmp_path: Any, engine: str) -> Iterator[Callable[..., GatewayThread]]:
     gateways: list[GatewayThread] = []
 
     def make(raw: dict[str, Any] | None = None, **sections: Any) -> GatewayThread:
@@ -135,6 +147,7 @@ def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayThread]]:
         raw = dict(raw or {})
         raw.update(sections)
         server = dict(raw.get("server", {}))
+        server.setdefault("engine", engine)
         server.setdefault("port", free_port())
         server.setdefault("drain_timeout_s", 5)
         raw["server"] = server

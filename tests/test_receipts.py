@@ -5,17 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from typing import Any
 
 import msgspec
 import pytest
+from sse_impls import sse_impl
 
 from shardon.receipts import OutputHasher, receipt_for
-from shardon.store import RequestRecord
+from shardon.store import RequestRecord, format_request_id, request_id_floor
 
 TEXT_PARTS = ["Hé", "llo", ", 世界", " 🎉", "", " done.\nnew line", ' "quoted" \\ ']
 TEXT = "".join(TEXT_PARTS)
 USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+
+
+@pytest.fixture(autouse=True, params=["c", "py"])
+def hasher_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """Every test here runs on the compiled OutputHasher and on its pure-Python twin."""
+    cls = sse_impl(request.param).OutputHasher
+    monkeypatch.setattr(sys.modules[__name__], "OutputHasher", cls)
+    return cls
 
 
 def sha(text: str) -> str:
@@ -166,8 +176,9 @@ def test_sse_framing_edge_cases() -> None:
 
 
 def test_receipt_for_record_and_row() -> None:
+    request_id = request_id_floor(100.0) + 3
     r = RequestRecord(
-        id="abc",
+        id=request_id,
         received_at=100.0,
         queued_at=100.001,
         dispatched_at=100.5,
@@ -184,7 +195,7 @@ def test_receipt_for_record_and_row() -> None:
     )
     receipt = receipt_for(r)
     assert receipt == {
-        "request_id": "abc",
+        "request_id": "000000186a000003",  # the x-request-id form of the integer id
         "status": 200,
         "model": "m",
         "node": "n1",
@@ -203,7 +214,11 @@ def test_receipt_for_record_and_row() -> None:
         },
         "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
     }
+    assert format_request_id(request_id) == "000000186a000003"
     row = msgspec.structs.asdict(r)
+    assert receipt_for(row) == receipt  # a dict holding the integer id
+    row["id"] = format_request_id(request_id)  # a request-log row: the id already in hex
     assert receipt_for(row) == receipt
-    bare = receipt_for(RequestRecord(id="x", received_at=1.0))
+    bare = receipt_for(RequestRecord(id=request_id_floor(1.0), received_at=1.0))
     assert bare["timings"]["ttft_ms"] is None and bare["usage"]["total_tokens"] is None
+    assert bare["request_id"] == "000000003e800000"

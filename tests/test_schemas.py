@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+
+import pytest
+from sse_impls import sse_impl
 
 from shardon.schemas import UsageStripper, with_fields
+
+
+@pytest.fixture(params=["c", "py"])
+def stripper_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """The stripper tests run on the compiled UsageStripper and on its pure-Python twin."""
+    cls = sse_impl(request.param).UsageStripper
+    monkeypatch.setattr(sys.modules[__name__], "UsageStripper", cls)
+    return cls
 
 
 def _event(obj: object) -> bytes:
@@ -24,14 +36,14 @@ EXPECTED = (
 )
 
 
-def test_usage_event_and_null_fields_removed_at_any_chunk_boundary() -> None:
+def test_usage_event_and_null_fields_removed_at_any_chunk_boundary(stripper_impl: type) -> None:
     for cut in range(1, len(STREAM)):
         stripper = UsageStripper()
         out = stripper.feed(STREAM[:cut]) + stripper.feed(STREAM[cut:]) + stripper.flush()
         assert out == EXPECTED, cut
 
 
-def test_streams_without_usage_pass_untouched() -> None:
+def test_streams_without_usage_pass_untouched(stripper_impl: type) -> None:
     plain = _event({"choices": [{"index": 0, "text": "a"}]}) + b"data: [DONE]\n\n"
     stripper = UsageStripper()
     assert stripper.feed(plain) == plain

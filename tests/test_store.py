@@ -34,7 +34,9 @@ from shardon.store import (
     _stats_by_model_sync,
     _stats_by_tenant_sync,
     _stats_sync,
+    format_request_id,
     parse_status_filter,
+    request_id_floor,
 )
 
 BASE = 1_700_000_000.0
@@ -70,9 +72,19 @@ def count(path: Path, where: str = "") -> int:
         return int(conn.execute(f"SELECT COUNT(*) FROM requests {where}").fetchone()[0])
 
 
+def rid(i: int, t: float | None = None) -> int:
+    """The id `rec` gives request ``i`` (received at ``t``, default ``BASE + i``)."""
+    return request_id_floor(BASE + i if t is None else t) + i
+
+
+def hexid(i: int, t: float | None = None) -> str:
+    """`rid` as the rows show it."""
+    return format_request_id(rid(i, t))
+
+
 def rec(i: int, **kw: Any) -> RequestRecord:
-    kw.setdefault("id", f"r{i:05d}")
     kw.setdefault("received_at", BASE + i)
+    kw.setdefault("id", rid(i, kw["received_at"]))
     kw.setdefault("endpoint", "/v1/chat/completions")
     kw.setdefault("status", 200)
     return RequestRecord(**kw)
@@ -102,7 +114,9 @@ def test_config_validation() -> None:
 
 def test_record_defaults() -> None:
     a, b = RequestRecord(), RequestRecord()
-    assert len(a.id) == 32 and a.id != b.id
+    assert type(a.id) is int and b.id > a.id  # ids only increase
+    assert len(format_request_id(a.id)) == 16
+    assert request_id_floor(a.received_at - 1) <= a.id <= request_id_floor(a.received_at + 1)
     assert abs(a.received_at - time.time()) < 5
     assert a.status == 0 and a.stream is False and a.finished_at is None
 
@@ -144,7 +158,7 @@ def test_restart_keeps_rows(tmp_path: Path) -> None:
         with ro(rl2) as conn:
             assert _query_sync(conn)["total"] == 11
             assert _audit_entries_sync(conn)["total"] == 1
-            assert _get_sync(conn, "r00003") is not None
+            assert _get_sync(conn, rid(3)) is not None
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
 
@@ -183,11 +197,11 @@ def test_same_id_replaces_row_and_append_snapshots(rlog: RequestLog) -> None:
     r.finished_at = BASE + 2
     assert rlog.flush()
     with ro(rlog) as conn:
-        row = _get_sync(conn, "r00001")
+        row = _get_sync(conn, rid(1))
         assert row is not None and row["status"] == 0 and row["receipt"] is None
         rlog.append(r)  # the final version replaces the early one
         assert rlog.flush()
-        row = _get_sync(conn, "r00001")
+        row = _get_sync(conn, rid(1))
         assert row is not None and row["status"] == 200 and row["finished_at"] == BASE + 2
         assert _query_sync(conn)["total"] == 1
 
@@ -241,21 +255,30 @@ def test_bad_row_is_dropped_alone(rlog: RequestLog) -> None:
     assert rlog.dropped == 1
 
 
-def test_retention_deletes_old_rows(tmp_path: Path) -> None:
+def test_retention_deletes_old_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "_DELETE_CHUNK", 7)  # several DELETE statements
     rl = RequestLog(cfg(tmp_path, retention_days=1, cleanup_interval_s=0.05))
     rl.start()
     try:
         now = time.time()
         for i in range(30):
             rl.append(rec(i, received_at=now - 3 * 86400 - i))  # three days old
-        for i in range(30, 40):
-            rl.append(rec(i, received_at=now - 3600))  # one hour old
+        rl.append(rec(30, received_at=now - 86400 - 5))  # just past the retention
+        kept = [rec(i, received_at=now - 3600 + i) for i in range(40, 50)]  # one hour old
+        kept.append(rec(50, received_at=now - 86400 + 60))  # a minute inside the retention
+        for r in kept:
+            rl.append(r)
+        rl.audit("admin", "key.create", "k1", {})  # audit entries are kept
         assert rl.flush()
         deadline = time.monotonic() + 10
         while count(rl.path, f"WHERE received_at < {now - 86400}") and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert count(rl.path) == 10
-        assert rl.deleted == 30
+        assert count(rl.path) == 11
+        assert rl.deleted == 31
+        with ro(rl) as conn:
+            left = [r["id"] for r in _query_sync(conn)["data"]]
+            assert sorted(left) == sorted(format_request_id(r.id) for r in kept)
+            assert _audit_entries_sync(conn)["total"] == 1
     finally:
         rl.close()
 
@@ -282,8 +305,8 @@ def test_old_schema_gets_new_columns(tmp_path: Path) -> None:
             assert set(cols) == set(REQUEST_COLUMNS)
             assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            old = _get_sync(conn, "old")
-            assert old is not None and old["endpoint"] == "" and old["stream"] is False
+            old = _get_sync(conn, request_id_floor(1.0))  # rebuilt with an integer id (tests/test_store_migration.py)
+            assert old is not None and old["endpoint"] == "" and old["stream"] is False and old["status"] == 200
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -312,7 +335,9 @@ def test_filters_and_pagination(rlog: RequestLog) -> None:
 
         def ids(**kw: Any) -> tuple[int, list[int]]:
             page = _query_sync(conn, **kw)
-            return page["total"], [int(r["id"][1:]) for r in page["data"]]
+            got = [round(r["received_at"] - BASE) for r in page["data"]]
+            assert [r["id"] for r in page["data"]] == [hexid(i) for i in got]
+            return page["total"], got
 
         total, got = ids()
         assert total == 20 and got == list(range(19, -1, -1))  # newest first
@@ -334,6 +359,69 @@ def test_filters_and_pagination(rlog: RequestLog) -> None:
         assert ids(status="4xx", limit=3, offset=3) == (8, [12, 8, 7])
         with pytest.raises(ValueError):
             _query_sync(conn, status="6xx")
+
+
+def test_since_bound_keeps_rows_at_or_after_since(rlog: RequestLog) -> None:
+    """``since`` seeks the primary key (``id >= request_id_floor(since)``) and keeps the exact test."""
+    since = BASE + 100.2505  # the middle of a millisecond
+    floor = request_id_floor(since)
+    rows = {
+        "a second before": (BASE + 99.2505, None),
+        "earlier, same millisecond": (since - 0.0003, floor),  # id >= floor: only received_at excludes it
+        "a millisecond before": (since - 0.001, None),
+        "at since": (since, None),
+        "later, same millisecond": (since + 0.0003, floor + 5),
+        "next millisecond": (since + 0.001, None),
+        "an hour after": (since + 3600, None),
+        "counter carried on": (since + 0.0002, floor + 7 * (1 << 20)),  # id ahead of its time
+    }
+    for n, (t, request_id) in enumerate(rows.values()):
+        rlog.append(rec(n, received_at=t, id=request_id if request_id is not None else rid(n, t)))
+    assert rlog.flush()
+    expect = {"at since", "later, same millisecond", "next millisecond", "an hour after", "counter carried on"}
+    names = {t: name for name, (t, _) in rows.items()}
+    with ro(rlog) as conn:
+        page = _query_sync(conn, since=since)
+        assert {names[r["received_at"]] for r in page["data"]} == expect and page["total"] == len(expect)
+        ids = [r["id"] for r in page["data"]]
+        assert ids == sorted(ids, reverse=True)  # newest (largest id) first
+        assert _stats_sync(conn, since=since)["total"] == len(expect)
+        assert sum(d["requests"] for d in _stats_by_tenant_sync(conn, since=since)["data"]) == len(expect)
+        until = _query_sync(conn, since=since - 0.001, until=since)  # [since - 1 ms, since)
+        assert {names[r["received_at"]] for r in until["data"]} == {"earlier, same millisecond", "a millisecond before"}
+        assert _query_sync(conn)["total"] == len(rows)
+
+
+def _plans(conn: sqlite3.Connection, call: Any) -> list[tuple[str, str]]:
+    """``(sql, query plan)`` of every statement ``call()`` runs on ``conn``."""
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        call()
+    finally:
+        conn.set_trace_callback(None)
+    out = []
+    for sql in statements:
+        plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        out.append((sql, plan))
+    return out
+
+
+def test_listing_walks_the_primary_key(rlog: RequestLog) -> None:
+    """The admin listing is newest first by id: no sort (no temp B-tree), no index; ``since`` seeks."""
+    _dataset(rlog)
+    with ro(rlog) as conn:
+        default = [(sql, plan) for sql, plan in _plans(conn, lambda: _query_sync(conn)) if "ORDER BY" in sql]
+        assert len(default) == 1 and "ORDER BY id DESC" in default[0][0]
+        plan = default[0][1]
+        assert "TEMP B-TREE" not in plan and "INDEX" not in plan and plan.startswith("SCAN requests"), plan
+        for sql, plan in _plans(conn, lambda: _query_sync(conn, since=BASE + 5, model="m1")):
+            assert "USING INTEGER PRIMARY KEY (rowid>?)" in plan and "TEMP B-TREE" not in plan, (sql, plan)
+        for _, plan in _plans(conn, lambda: _stats_sync(conn, since=BASE + 5)):
+            assert "USING INTEGER PRIMARY KEY" in plan, plan
+        # errors (status <> 200) still use the partial index
+        errors = _plans(conn, lambda: _query_sync(conn, status=404))
+        assert all("idx_requests_errors" in plan for _, plan in errors), errors
 
 
 def test_row_shape_and_receipt(rlog: RequestLog) -> None:
@@ -359,9 +447,10 @@ def test_row_shape_and_receipt(rlog: RequestLog) -> None:
     rlog.append(rec(2))  # not finished
     assert rlog.flush()
     with ro(rlog) as conn:
-        row = _get_sync(conn, "r00001")
+        row = _get_sync(conn, rid(1))
         assert row is not None
         assert set(REQUEST_COLUMNS) <= set(row) and "receipt" in row and "node_id" in row
+        assert row["id"] == hexid(1) and row["receipt"]["request_id"] == hexid(1)  # as x-request-id shows it
         assert row["stream"] is True and row["overflow"] is False
         receipt = row["receipt"]
         assert receipt["node"] == "n1" and receipt["backend"] == "llama.cpp"
@@ -370,9 +459,10 @@ def test_row_shape_and_receipt(rlog: RequestLog) -> None:
         assert receipt["timings"]["queue_ms"] == 250.0
         assert receipt["timings"]["ttft_ms"] == 500.0
         assert receipt["timings"]["duration_ms"] == 2000.0
-        unfinished = _get_sync(conn, "r00002")
+        unfinished = _get_sync(conn, rid(2))
         assert unfinished is not None and unfinished["receipt"] is None
-        assert _get_sync(conn, "missing") is None
+        assert _get_sync(conn, rid(3)) is None
+        assert _get_sync(conn, parse_request_id("f" * 16)) is None  # beyond int64: no such row, no error
 
 
 def test_stats_percentiles_on_known_data(rlog: RequestLog) -> None:
@@ -493,7 +583,7 @@ def test_async_reads_run_off_the_loop(rlog: RequestLog) -> None:
         assert page["total"] == 8 and len(page["data"]) == 2
         assert seen and loop_thread not in seen
         results = await asyncio.gather(
-            rlog.get("r00003"),
+            rlog.get(rid(3)),
             rlog.stats(),
             rlog.stats_by_model(),
             rlog.stats_by_tenant(),
@@ -501,7 +591,7 @@ def test_async_reads_run_off_the_loop(rlog: RequestLog) -> None:
             rlog.query(model="m1", node="n1"),
         )
         one, stats, by_model, usage, audit, q = results
-        assert one is not None and one["id"] == "r00003"
+        assert one is not None and one["id"] == hexid(3)
         assert stats["total"] == 20 and len(by_model["data"]) == 2 and len(usage["data"]) == 2
         assert audit["total"] == 1 and q["total"] == 5
 
@@ -594,7 +684,28 @@ def test_other_admin_queries() -> None:
     assert parse_audit_query("limit=5") == {"limit": 5, "offset": 0}
     with pytest.raises(ValueError, match=r"^model: "):
         parse_audit_query("model=m")
-    assert parse_request_id("0123abcd" * 4) == "0123abcd" * 4
-    for bad in ("", "a/b", "x" * 129, "a b"):
-        with pytest.raises(ValueError, match=r"^id: "):
-            parse_request_id(bad)
+    assert parse_request_id("0123abcd" * 2) == 0x0123ABCD0123ABCD
+    assert parse_request_id("18BCFE569F400001") == 0x18BCFE569F400001  # either case
+    assert parse_request_id(format_request_id(rid(7))) == rid(7)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "a/b",
+        "0123abcd",  # too short
+        "0123abcd" * 2 + "0",  # too long
+        "x" * 16,
+        "0x23abcd0123abcd",  # int(..., 16) would take these four
+        "0123_abcd0123abc",
+        " 123abcd0123abcd",
+        "+123abcd0123abcd",
+        "\u0660" * 16,  # a non-ASCII digit
+        "r00001",  # an old text id
+        "0123abcd0123abcd0123abcd0123abcd",  # a uuid4 hex
+    ],
+)
+def test_parse_request_id_rejects_malformed_ids(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"^id: "):
+        parse_request_id(bad)

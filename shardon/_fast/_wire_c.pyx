@@ -28,9 +28,9 @@ import msgspec
 
 from shardon import errors
 from shardon.errors import PayloadTooLarge, ProtocolClosed, error_body
-from shardon.receipts import hash_response
-from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
-from shardon.store import RequestRecord
+from shardon.receipts import OutputHasher, hash_response
+from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, UsageStripper, routing_decoder, with_fields
+from shardon.store import RequestRecord, format_request_id
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 __all__ = [
@@ -217,8 +217,6 @@ cdef class Request:
     cpdef response_bytes(self, int status, list headers, bytes body):
         if self.response_started:
             raise RuntimeError("response already started")
-        self.response_started = self.response_done = True
-        self.status = status
         self.conn.send_response(self, status, headers, body)
 
     def response_str(self, int status, list headers, str body):
@@ -230,11 +228,9 @@ cdef class Request:
     def response_stream(self, int status, list headers):
         if self.response_started:
             raise RuntimeError("response already started")
-        self.response_started = True
-        self.status = status
+        self.conn.start_stream(self, status, headers)
         cdef ResponseStream stream = ResponseStream(self)
         self.stream = stream
-        self.conn.start_stream(self, status, headers)
         return stream
 
 
@@ -311,6 +307,9 @@ cdef class HTTPConnection:
         public str client
         public bint closed
         public Request current
+        public object drain_hook
+        public bint final
+        public Py_ssize_t head_raw
         public list drain_waiters
         public Py_ssize_t head_bytes
         public double head_started
@@ -346,6 +345,9 @@ cdef class HTTPConnection:
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiters = []
+        self.drain_hook = None
+        self.final = False  # the last request parsed ends the connection: read nothing more
+        self.head_raw = 0  # bytes received since the last head was complete
         self.closed = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -362,31 +364,49 @@ cdef class HTTPConnection:
 
     def data_received(self, data):
         cdef Request pending, request
+        if self.final:
+            return  # after a request that ends the connection (Connection: close, an upgrade)
+        if self.parsing is None:
+            self.head_raw += len(data)
         try:
             self.parser.feed_data(data)
-            pending = self.pending
-            if pending is not None:
-                # Its body did not come with its head: the application reads it as it arrives.
-                self.pending = None
-                self._start_app(pending)
         except _HttpParserUpgrade:
             # No protocol switch is offered: the request is answered, then the connection closes.
-            request = self.parsing
-            if request is not None:
-                self.parsing = None
-                request.keep_alive = False
-                request.body_done = True
-                request.wake_body()
-            pending = self.pending
-            if pending is not None:
-                self.pending = None
-                self._dispatch(pending)
+            self._end_reading()
         except _HttpParserError as exc:
+            if not self.final:  # (bytes after a Connection: close request are ignored)
+                self.pending = None
+                if self.head_bytes > _MAX_HEAD:
+                    self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+                else:
+                    self.reject(400, f"malformed HTTP request: {exc}")
+                return
+        pending = self.pending
+        if pending is not None:
+            # Its body did not come with its head: the application reads it as it arrives.
             self.pending = None
-            if self.head_bytes > _MAX_HEAD:
-                self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            if pending.body_done:
+                self._dispatch(pending)
             else:
-                self.reject(400, f"malformed HTTP request: {exc}")
+                self._start_app(pending)
+        if self.head_started and self.head_raw > _MAX_HEAD and not self.closed:
+            # A head still incomplete past the limit (httptools buffers a header line until it ends).
+            self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+    cdef _end_reading(self):
+        """No request after the last one parsed: it is answered, then the connection closes."""
+        self.final = True
+        cdef Request request = self.parsing
+        if request is not None:
+            self.parsing = None
+            request.body_done = True
+            request.wake_body()
+        if self.pipeline:
+            request = self.pipeline[len(self.pipeline) - 1]
+        else:
+            request = self.current
+        if request is not None:
+            request.keep_alive = False
 
     def eof_received(self):
         return None  # the transport closes itself; connection_lost tells the requests
@@ -415,6 +435,10 @@ cdef class HTTPConnection:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+        hook = self.drain_hook
+        if hook is not None:
+            self.drain_hook = None
+            hook()
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_url(self, bytes url):
@@ -456,8 +480,11 @@ cdef class HTTPConnection:
         self._url = b""
         self._headers = []
         self.head_bytes = 0
+        self.head_raw = 0
         self.head_started = 0.0
         self.parsing = request
+        if not request.keep_alive:
+            self.final = True  # whatever follows this request on the connection is not read
         if self.current is None:
             # Started when its body is in (usually later in this read), or at the end of the read.
             self.current = self.pending = request
@@ -513,6 +540,14 @@ cdef class HTTPConnection:
             await self.app(request, request)
         except Exception:
             log.exception("application error on %s %s", request.method, request.path)
+            if request.response_started and not request.response_done:
+                # A stream cut by an error: close without the terminating chunk, so the client
+                # sees the body was cut short rather than a complete one.
+                request.response_done = True
+                if self.current is request:
+                    self.current = None
+                self.close()
+                return
         if not request.response_started:
             if not request.disconnected:
                 body = error_body("the application sent no response", "server_error", "internal_error")
@@ -520,30 +555,30 @@ cdef class HTTPConnection:
             else:
                 self._response_complete(request)
         elif not request.response_done:
-            request.response_done = True  # a stream: it ends when the application returns
-            if not request.disconnected and not self.closed and request.chunked:
-                self.transport.write(b"0\r\n\r\n")
-            self._response_complete(request)
+            self.end_stream(request)  # a stream: it ends when the application returns
 
     # -- writing ----------------------------------------------------------------------------
     cdef bytes _head(self, Request request, int status, list headers, bytes framing):
         server = self.server
-        if server.draining:
+        if server.draining or not request.body_done:
+            # (A body not read to its end leaves the connection out of step: it closes.)
             request.keep_alive = False
-        return b"".join(
-            (
-                status_line(status),
-                _encode_headers(headers),
-                framing,
-                server.date_header,
-                b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n",
-            )
-        )
+        if not request.keep_alive:
+            end = b"connection: close\r\n\r\n"
+        elif request.http_version == "1.0":
+            end = b"connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        return b"".join((status_line(status), _encode_headers(headers), framing, server.date_header, end))
 
     cpdef send_response(self, Request request, int status, list headers, bytes body):
-        cdef bytes head
+        """Write a whole response (the head is built first: a bad header raises, nothing is sent)."""
+        cdef bytes head = None
         if not request.disconnected and not self.closed:
             head = self._head(request, status, headers, b"content-length: %d\r\n" % len(body))
+        request.response_started = request.response_done = True
+        request.status = status
+        if head is not None:
             transport = self.transport
             if not body or request.method == "HEAD":
                 transport.write(head)
@@ -554,17 +589,29 @@ cdef class HTTPConnection:
         self._response_complete(request)
 
     cpdef start_stream(self, Request request, int status, list headers):
-        if request.disconnected or self.closed:
-            return
+        """Write a streamed response's head (built first: a bad header raises, nothing is sent)."""
         cdef bytes framing
-        if request.http_version == "1.0":
-            # No chunked encoding in HTTP/1.0: the body ends when the connection does.
-            request.keep_alive = False
-            request.chunked = False
-            framing = b""
-        else:
-            framing = b"transfer-encoding: chunked\r\n"
-        self.transport.write(self._head(request, status, headers, framing))
+        cdef bytes head = None
+        if not request.disconnected and not self.closed:
+            if request.http_version == "1.0":
+                # No chunked encoding in HTTP/1.0: the body ends when the connection does.
+                request.keep_alive = False
+                request.chunked = False
+                framing = b""
+            else:
+                framing = b"transfer-encoding: chunked\r\n"
+            head = self._head(request, status, headers, framing)
+        request.response_started = True
+        request.status = status
+        if head is not None:
+            self.transport.write(head)
+
+    cpdef end_stream(self, Request request):
+        """The streamed response is over: the terminating chunk, then the next request."""
+        request.response_done = True
+        if not request.disconnected and not self.closed and request.chunked and request.method != "HEAD":
+            self.transport.write(b"0\r\n\r\n")
+        self._response_complete(request)
 
     cpdef write_chunk(self, Request request, bytes data):
         transport = self.transport
@@ -646,6 +693,7 @@ cdef class UpstreamConnection:
     """One keep-alive connection to a node, one request at a time."""
 
     cdef:
+        bint _held
         bint _keep_alive
         object _loop
         bint _paused
@@ -677,6 +725,7 @@ cdef class UpstreamConnection:
         self.reused = False
         self._waiter = None
         self._paused = False
+        self._held = False
         self.listener = None
         self._reset()
 
@@ -811,8 +860,19 @@ cdef class UpstreamConnection:
         self.buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
-            self.transport.resume_reading()
+            if not self._held:
+                self.transport.resume_reading()
         return data
+
+    cpdef hold(self, bint held):
+        """Stop (True) or restart (False) reading from the node: the caller's own flow control."""
+        if held == self._held or self.transport is None or self.closed:
+            return
+        self._held = held
+        if held:
+            self.transport.pause_reading()
+        elif not self._paused:
+            self.transport.resume_reading()
 
     async def response_head(self):
         while not self.headers_done:
@@ -836,6 +896,8 @@ cdef class UpstreamConnection:
     cpdef finish(self):
         """Give the connection back: pooled if the response completed cleanly, else closed."""
         self.in_use = False
+        if self._held:
+            self.hold(False)  # an idle connection must see the node close it
         if self.complete and self._keep_alive and not self.closed and self.error is None:
             self.reused = True
             self.pool._put_idle(self)
@@ -939,6 +1001,8 @@ cdef class NodePool:
 
 # == the callback path (shardon/fastpath.py) =========================================================
 
+cdef bytes _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
+
 
 @cython.final
 cdef class FastPath:
@@ -978,9 +1042,15 @@ cdef class FastPath:
             req = _decode_routing(body)
         except _MsgspecError:
             return False
-        if req.stream:
-            return False
         model = req.model
+        cdef bint stream = bool(req.stream)
+        cdef bint inject = False
+        if stream:
+            options = req.stream_options
+            if options is None:
+                inject = True  # ask the node for the stream's usage (the client will not see it)
+            elif not options.include_usage:
+                return False  # the general path rewrites the client's own stream_options
         scheduler = gateway.scheduler
         route = scheduler.routes.get(model)
         if route is None:
@@ -1005,12 +1075,19 @@ cdef class FastPath:
         if index < 0:
             return False
         node = gateway.registry.by_index[index]
-        cdef UpstreamConnection conn = (<NodePool>node.pool).take_idle()
-        if conn is None:
-            scheduler.release(index, route, tenant.name)
-            return False
         served = route.served_names.get(index, model)
-        cdef bytes payload = body if served == model else with_fields(body, model=served)
+        cdef bytes payload
+        if served != model:
+            fields = {"model": served}
+            if inject:
+                fields["stream_options"] = {"include_usage": True}
+            payload = with_fields(body, **fields)
+        elif inject:
+            # The same JSON object with one member more, without decoding and re-encoding it (the
+            # client sent no stream_options, so the key is not repeated).
+            payload = _INCLUDE_USAGE + body.lstrip()[1:]
+        else:
+            payload = body
         now = _time()
         key = principal.key
         rec = RequestRecord(
@@ -1025,6 +1102,7 @@ cdef class FastPath:
             backend=node.backend,
             model_file_sha256=node.model_file_sha256,
             priority=PRIORITY_NAMES[priority],
+            stream=stream,
             bytes_in=len(body),
             client_addr=request.client,
         )
@@ -1036,85 +1114,141 @@ cdef class FastPath:
         job.route = route
         job.index = index
         job.node = node
-        job.conn = conn
         job.principal = principal
         job.req = req
         job.body = body
         job.priority = priority
+        job.conn = None
+        job.connecting = None
+        job.head = node.request_head(method_path, len(payload))
+        job.payload = payload
+        job.is_stream = stream
+        if stream:
+            job.hasher = OutputHasher()
+            job.stripper = UsageStripper() if inject else None
+        else:
+            job.hasher = None
+            job.stripper = None
+        job.streaming = False
+        job.sent = 0
+        job.done = False
         job.started = _monotonic()
-        conn.listener = job
         request.on_lost = job.client_lost
-        conn.send(node.request_head(method_path, len(payload)), payload)
-        conn.wait_started = job.started  # the sweeper's read timeout applies from now
+        cdef NodePool pool = <NodePool>node.pool
+        cdef UpstreamConnection conn = pool.take_idle()
+        if conn is not None:
+            job.start(conn)
+        else:
+            # No idle connection: open one; the request is sent when it is up (or handed to the
+            # general path, with its retry rules, if it cannot be opened).
+            task = gateway.loop.create_task(pool.connect())
+            job.connecting = task
+            task.add_done_callback(job.connected)
         return True
 
 
 @cython.final
 cdef class FastRequest:
-    """One request on the callback path, from the node's answer to its record."""
+    """One request on the callback path, from the node's connection to its record."""
 
     cdef:
         public bytes body
         public UpstreamConnection conn
+        public object connecting
+        public bint done
         public object gateway
+        public object hasher
+        public bytes head
         public int index
+        public bint is_stream
         public object node
+        public bytes payload
         public object principal
         public int priority
         public object rec
         public object req
         public Request request
         public object route
+        public Py_ssize_t sent
         public double started
+        public bint streaming
+        public object stripper
 
-    def __init__(self, gateway, Request request, rec, route, int index, node, UpstreamConnection conn,
-                 principal, req, bytes body, int priority):
-        self.gateway = gateway
-        self.request = request
-        self.rec = rec
-        self.route = route
-        self.index = index
-        self.node = node
+    def __init__(self, *args, **kwargs):
+        raise TypeError("FastRequest objects are made by FastPath")
+
+    # -- the node's connection ------------------------------------------------------------------
+    cdef start(self, UpstreamConnection conn):
         self.conn = conn
-        self.principal = principal
-        self.req = req
-        self.body = body
-        self.priority = priority
-        self.started = _monotonic()
+        conn.listener = self
+        conn.send(self.head, self.payload)
+        conn.wait_started = _monotonic()  # the sweeper's read timeout applies from now
+
+    def connected(self, task):
+        self.connecting = None
+        if self.done:  # the client left meanwhile
+            if not task.cancelled() and task.exception() is None:
+                task.result().finish()
+            return
+        try:
+            conn = task.result()
+        except UpstreamError as exc:
+            self._hand_over(exc)
+            return
+        except BaseException as exc:  # cancelled at shutdown, or a bug
+            self._hand_over(UpstreamError(f"connect failed: {exc!r}", before_first_byte=True))
+            return
+        self.start(conn)
 
     cpdef upstream_event(self):
         """The node sent bytes, or the connection failed (called by `UpstreamConnection`)."""
         cdef UpstreamConnection conn = self.conn
+        if conn is None or self.done:
+            return
         cdef int status
         try:
             if conn.error is not None:
-                self._hand_over(conn.error)
-                return
-            if not conn.complete:
-                if conn.buffered > _WHOLE_LIMIT:
-                    self._hand_over(None)
+                if self.streaming:
+                    self._fail_stream(conn.error)
                 else:
-                    conn.wait_started = _monotonic()
+                    self._hand_over(conn.error)
+                return
+            if self.streaming:
+                self._relay(conn)
+                return
+            if not conn.headers_done:
+                conn.wait_started = _monotonic()
                 return
             status = conn.status
             if status >= 500 and self.gateway.max_retries > 0:
                 # The node refused before producing anything: the general path retries elsewhere.
-                self._hand_over(UpstreamError(f"node answered {status}", before_first_byte=True))
+                if conn.complete:
+                    self._hand_over(UpstreamError(f"node answered {status}", before_first_byte=True))
                 return
-            self._answer(conn, status)
+            if self.is_stream:
+                if conn.chunks or conn.complete:
+                    self._start_stream(conn, status)
+                return
+            if conn.complete:
+                self._answer(conn, status)
+            elif conn.buffered > _WHOLE_LIMIT:
+                self._hand_over(None)
+            else:
+                conn.wait_started = _monotonic()
         except Exception:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
-            fast_log.exception("request %s failed", self.rec.id)
+            fast_log.exception("request %s failed", format_request_id(self.rec.id))
             self._fail_internal()
 
+    # -- answers --------------------------------------------------------------------------------
     cdef _answer(self, UpstreamConnection conn, int status):
+        """A whole non-streamed answer: one write."""
         rec = self.rec
-        gateway = self.gateway
         cdef bytes data = conn.take()
         now = _time()
         rec.first_token_at = now
         rec.status = status
         cdef list headers = client_headers(conn.headers)
-        PyList_Append(headers, ("x-request-id", rec.id))
+        PyList_Append(headers, ("x-request-id", "%016x" % rec.id))
         PyList_Append(headers, ("x-shardon-node", self.node.id))
         if status == 200:
             sha, usage = hash_response(data)
@@ -1124,44 +1258,151 @@ cdef class FastRequest:
                 rec.prompt_tokens = usage.get("prompt_tokens")
                 rec.completion_tokens = usage.get("completion_tokens")
         rec.bytes_out = len(data)
-        conn.listener = None
-        conn.finish()
+        self._release_node(conn)
         cdef Request request = self.request
         request.on_lost = None
         request.response_bytes(status, headers, data)
-        gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
+        self._finish(now)
+
+    cdef _start_stream(self, UpstreamConnection conn, int status):
+        rec = self.rec
+        rec.first_token_at = _time()
+        rec.status = status
+        cdef list headers = client_headers(conn.headers)
+        PyList_Append(headers, ("x-request-id", "%016x" % rec.id))
+        PyList_Append(headers, ("x-shardon-node", self.node.id))
+        if status != 200:
+            self.hasher = None  # an error body: passed through as it is
+            self.stripper = None
+        cdef Request request = self.request
+        self.streaming = True
+        request.conn.start_stream(request, status, headers)
+        self._relay(conn)
+
+    cdef _relay(self, UpstreamConnection conn):
+        """Forward what arrived (as the node's bytes, minus a usage event the client did not ask for)."""
+        cdef bytes data = conn.take()
+        cdef Request request = self.request
+        cdef HTTPConnection http = request.conn
+        if data:
+            if self.hasher is not None:
+                self.hasher.feed_sse(data)
+            if self.stripper is not None:
+                data = self.stripper.feed(data)
+            if data:
+                self.sent += len(data)
+                http.write_chunk(request, data)
+        if not conn.complete:
+            conn.wait_started = _monotonic()
+            if http.write_paused and not http.closed:
+                # The client reads slower than the node writes: stop reading the node until it drains.
+                conn.hold(True)
+                http.drain_hook = self._client_drained
+            return
+        if self.stripper is not None:
+            tail = self.stripper.flush()
+            if tail:
+                self.sent += len(tail)
+                http.write_chunk(request, tail)
+        self._release_node(conn)
+        self._end_stream()
+
+    def _client_drained(self):
+        conn = self.conn
+        if conn is not None and not self.done:
+            conn.hold(False)
+
+    cdef _end_stream(self):
+        cdef Request request = self.request
+        request.on_lost = None
+        request.conn.end_stream(request)
+        self._finish(_time())
+
+    cdef _fail_stream(self, error):
+        """After the first byte: no silent retry; the client is told in-band and the stream ends."""
+        rec = self.rec
         node = self.node
-        if node.failures:
-            gateway.registry.record_success(node)
+        if not error.reused:
+            self.gateway.registry.record_failure(node, str(error))
+        rec.status = 502
+        rec.error_type = "upstream_error"
+        cdef Request request = self.request
+        if self.hasher is not None and not request.disconnected:
+            event = error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
+            request.conn.write_chunk(request, b"data: " + event + b"\n\n")
+        self._release_node(self.conn)
+        self._end_stream()
+
+    # -- endings --------------------------------------------------------------------------------
+    cdef _release_node(self, UpstreamConnection conn):
+        """Give the connection and the slot back (once)."""
+        if conn is not None:
+            conn.listener = None
+            conn.finish()
+        self.conn = None
+        self.gateway.scheduler.release(self.index, self.route, self.rec.tenant, _monotonic() - self.started)
+
+    cdef _finish(self, now):
+        """The record's last fields, then the log and metrics."""
+        self.done = True
+        rec = self.rec
+        hasher = self.hasher
+        if hasher is not None:
+            if 200 <= rec.status < 300:
+                rec.output_sha256 = hasher.hexdigest()
+            usage = hasher.usage
+            if usage:
+                rec.prompt_tokens = usage.get("prompt_tokens")
+                rec.completion_tokens = usage.get("completion_tokens")
+            else:
+                rec.completion_tokens = hasher.text_events
+            rec.bytes_out = self.sent
+        elif self.streaming:
+            rec.bytes_out = self.sent
+        node = self.node
+        if rec.status < 500 and node.failures:
+            self.gateway.registry.record_success(node)
         rec.finished_at = now
-        gateway.request_done(rec)
+        self.gateway.request_done(rec)
 
     def client_lost(self):
-        """The client disconnected while the node was working: stop it, free everything, log 499."""
+        """The client disconnected: stop the node (closing its connection stops the generation),
+        free the slot, log 499 (a started stream with the usage seen so far)."""
+        if self.done:
+            return
         cdef UpstreamConnection conn = self.conn
-        conn.listener = None
-        conn.close()  # stops the generation on the node
+        if conn is not None:
+            conn.listener = None
+            conn.close()
+        task = self.connecting
+        if task is not None:
+            task.cancel()
+            self.connecting = None
         rec = self.rec
         rec.status = 499
         rec.error_type = "client_disconnected"
-        gateway = self.gateway
-        gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
-        rec.finished_at = _time()
-        gateway.request_done(rec)
+        self.conn = None
+        self.gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
+        self._finish(_time())
 
     cdef _hand_over(self, error):
         """Let the general path finish: retry after ``error``, or relay a long answer (None)."""
+        self.done = True
         cdef UpstreamConnection conn = self.conn
-        conn.listener = None
-        if error is not None:
-            conn.finish()  # pooled again if the node answered cleanly (a 5xx), else closed
+        if conn is not None:
+            conn.listener = None
+            if error is not None:
+                conn.finish()  # pooled again if the node answered cleanly (a 5xx), else closed
+                self.conn = None
         self.request.on_lost = None
         self.gateway.resume(self, error)
 
     cdef _fail_internal(self):
         cdef UpstreamConnection conn = self.conn
-        conn.listener = None
-        conn.close()
+        if conn is not None:
+            conn.listener = None
+            conn.close()
+        self.conn = None
         rec = self.rec
         rec.status = 500
         rec.error_type = "internal_error"
@@ -1170,7 +1411,9 @@ cdef class FastRequest:
         if not request.response_started and not request.disconnected:
             internal = _ShardonError("internal error")
             request.response_bytes(500, internal.headers(), internal.body())
-        gateway = self.gateway
-        gateway.scheduler.release(self.index, self.route, rec.tenant)
+        elif request.response_started and not request.response_done:
+            request.conn.end_stream(request)
+        self.gateway.scheduler.release(self.index, self.route, rec.tenant)
+        self.done = True
         rec.finished_at = _time()
-        gateway.request_done(rec)
+        self.gateway.request_done(rec)

@@ -59,9 +59,9 @@ import msgspec
 
 from shardon import errors
 from shardon.errors import PayloadTooLarge, ProtocolClosed, error_body
-from shardon.receipts import hash_response
-from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
-from shardon.store import RequestRecord
+from shardon.receipts import OutputHasher, hash_response
+from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, UsageStripper, routing_decoder, with_fields
+from shardon.store import RequestRecord, format_request_id
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 __all__ = [
@@ -247,8 +247,6 @@ class Request:
     def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         if self.response_started:
             raise RuntimeError("response already started")
-        self.response_started = self.response_done = True
-        self.status = status
         self.conn.send_response(self, status, headers, body)
 
     def response_str(self, status: int, headers: list[tuple[str, str]], body: str) -> None:
@@ -260,10 +258,8 @@ class Request:
     def response_stream(self, status: int, headers: list[tuple[str, str]]) -> ResponseStream:
         if self.response_started:
             raise RuntimeError("response already started")
-        self.response_started = True
-        self.status = status
-        stream = self.stream = ResponseStream(self)
         self.conn.start_stream(self, status, headers)
+        stream = self.stream = ResponseStream(self)
         return stream
 
 
@@ -311,8 +307,11 @@ class HTTPConnection(asyncio.Protocol):
         "client",
         "closed",
         "current",
+        "drain_hook",
         "drain_waiters",
+        "final",
         "head_bytes",
+        "head_raw",
         "head_started",
         "idle_since",
         "loop",
@@ -347,6 +346,10 @@ class HTTPConnection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
+        # Called once when the client's socket drains (the callback path's flow control).
+        self.drain_hook: Callable[[], object] | None = None
+        self.final = False  # the last request parsed ends the connection: read nothing more
+        self.head_raw = 0  # bytes received since the last head was complete
         self.closed = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -362,31 +365,46 @@ class HTTPConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.final:
+            return  # after a request that ends the connection (Connection: close, an upgrade)
+        if self.parsing is None:
+            self.head_raw += len(data)
         try:
             self.parser.feed_data(data)
-            pending = self.pending
-            if pending is not None:
-                # Its body did not come with its head: the application reads it as it arrives.
-                self.pending = None
-                self._start_app(pending)
         except httptools.HttpParserUpgrade:
             # No protocol switch is offered: the request is answered, then the connection closes.
-            request = self.parsing
-            if request is not None:
-                self.parsing = None
-                request.keep_alive = False
-                request.body_done = True
-                request.wake_body()
-            pending = self.pending
-            if pending is not None:
-                self.pending = None
-                self._dispatch(pending)
+            self._end_reading()
         except httptools.HttpParserError as exc:
+            if not self.final:  # (bytes after a Connection: close request are ignored)
+                self.pending = None
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+                else:
+                    self.reject(400, f"malformed HTTP request: {exc}")
+                return
+        pending = self.pending
+        if pending is not None:
+            # Its body did not come with its head: the application reads it as it arrives.
             self.pending = None
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            if pending.body_done:
+                self._dispatch(pending)
             else:
-                self.reject(400, f"malformed HTTP request: {exc}")
+                self._start_app(pending)
+        if self.head_started and self.head_raw > MAX_HEAD_BYTES and not self.closed:
+            # A head still incomplete past the limit (httptools buffers a header line until it ends).
+            self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+    def _end_reading(self) -> None:
+        """No request after the last one parsed: it is answered, then the connection closes."""
+        self.final = True
+        request = self.parsing
+        if request is not None:
+            self.parsing = None
+            request.body_done = True
+            request.wake_body()
+        last = self.pipeline[-1] if self.pipeline else self.current
+        if last is not None:
+            last.keep_alive = False
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; connection_lost tells the requests
@@ -414,6 +432,10 @@ class HTTPConnection(asyncio.Protocol):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+        hook = self.drain_hook
+        if hook is not None:
+            self.drain_hook = None
+            hook()
 
     # -- httptools callbacks ----------------------------------------------------------------
     # (No on_message_begin: httptools skips the callbacks a protocol does not define, and the
@@ -452,8 +474,11 @@ class HTTPConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self.head_bytes = 0
+        self.head_raw = 0
         self.head_started = 0.0
         self.parsing = request
+        if not request.keep_alive:
+            self.final = True  # whatever follows this request on the connection is not read
         if self.current is None:
             # Started when its body is in (usually later in this read), or at the end of the read.
             self.current = self.pending = request
@@ -504,6 +529,14 @@ class HTTPConnection(asyncio.Protocol):
             await self.app(request, request)
         except Exception:
             log.exception("application error on %s %s", request.method, request.path)
+            if request.response_started and not request.response_done:
+                # A stream cut by an error: close without the terminating chunk, so the client
+                # sees the body was cut short rather than a complete one.
+                request.response_done = True
+                if self.current is request:
+                    self.current = None
+                self.close()
+                return
         if not request.response_started:
             if not request.disconnected:
                 body = error_body("the application sent no response", "server_error", "internal_error")
@@ -511,29 +544,30 @@ class HTTPConnection(asyncio.Protocol):
             else:
                 self._response_complete(request)
         elif not request.response_done:
-            request.response_done = True  # a stream: it ends when the application returns
-            if not request.disconnected and not self.closed and request.chunked:
-                self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-            self._response_complete(request)
+            self.end_stream(request)  # a stream: it ends when the application returns
 
     # -- writing ----------------------------------------------------------------------------
     def _head(self, request: Request, status: int, headers: list[tuple[str, str]], framing: bytes) -> bytes:
         server = self.server
-        if server.draining:
+        if server.draining or not request.body_done:
+            # (A body not read to its end leaves the connection out of step: it closes.)
             request.keep_alive = False
-        return b"".join(
-            (
-                status_line(status),
-                _encode_headers(headers),
-                framing,
-                server.date_header,
-                b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n",
-            )
-        )
+        if not request.keep_alive:
+            end = b"connection: close\r\n\r\n"
+        elif request.http_version == "1.0":
+            end = b"connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        return b"".join((status_line(status), _encode_headers(headers), framing, server.date_header, end))
 
     def send_response(self, request: Request, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Write a whole response (the head is built first: a bad header raises, nothing is sent)."""
+        head = None
         if not request.disconnected and not self.closed:
             head = self._head(request, status, headers, b"content-length: %d\r\n" % len(body))
+        request.response_started = request.response_done = True
+        request.status = status
+        if head is not None:
             transport = self.transport
             assert transport is not None
             if not body or request.method == "HEAD":
@@ -545,16 +579,28 @@ class HTTPConnection(asyncio.Protocol):
         self._response_complete(request)
 
     def start_stream(self, request: Request, status: int, headers: list[tuple[str, str]]) -> None:
-        if request.disconnected or self.closed:
-            return
-        if request.http_version == "1.0":
-            # No chunked encoding in HTTP/1.0: the body ends when the connection does.
-            request.keep_alive = False
-            request.chunked = False
-            framing = b""
-        else:
-            framing = b"transfer-encoding: chunked\r\n"
-        self.transport.write(self._head(request, status, headers, framing))  # type: ignore[union-attr]
+        """Write a streamed response's head (built first: a bad header raises, nothing is sent)."""
+        head = None
+        if not request.disconnected and not self.closed:
+            if request.http_version == "1.0":
+                # No chunked encoding in HTTP/1.0: the body ends when the connection does.
+                request.keep_alive = False
+                request.chunked = False
+                framing = b""
+            else:
+                framing = b"transfer-encoding: chunked\r\n"
+            head = self._head(request, status, headers, framing)
+        request.response_started = True
+        request.status = status
+        if head is not None:
+            self.transport.write(head)  # type: ignore[union-attr]
+
+    def end_stream(self, request: Request) -> None:
+        """The streamed response is over: the terminating chunk, then the next request."""
+        request.response_done = True
+        if not request.disconnected and not self.closed and request.chunked and request.method != "HEAD":
+            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        self._response_complete(request)
 
     def write_chunk(self, request: Request, data: bytes) -> None:
         transport = self.transport
@@ -634,6 +680,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a node, one request at a time (see the module docstring)."""
 
     __slots__ = (
+        "_held",
         "_keep_alive",
         "_loop",
         "_paused",
@@ -666,6 +713,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._held = False
         self.listener: Any = None
         self._reset()
 
@@ -787,8 +835,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
-            self.transport.resume_reading()
+            if not self._held:
+                self.transport.resume_reading()
         return data
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or restart (False) reading from the node: the caller's own flow control."""
+        if held == self._held or self.transport is None or self.closed:
+            return
+        self._held = held
+        if held:
+            self.transport.pause_reading()
+        elif not self._paused:
+            self.transport.resume_reading()
 
     async def response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         while not self.headers_done:
@@ -812,6 +871,8 @@ class UpstreamConnection(asyncio.Protocol):
     def finish(self) -> None:
         """Give the connection back: pooled if the response completed cleanly, else closed."""
         self.in_use = False
+        if self._held:
+            self.hold(False)  # an idle connection must see the node close it
         if self.complete and self._keep_alive and not self.closed and self.error is None:
             self.reused = True
             self.pool._put_idle(self)
@@ -929,6 +990,8 @@ class NodePool:
 
 # == the callback path (shardon/fastpath.py) =========================================================
 
+_INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
+
 
 class FastPath:
     """Decides, for a request whose body has arrived, whether the callback path can serve it."""
@@ -961,9 +1024,15 @@ class FastPath:
             req = routing_decoder.decode(body)
         except msgspec.MsgspecError:
             return False
-        if req.stream:
-            return False
         model = req.model
+        stream = bool(req.stream)
+        inject = False
+        if stream:
+            options = req.stream_options
+            if options is None:
+                inject = True  # ask the node for the stream's usage (the client will not see it)
+            elif not options.include_usage:
+                return False  # the general path rewrites the client's own stream_options
         scheduler = gateway.scheduler
         route = scheduler.routes.get(model)
         if route is None:
@@ -986,12 +1055,18 @@ class FastPath:
         if index < 0:
             return False
         node = gateway.registry.by_index[index]
-        conn = node.pool.take_idle()
-        if conn is None:
-            scheduler.release(index, route, tenant.name)
-            return False
         served = route.served_names.get(index, model)
-        payload = body if served == model else with_fields(body, model=served)
+        if served != model:
+            fields: dict[str, Any] = {"model": served}
+            if inject:
+                fields["stream_options"] = {"include_usage": True}
+            payload = with_fields(body, **fields)
+        elif inject:
+            # The same JSON object with one member more, without decoding and re-encoding it (the
+            # client sent no stream_options, so the key is not repeated).
+            payload = _INCLUDE_USAGE + body.lstrip()[1:]
+        else:
+            payload = body
         now = time.time()
         rec = RequestRecord(
             id=gateway.next_id(now),
@@ -1005,34 +1080,54 @@ class FastPath:
             backend=node.backend,
             model_file_sha256=node.model_file_sha256,
             priority=PRIORITY_NAMES[priority],
+            stream=stream,
             bytes_in=len(body),
             client_addr=request.client,
         )
         gateway.in_flight += 1
-        job = FastRequest(gateway, request, rec, route, index, node, conn, principal, req, body, priority)
-        conn.listener = job
+        job = FastRequest(gateway, request, rec, route, index, node, principal, req, body, priority)
+        job.head = node.request_head(method_path, len(payload))
+        job.payload = payload
+        if stream:
+            job.hasher = OutputHasher()
+            if inject:
+                job.stripper = UsageStripper()
         request.on_lost = job.client_lost
-        conn.send(node.request_head(method_path, len(payload)), payload)
-        conn.wait_started = time.monotonic()  # the sweeper's read timeout applies from now
+        conn = node.pool.take_idle()
+        if conn is not None:
+            job.start(conn)
+        else:
+            # No idle connection: open one; the request is sent when it is up (or handed to the
+            # general path, with its retry rules, if it cannot be opened).
+            job.connecting = task = gateway.loop.create_task(node.pool.connect())
+            task.add_done_callback(job.connected)
         return True
 
 
 class FastRequest:
-    """One request on the callback path, from the node's answer to its record."""
+    """One request on the callback path, from the node's connection to its record."""
 
     __slots__ = (
         "body",
         "conn",
+        "connecting",
+        "done",
         "gateway",
+        "hasher",
+        "head",
         "index",
         "node",
+        "payload",
         "principal",
         "priority",
         "rec",
         "req",
         "request",
         "route",
+        "sent",
         "started",
+        "streaming",
+        "stripper",
     )
 
     def __init__(
@@ -1043,7 +1138,6 @@ class FastRequest:
         route: Any,
         index: int,
         node: Any,
-        conn: UpstreamConnection,
         principal: Any,
         req: Any,
         body: bytes,
@@ -1055,44 +1149,91 @@ class FastRequest:
         self.route = route
         self.index = index
         self.node = node
-        self.conn = conn
         self.principal = principal
         self.req = req
         self.body = body
         self.priority = priority
+        self.conn: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.head = b""
+        self.payload = b""
+        self.hasher: OutputHasher | None = None
+        self.stripper: UsageStripper | None = None
+        self.streaming = False  # the client's response has started
+        self.sent = 0
+        self.done = False
         self.started = time.monotonic()
+
+    # -- the node's connection ------------------------------------------------------------------
+    def start(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.listener = self
+        conn.send(self.head, self.payload)
+        conn.wait_started = time.monotonic()  # the sweeper's read timeout applies from now
+
+    def connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.connecting = None
+        if self.done:  # the client left meanwhile
+            if not task.cancelled() and task.exception() is None:
+                task.result().finish()
+            return
+        try:
+            conn = task.result()
+        except UpstreamError as exc:
+            self._hand_over(exc)
+            return
+        except BaseException as exc:  # cancelled at shutdown, or a bug
+            self._hand_over(UpstreamError(f"connect failed: {exc!r}", before_first_byte=True))
+            return
+        self.start(conn)
 
     def upstream_event(self) -> None:
         """The node sent bytes, or the connection failed (called by `UpstreamConnection`)."""
         conn = self.conn
+        if conn is None or self.done:
+            return
         try:
             if conn.error is not None:
-                self._hand_over(conn.error)
-                return
-            if not conn.complete:
-                if conn.buffered > _WHOLE_LIMIT:
-                    self._hand_over(None)
+                if self.streaming:
+                    self._fail_stream(conn.error)
                 else:
-                    conn.wait_started = time.monotonic()
+                    self._hand_over(conn.error)
+                return
+            if self.streaming:
+                self._relay(conn)
+                return
+            if not conn.headers_done:
+                conn.wait_started = time.monotonic()
                 return
             status = conn.status
             if status >= 500 and self.gateway.max_retries > 0:
                 # The node refused before producing anything: the general path retries elsewhere.
-                self._hand_over(UpstreamError(f"node answered {status}", before_first_byte=True))
+                if conn.complete:
+                    self._hand_over(UpstreamError(f"node answered {status}", before_first_byte=True))
                 return
-            self._answer(conn, status)
+            if self.rec.stream:
+                if conn.chunks or conn.complete:
+                    self._start_stream(conn, status)
+                return
+            if conn.complete:
+                self._answer(conn, status)
+            elif conn.buffered > _WHOLE_LIMIT:
+                self._hand_over(None)
+            else:
+                conn.wait_started = time.monotonic()
         except Exception:  # a bug: answer 500 in OpenAI's shape, log it, lose nothing
-            fast_log.exception("request %s failed", self.rec.id)
+            fast_log.exception("request %s failed", format_request_id(self.rec.id))
             self._fail_internal()
 
+    # -- answers --------------------------------------------------------------------------------
     def _answer(self, conn: UpstreamConnection, status: int) -> None:
+        """A whole non-streamed answer: one write."""
         rec = self.rec
-        gateway = self.gateway
         data = conn.take()
         rec.first_token_at = now = time.time()
         rec.status = status
         headers = client_headers(conn.headers)
-        headers.append(("x-request-id", rec.id))
+        headers.append(("x-request-id", format_request_id(rec.id)))
         headers.append(("x-shardon-node", self.node.id))
         if status == 200:
             sha, usage = hash_response(data)
@@ -1102,44 +1243,148 @@ class FastRequest:
                 rec.prompt_tokens = usage.get("prompt_tokens")
                 rec.completion_tokens = usage.get("completion_tokens")
         rec.bytes_out = len(data)
-        conn.listener = None
-        conn.finish()
+        self._release_node(conn)
         request = self.request
         request.on_lost = None
         request.response_bytes(status, headers, data)
-        gateway.scheduler.release(self.index, self.route, rec.tenant, time.monotonic() - self.started)
+        self._finish(now)
+
+    def _start_stream(self, conn: UpstreamConnection, status: int) -> None:
+        rec = self.rec
+        rec.first_token_at = time.time()
+        rec.status = status
+        headers = client_headers(conn.headers)
+        headers.append(("x-request-id", format_request_id(rec.id)))
+        headers.append(("x-shardon-node", self.node.id))
+        if status != 200:
+            self.hasher = self.stripper = None  # an error body: passed through as it is
+        request = self.request
+        self.streaming = True
+        request.conn.start_stream(request, status, headers)
+        self._relay(conn)
+
+    def _relay(self, conn: UpstreamConnection) -> None:
+        """Forward what arrived (as the node's bytes, minus a usage event the client did not ask for)."""
+        data = conn.take()
+        request = self.request
+        http = request.conn
+        if data:
+            if self.hasher is not None:
+                self.hasher.feed_sse(data)
+            if self.stripper is not None:
+                data = self.stripper.feed(data)
+            if data:
+                self.sent += len(data)
+                http.write_chunk(request, data)
+        if not conn.complete:
+            conn.wait_started = time.monotonic()
+            if http.write_paused and not http.closed:
+                # The client reads slower than the node writes: stop reading the node until it drains.
+                conn.hold(True)
+                http.drain_hook = self._client_drained
+            return
+        if self.stripper is not None and (tail := self.stripper.flush()):
+            self.sent += len(tail)
+            http.write_chunk(request, tail)
+        self._release_node(conn)
+        self._end_stream()
+
+    def _client_drained(self) -> None:
+        conn = self.conn
+        if conn is not None and not self.done:
+            conn.hold(False)
+
+    def _end_stream(self) -> None:
+        request = self.request
+        request.on_lost = None
+        request.conn.end_stream(request)
+        self._finish(time.time())
+
+    def _fail_stream(self, error: UpstreamError) -> None:
+        """After the first byte: no silent retry; the client is told in-band and the stream ends."""
+        rec = self.rec
         node = self.node
-        if node.failures:
-            gateway.registry.record_success(node)
+        if not error.reused:
+            self.gateway.registry.record_failure(node, str(error))
+        rec.status = 502
+        rec.error_type = "upstream_error"
+        request = self.request
+        if self.hasher is not None and not request.disconnected:
+            event = error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
+            request.conn.write_chunk(request, b"data: " + event + b"\n\n")
+        self._release_node(self.conn)
+        self._end_stream()
+
+    # -- endings --------------------------------------------------------------------------------
+    def _release_node(self, conn: UpstreamConnection | None) -> None:
+        """Give the connection and the slot back (once)."""
+        if conn is not None:
+            conn.listener = None
+            conn.finish()
+        self.conn = None
+        self.gateway.scheduler.release(self.index, self.route, self.rec.tenant, time.monotonic() - self.started)
+
+    def _finish(self, now: float) -> None:
+        """The record's last fields, then the log and metrics."""
+        self.done = True
+        rec = self.rec
+        hasher = self.hasher
+        if hasher is not None:
+            if 200 <= rec.status < 300:
+                rec.output_sha256 = hasher.hexdigest()
+            usage = hasher.usage
+            if usage:
+                rec.prompt_tokens = usage.get("prompt_tokens")
+                rec.completion_tokens = usage.get("completion_tokens")
+            else:
+                rec.completion_tokens = hasher.text_events
+            rec.bytes_out = self.sent
+        elif self.streaming:
+            rec.bytes_out = self.sent
+        node = self.node
+        if rec.status < 500 and node.failures:
+            self.gateway.registry.record_success(node)
         rec.finished_at = now
-        gateway.request_done(rec)
+        self.gateway.request_done(rec)
 
     def client_lost(self) -> None:
-        """The client disconnected while the node was working: stop it, free everything, log 499."""
+        """The client disconnected: stop the node (closing its connection stops the generation),
+        free the slot, log 499 (a started stream with the usage seen so far)."""
+        if self.done:
+            return
         conn = self.conn
-        conn.listener = None
-        conn.close()  # stops the generation on the node
+        if conn is not None:
+            conn.listener = None
+            conn.close()
+        task = self.connecting
+        if task is not None:
+            task.cancel()
+            self.connecting = None
         rec = self.rec
         rec.status = 499
         rec.error_type = "client_disconnected"
-        gateway = self.gateway
-        gateway.scheduler.release(self.index, self.route, rec.tenant, time.monotonic() - self.started)
-        rec.finished_at = time.time()
-        gateway.request_done(rec)
+        self.conn = None
+        self.gateway.scheduler.release(self.index, self.route, rec.tenant, time.monotonic() - self.started)
+        self._finish(time.time())
 
     def _hand_over(self, error: UpstreamError | None) -> None:
         """Let the general path finish: retry after ``error``, or relay a long answer (None)."""
+        self.done = True
         conn = self.conn
-        conn.listener = None
-        if error is not None:
-            conn.finish()  # pooled again if the node answered cleanly (a 5xx), else closed
+        if conn is not None:
+            conn.listener = None
+            if error is not None:
+                conn.finish()  # pooled again if the node answered cleanly (a 5xx), else closed
+                self.conn = None
         self.request.on_lost = None
         self.gateway.resume(self, error)
 
     def _fail_internal(self) -> None:
         conn = self.conn
-        conn.listener = None
-        conn.close()
+        if conn is not None:
+            conn.listener = None
+            conn.close()
+        self.conn = None
         rec = self.rec
         rec.status = 500
         rec.error_type = "internal_error"
@@ -1148,7 +1393,9 @@ class FastRequest:
         if not request.response_started and not request.disconnected:
             internal = errors.ShardonError("internal error")
             request.response_bytes(500, internal.headers(), internal.body())
-        gateway = self.gateway
-        gateway.scheduler.release(self.index, self.route, rec.tenant)
+        elif request.response_started and not request.response_done:
+            request.conn.end_stream(request)
+        self.gateway.scheduler.release(self.index, self.route, rec.tenant)
+        self.done = True
         rec.finished_at = time.time()
-        gateway.request_done(rec)
+        self.gateway.request_done(rec)

@@ -46,6 +46,7 @@ class NativeServer:
         max_body: int = 1 << 20,
         keepalive_timeout_s: float = 75.0,
         header_timeout_s: float = 30.0,
+        connection_class: Callable[[NativeServer], Any] = HTTPConnection,
     ) -> None:
         self.app = app
         self.host = host
@@ -54,7 +55,9 @@ class NativeServer:
         self.max_body = max_body
         self.keepalive_timeout_s = keepalive_timeout_s
         self.header_timeout_s = header_timeout_s
-        self.connections: set[HTTPConnection] = set()
+        # One protocol object per client connection (the compiled wire class, or a twin in tests).
+        self.connection_class = connection_class
+        self.connections: set[Any] = set()
         self.draining = False
         self.date_header = _date_header()
         # The application's callback path for whole requests (shardon/fastpath.py), if it has one:
@@ -68,8 +71,9 @@ class NativeServer:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stopped = self.loop.create_future()
+        connection_class = self.connection_class
         self._server = await self.loop.create_server(
-            lambda: HTTPConnection(self), self.host, self.port, backlog=self.backlog, reuse_address=True
+            lambda: connection_class(self), self.host, self.port, backlog=self.backlog, reuse_address=True
         )
         sockets = self._server.sockets or ()
         if sockets and self.port == 0:

@@ -103,13 +103,24 @@ def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_pat
     for name, request_id in ids.items():
         row = one_row(gw, request_id)
         assert row["status"] == expected[name], (name, row)
+        assert row["id"] == request_id  # the row shows the id as the client got it
         assert row["finished_at"] >= row["received_at"]
+    # ids are 16 hex digits in arrival order (the request log's integer key)
+    order = ["ok", "bad", "unauth", "unknown", "limited"]
+    assert [ids[n] for n in order] == sorted(ids[n] for n in order)
+    assert all(len(ids[n]) == 16 and int(ids[n], 16) > 0 for n in order)
     ok = one_row(gw, ids["ok"])
     assert ok["model"] == "m1" and ok["node_id"] == "n" and ok["tenant"] == "t" and ok["key_id"] == "ku"
     assert ok["prompt_tokens"] >= 1 and ok["completion_tokens"] == 3
     assert ok["receipt"]["output_sha256"] == hashlib.sha256(text.encode()).hexdigest()
     assert one_row(gw, ids["deadline"])["error_type"] == "queue_timeout"
     assert one_row(gw, ids["midstream"])["error_type"] == "upstream_error"
+    # a malformed id is a 400 on the id; a well-formed unknown one a 404
+    for bad in ("nope", ids["ok"] + "0", ids["ok"][:-1], "0x" + ids["ok"][2:]):
+        status, _, body = call(gw.url, "GET", f"/admin/requests/{bad}")
+        assert status == 400 and body["error"]["param"] == "id", (bad, body)
+    status, _, body = call(gw.url, "GET", f"/admin/requests/{'f' * 15}0")
+    assert status == 404 and "f" * 15 + "0" in body["error"]["message"], body
     gone = wait_until(lambda: rows(gw, "status=499")["data"])
     assert len(gone) == 1 and gone[0]["stream"] is True
     # Exactly one row per request: the total is what was sent
@@ -163,7 +174,11 @@ def test_burst_of_5000_loses_no_row_and_survives_restart(make_mock: Any, make_ga
     page2 = rows(gw2, "limit=100&offset=100")["data"]
     assert len(page1) == len(page2) == 100
     assert not {r["id"] for r in page1} & {r["id"] for r in page2}
+    ids = [r["id"] for r in page1 + page2]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 200  # newest first, by id
     assert [r["received_at"] for r in page1] == sorted((r["received_at"] for r in page1), reverse=True)
+    assert one_row(gw2, page2[-1]["id"])["received_at"] == page2[-1]["received_at"]  # found by its hex id
+    assert gw2.call(lambda: gw2.gateway.request_log.newest_id) == int(page1[0]["id"], 16)  # restart seeded it
 
 
 def test_filters_stats_and_usage_report(make_mock: Any, make_gateway: Any) -> None:

@@ -1,0 +1,225 @@
+# cython: language_level=3
+"""What Shardon reads in a streamed (SSE) answer, compiled: the same as ``_sse_py.py`` (read it).
+
+Both classes run once per chunk of every stream (tens of thousands of chunks a second under load),
+where the Python twins' slicing, method calls and attribute traffic cost more than the JSON decode
+itself. The decoders, the lenient fallback and the text extraction are shared with the twin.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr
+
+import hashlib
+
+import msgspec
+
+from shardon._fast._sse_py import _ANY_DECODER, choice0_text, decode_event, is_usage_only
+
+__all__ = ["OutputHasher", "UsageStripper"]
+
+cdef object _ValidationError = msgspec.ValidationError
+cdef object _DecodeError = msgspec.DecodeError
+cdef object _sha256 = hashlib.sha256
+
+
+cdef inline Py_ssize_t _count_newlines(bytes data):
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t count = 0
+    cdef const char* hit
+    while n > 0:
+        hit = <const char*>memchr(p, 10, n)
+        if hit == NULL:
+            break
+        count += 1
+        n -= (hit - p) + 1
+        p = hit + 1
+    return count
+
+
+@cython.final
+cdef class OutputHasher:
+    """Incremental SHA-256 of the text generated for choice 0 (see ``_sse_py.py``)."""
+
+    cdef:
+        bytearray _buf
+        list _data
+        object _hash
+        public int bad_events
+        public bint done
+        public int events
+        public int text_events
+        public object usage
+
+    def __init__(self):
+        self._hash = _sha256()
+        self._buf = bytearray()
+        self._data = []
+        self.usage = None
+        self.events = 0
+        self.text_events = 0
+        self.bad_events = 0
+        self.done = False
+
+    def feed_json(self, body):
+        """Hash choice 0 of a complete (non-streamed) chat or completions response body."""
+        ev = self._decode(body if isinstance(body, (bytes, str)) else bytes(body))
+        if ev is not None:
+            self._take(ev)
+
+    cpdef feed_sse(self, chunk):
+        """Feed one network chunk of an SSE stream (any boundaries)."""
+        if not chunk:
+            return
+        cdef bytes data
+        if type(chunk) is bytes:
+            data = <bytes>chunk
+        else:
+            data = bytes(chunk)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef const char* p = PyBytes_AS_STRING(data)
+        if (
+            not self._buf
+            and not self._data
+            and n >= 8
+            and p[0] == b"d" and p[1] == b"a" and p[2] == b"t" and p[3] == b"a" and p[4] == b":" and p[5] == b" "
+            and p[n - 1] == b"\n" and p[n - 2] == b"\n"
+            and _count_newlines(data) == 2
+            and memchr(p, 13, n) == NULL
+        ):
+            # The usual chunk: exactly one whole event on one data line.
+            self._payload(data[6 : n - 2])
+            return
+        if memchr(p, 10, n) == NULL:
+            self._buf += data  # no line ends here: no re-scan later
+            return
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        cdef list lines = data.split(b"\n")
+        cdef bytes tail = lines.pop()
+        if tail:
+            self._buf += tail
+        cdef list pending = self._data
+        cdef bytes line, value
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[: len(line) - 1]
+            if not line:
+                if pending:
+                    self._dispatch()
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                if value.startswith(b" "):
+                    value = value[1:]
+                pending.append(value)
+
+    def finish(self):
+        """End of stream: process a last event that was not followed by a blank line. Idempotent."""
+        cdef bytes line, value
+        if self._buf:
+            line = bytes(self._buf).rstrip(b"\r")
+            self._buf.clear()
+            if line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+        if self._data:
+            self._dispatch()
+
+    def hexdigest(self):
+        """The hex SHA-256 of the text hashed so far (calls `finish()` first)."""
+        self.finish()
+        return self._hash.hexdigest()
+
+    cdef _dispatch(self):
+        cdef list pending = self._data
+        cdef list payloads
+        if len(pending) == 1:
+            payloads = [pending[0]]
+        else:
+            joined = b"\n".join(pending)
+            # Per SSE, several data lines form one payload; a server that omits blank lines between
+            # events yields several JSON documents instead: decode them one by one.
+            payloads = [joined] if _decodes(joined) else list(pending)
+        pending.clear()
+        for payload in payloads:
+            self._payload(payload)
+
+    cdef _payload(self, bytes payload):
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return
+        ev = self._decode(payload)
+        if ev is not None:
+            self._take(ev)
+
+    cdef _decode(self, payload):
+        ev = decode_event(payload)
+        if ev is None:
+            self.bad_events += 1
+        return ev
+
+    cdef _take(self, ev):
+        self.events += 1
+        usage = ev.usage
+        if usage is not None:
+            self.usage = usage
+        text = choice0_text(ev)
+        if text:
+            self.text_events += 1
+            self._hash.update(text.encode())
+
+
+cdef bint _decodes(bytes payload):
+    try:
+        _ANY_DECODER.decode(payload)
+    except _DecodeError:
+        return False
+    return True
+
+
+@cython.final
+cdef class UsageStripper:
+    """Removes the usage-only SSE event Shardon asked the node for (see ``_sse_py.py``)."""
+
+    cdef bytes _pending
+
+    def __init__(self):
+        self._pending = b""
+
+    cpdef bytes feed(self, bytes data):
+        if self._pending:
+            data = self._pending + data
+        cdef Py_ssize_t end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        cdef bytes complete
+        if end + 2 == len(data):
+            complete = data
+            self._pending = b""
+        else:
+            complete = data[: end + 2]
+            self._pending = data[end + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        if b'"usage":null' in complete:
+            # Nodes that honour include_usage add "usage": null to every chunk (as OpenAI does),
+            # usually as the last member. Unescaped quotes only occur in JSON structure, never
+            # inside a string value.
+            complete = complete.replace(b',"usage":null', b"")
+            if b'"usage"' not in complete:
+                return complete  # the usual chunk: nothing else to look at
+            complete = complete.replace(b'"usage":null,', b"")
+            if b'"usage"' not in complete:
+                return complete
+        kept = [event for event in complete.split(b"\n\n") if event and not is_usage_only(event)]
+        return b"".join([event + b"\n\n" for event in kept])
+
+    cpdef bytes flush(self):
+        cdef bytes rest = self._pending
+        self._pending = b""
+        return rest
