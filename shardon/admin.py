@@ -214,6 +214,7 @@ class Admin:
             body["request_log"] = {
                 "path": str(gw.request_log.path),
                 "pending": gw.request_log.pending,
+                "backlog_bytes": gw.request_log.backlog_bytes,
                 "written": gw.request_log.written,
                 "dropped": gw.request_log.dropped,
             }

@@ -386,11 +386,28 @@ class Gateway:
             self.request_done(rec)
 
     def request_done(self, rec: RequestRecord) -> None:
-        """A request has ended, whichever path served it: count it out, log it."""
+        """A request has ended, whichever path served it: count it out, log it, measure it."""
         self.in_flight -= 1
         if self.in_flight == 0 and self.draining:
             self._idle.set()
-        self._finish(rec)
+        if self.request_log is not None:
+            self.request_log.append(rec)
+        self.metrics.observe_request(rec)
+        for hook in self.on_finish:
+            hook(rec)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
+                rec.client_addr,
+                "POST",
+                rec.endpoint,
+                rec.status,
+                rec.model,
+                rec.tenant,
+                rec.node_id,
+                ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
+                format_request_id(rec.id),
+            )
 
     def resume(self, job: FastRequest, error: UpstreamError | None) -> None:
         """Finish a callback-path request here: retry after ``error``, or relay a long answer."""
@@ -428,26 +445,6 @@ class Gateway:
                 self.registry.record_success(job.node)
         finally:
             self._account(ex, route, job.principal, job.priority, prompt_estimate, estimate, [])
-
-    def _finish(self, rec: RequestRecord) -> None:
-        if self.request_log is not None:
-            self.request_log.append(rec)
-        self.metrics.observe_request(rec)
-        for hook in self.on_finish:
-            hook(rec)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
-                rec.client_addr,
-                "POST",
-                rec.endpoint,
-                rec.status,
-                rec.model,
-                rec.tenant,
-                rec.node_id,
-                ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
-                format_request_id(rec.id),
-            )
 
     @staticmethod
     def _bad_body(exc: msgspec.MsgspecError) -> errors.BadRequest:

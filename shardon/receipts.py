@@ -7,9 +7,11 @@ the response was streamed or not, so the same text gives the same digest either 
   ``choices[0].text`` (completions); missing or null fields hash as empty text. It also returns the
   response's ``usage``.
 - `OutputHasher` for a stream, fed each network chunk as it is forwarded to the client
-  (``feed_sse``), then ``hexdigest()``; it lives in ``shardon._fast`` (compiled, with its
-  pure-Python twin; ``_sse_py.py`` documents how SSE is read: chunk boundaries, data lines, usage
-  events, what is hashed).
+  (``feed_sse``), then ``hexdigest()``.
+
+Both run on every request, so they live in ``shardon._fast`` (compiled, with their pure-Python
+twins; ``_sse_py.py`` documents how SSE is read: chunk boundaries, data lines, usage events, what
+is hashed).
 
 Only ``content``/``text`` is hashed: tool calls, reasoning content and logprobs are not part of the
 digest.
@@ -20,29 +22,15 @@ timings, token counts, output hash) from a `RequestRecord` or a request-log row 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._fast._sse_py import choice0_text, decode_event
-from ._fast.sse import OutputHasher
+from ._fast.sse import OutputHasher, hash_response
 
 if TYPE_CHECKING:
     from shardon.store import RequestRecord
 
 __all__ = ["OutputHasher", "hash_response", "receipt_for"]
-
-
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def hash_response(body: bytes) -> tuple[str, dict[str, Any] | None]:
-    """``(output_sha256, usage)`` of a complete non-streamed response body (one decode)."""
-    ev = decode_event(body)
-    if ev is None:
-        return _EMPTY_SHA256, None
-    text = choice0_text(ev)
-    return (hashlib.sha256(text.encode()).hexdigest() if text else _EMPTY_SHA256), ev.usage
 
 
 def _ms(later: Any, earlier: Any) -> float | None:

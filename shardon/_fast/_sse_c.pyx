@@ -14,13 +14,41 @@ import hashlib
 
 import msgspec
 
-from shardon._fast._sse_py import _ANY_DECODER, choice0_text, decode_event, is_usage_only
+from shardon._fast._sse_py import EVENT_DECODER, _ANY_DECODER, choice0_text, decode_event, is_usage_only, lenient_event
 
-__all__ = ["OutputHasher", "UsageStripper"]
+__all__ = ["OutputHasher", "UsageStripper", "hash_response"]
 
 cdef object _ValidationError = msgspec.ValidationError
 cdef object _DecodeError = msgspec.DecodeError
 cdef object _sha256 = hashlib.sha256
+cdef str _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+cdef object _decode_strict = EVENT_DECODER.decode
+
+
+cpdef tuple hash_response(bytes body):
+    """``(output_sha256, usage)`` of a complete non-streamed response body (see ``_sse_py.py``)."""
+    try:
+        ev = _decode_strict(body)
+    except _ValidationError:
+        ev = lenient_event(body)
+    except _DecodeError:
+        ev = None
+    if ev is None:
+        return _EMPTY_SHA256, None
+    text = None
+    choices = ev.choices
+    if choices:
+        for ch in choices:
+            if ch.index != 0:
+                continue
+            text = ch.text
+            if text is None:
+                part = ch.delta if ch.delta is not None else ch.message
+                text = part.content if part is not None else None
+            break
+    if text:
+        return _sha256((<str>text).encode()).hexdigest(), ev.usage
+    return _EMPTY_SHA256, ev.usage
 
 
 cdef inline Py_ssize_t _count_newlines(bytes data):

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["OutputHasher", "UsageStripper"]
+__all__ = ["OutputHasher", "UsageStripper", "hash_response"]
 
 
 class _Delta(msgspec.Struct, gc=False):
@@ -122,6 +122,19 @@ def choice0_text(ev: _Event) -> str | None:
             text = part.content if part is not None else None
         return text
     return None
+
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def hash_response(body: bytes) -> tuple[str, dict[str, Any] | None]:
+    """``(output_sha256, usage)`` of a complete non-streamed response body, in one decode: the
+    digest `OutputHasher.feed_json` gives."""
+    ev = decode_event(body)
+    if ev is None:
+        return _EMPTY_SHA256, None
+    text = choice0_text(ev)
+    return (hashlib.sha256(text.encode()).hexdigest() if text else _EMPTY_SHA256), ev.usage
 
 
 class OutputHasher:

@@ -28,9 +28,9 @@ import msgspec
 
 from shardon import errors
 from shardon.errors import PayloadTooLarge, ProtocolClosed, error_body
-from shardon.receipts import OutputHasher, hash_response
-from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, UsageStripper, routing_decoder, with_fields
-from shardon.store import RequestRecord, format_request_id
+from shardon._fast._sse_c import OutputHasher, UsageStripper, hash_response
+from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
+from shardon.store import RequestRecord, format_request_id, request_ids
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 __all__ = [
@@ -318,6 +318,7 @@ cdef class HTTPConnection:
         public object parser
         public Request parsing
         public Request pending
+        public double pending_since
         public object pipeline
         public bint reading_paused
         public object server
@@ -336,6 +337,7 @@ cdef class HTTPConnection:
         self.current = None
         self.parsing = None
         self.pending = None
+        self.pending_since = 0.0
         self.pipeline = deque()
         self._url = b""
         self._headers = []
@@ -356,9 +358,7 @@ cdef class HTTPConnection:
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = f"{peer[0]}:{peer[1]}"
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple) and len(sock) >= 2:
-            self.server_addr = f"{sock[0]}:{sock[1]}"
+        self.server_addr = getattr(self.server, "address", "")
         self.idle_since = self.loop.time()
         self.server.connections.add(self)
 
@@ -383,12 +383,21 @@ cdef class HTTPConnection:
                 return
         pending = self.pending
         if pending is not None:
-            # Its body did not come with its head: the application reads it as it arrives.
-            self.pending = None
             if pending.body_done:
+                self.pending = None
                 self._dispatch(pending)
-            else:
-                self._start_app(pending)
+            elif self.pending_since == 0.0:
+                # Its body is still coming (many clients write the head and the body apart). It
+                # stays pending, for the callback path to take when the body is in, unless the
+                # client waits to be told to send it (100-continue) or it is already too large:
+                # then the application runs now and reads (or refuses) the body as it arrives.
+                # A body that stalls is handed to the application by the server's sweep
+                # (start_stalled) within a second or two.
+                if pending.too_large or (pending.headers.get("expect") or "").lower() == "100-continue":
+                    self.pending = None
+                    self._start_app(pending)
+                else:
+                    self.pending_since = self.loop.time()
         if self.head_started and self.head_raw > _MAX_HEAD and not self.closed:
             # A head still incomplete past the limit (httptools buffers a header line until it ends).
             self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
@@ -415,6 +424,11 @@ cdef class HTTPConnection:
         self.closed = True
         self.server.connections.discard(self)
         cdef Request request
+        pending = self.pending
+        if pending is not None:
+            # Gone before its body was in: the application still runs (and logs a 499).
+            self.pending = None
+            self._start_app(pending)
         for request in (self.current, self.parsing, *self.pipeline):
             if request is not None:
                 request.lost()
@@ -517,6 +531,7 @@ cdef class HTTPConnection:
                 request.wake_body()
             if request is self.pending:
                 self.pending = None
+                self.pending_since = 0.0
                 self._dispatch(request)
 
     # -- running the application ------------------------------------------------------------
@@ -588,8 +603,9 @@ cdef class HTTPConnection:
                 transport.write(head + body)
         self._response_complete(request)
 
-    cpdef start_stream(self, Request request, int status, list headers):
-        """Write a streamed response's head (built first: a bad header raises, nothing is sent)."""
+    cpdef start_stream(self, Request request, int status, list headers, bytes first=b""):
+        """Write a streamed response's head, and ``first`` as its first chunk in the same write
+        (the head is built first: a bad header raises, nothing is sent)."""
         cdef bytes framing
         cdef bytes head = None
         if not request.disconnected and not self.closed:
@@ -604,13 +620,19 @@ cdef class HTTPConnection:
         request.response_started = True
         request.status = status
         if head is not None:
+            if first and request.method != "HEAD":
+                head += b"%x\r\n%b\r\n" % (len(first), first) if request.chunked else first
             self.transport.write(head)
 
-    cpdef end_stream(self, Request request):
-        """The streamed response is over: the terminating chunk, then the next request."""
+    cpdef end_stream(self, Request request, bytes last=b""):
+        """The streamed response is over: ``last`` and the terminating chunk (one write), then the
+        next request."""
         request.response_done = True
-        if not request.disconnected and not self.closed and request.chunked and request.method != "HEAD":
-            self.transport.write(b"0\r\n\r\n")
+        if not request.disconnected and not self.closed and request.method != "HEAD":
+            if request.chunked:
+                self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+            elif last:
+                self.transport.write(last)
         self._response_complete(request)
 
     cpdef write_chunk(self, Request request, bytes data):
@@ -676,6 +698,14 @@ cdef class HTTPConnection:
         transport.close()
 
     # -- housekeeping (the server's once-a-second sweep) ------------------------------------
+    def start_stalled(self, double limit):
+        """A request whose body has been coming since before ``limit`` goes to the application."""
+        pending = self.pending
+        if pending is not None and self.pending_since and self.pending_since < limit:
+            self.pending = None
+            self.pending_since = 0.0
+            self._start_app(pending)
+
     def is_idle(self):
         return self.current is None and self.parsing is None and not self.pipeline and not self.head_started
 
@@ -943,6 +973,10 @@ cdef class NodePool:
         conn = None if fresh else self.take_idle()
         return conn if conn is not None else await self.connect()
 
+    cpdef UpstreamConnection new_connection(self):
+        """The protocol factory of this pool's connections (``loop.create_connection``)."""
+        return UpstreamConnection(self)
+
     cpdef UpstreamConnection take_idle(self):
         """A kept-alive connection, without awaiting anything; None if there is none."""
         idle = self._idle
@@ -958,7 +992,7 @@ cdef class NodePool:
         try:
             # asyncio.timeout, unlike wait_for, does not wrap the connect in a task of its own.
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+                _, conn = await self.loop.create_connection(self.new_connection, self.host, self.port)
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:
@@ -1012,11 +1046,15 @@ cdef class FastPath:
         public object gateway
         public dict method_paths
         public str tenant_header
+        object ids
+        public long long served
 
     def __init__(self, gateway):
         self.gateway = gateway
         self.method_paths = dict(gateway._method_paths)
         self.tenant_header = gateway.tenant_header
+        self.ids = request_ids  # the process's id sequence, shared with the general path
+        self.served = 0
 
     def __call__(self, Request request):
         """Serve ``request`` (True), or leave it to the RSGI application untouched (False)."""
@@ -1090,8 +1128,15 @@ cdef class FastPath:
             payload = body
         now = _time()
         key = principal.key
+        # request_ids.next(now), inline (see shardon.store.RequestIds)
+        ids = self.ids
+        request_id = (<long long>(<double>now * 1000.0)) << 20
+        last = ids.last
+        if request_id <= last:
+            request_id = last + 1
+        ids.last = request_id
         rec = RequestRecord(
-            id=gateway.next_id(now),
+            id=request_id,
             received_at=now,
             dispatched_at=now,
             endpoint=request.path,
@@ -1120,7 +1165,12 @@ cdef class FastPath:
         job.priority = priority
         job.conn = None
         job.connecting = None
-        job.head = node.request_head(method_path, len(payload))
+        job.connect_timer = None
+        prefix = node._heads.get(method_path)  # Node.request_head, inline once its prefix is cached
+        if prefix is None:
+            job.head = node.request_head(method_path, len(payload))
+        else:
+            job.head = (<bytes>prefix) + (b"%d\r\n\r\n" % len(payload))
         job.payload = payload
         job.is_stream = stream
         if stream:
@@ -1134,15 +1184,19 @@ cdef class FastPath:
         job.done = False
         job.started = _monotonic()
         request.on_lost = job.client_lost
+        self.served += 1
         cdef NodePool pool = <NodePool>node.pool
         cdef UpstreamConnection conn = pool.take_idle()
         if conn is not None:
             job.start(conn)
         else:
             # No idle connection: open one; the request is sent when it is up (or handed to the
-            # general path, with its retry rules, if it cannot be opened).
-            task = gateway.loop.create_task(pool.connect())
+            # general path, with its retry rules, if it cannot be opened). A task and a timer, no
+            # coroutine of ours: a burst of new streams opens hundreds of connections at once.
+            loop = gateway.loop
+            task = loop.create_task(loop.create_connection(pool.new_connection, pool.host, pool.port))
             job.connecting = task
+            job.connect_timer = loop.call_later(pool.connect_timeout, task.cancel)
             task.add_done_callback(job.connected)
         return True
 
@@ -1154,6 +1208,7 @@ cdef class FastRequest:
     cdef:
         public bytes body
         public UpstreamConnection conn
+        public object connect_timer
         public object connecting
         public bint done
         public object gateway
@@ -1186,17 +1241,29 @@ cdef class FastRequest:
 
     def connected(self, task):
         self.connecting = None
+        timer = self.connect_timer
+        if timer is not None:
+            self.connect_timer = None
+            timer.cancel()
+        cdef NodePool pool = <NodePool>self.node.pool
+        if task.cancelled():
+            if not self.done:  # not the client leaving: the connect timed out
+                self._hand_over(UpstreamConnectError(f"connect to {pool.host}:{pool.port} timed out"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not self.done:
+                if isinstance(exc, OSError):
+                    reason = exc.strerror or exc
+                    error = UpstreamConnectError(f"connect to {pool.host}:{pool.port} failed: {reason}")
+                else:
+                    error = UpstreamConnectError(f"connect to {pool.host}:{pool.port} failed: {exc!r}")
+                self._hand_over(error)
+            return
+        cdef UpstreamConnection conn = task.result()[1]
+        pool._busy.add(conn)
         if self.done:  # the client left meanwhile
-            if not task.cancelled() and task.exception() is None:
-                task.result().finish()
-            return
-        try:
-            conn = task.result()
-        except UpstreamError as exc:
-            self._hand_over(exc)
-            return
-        except BaseException as exc:  # cancelled at shutdown, or a bug
-            self._hand_over(UpstreamError(f"connect failed: {exc!r}", before_first_byte=True))
+            conn.finish()
             return
         self.start(conn)
 
@@ -1276,46 +1343,65 @@ cdef class FastRequest:
             self.stripper = None
         cdef Request request = self.request
         self.streaming = True
-        request.conn.start_stream(request, status, headers)
-        self._relay(conn)
+        cdef bytes data = self._filter(conn.take())
+        cdef bint complete = conn.complete
+        if complete and self.stripper is not None:
+            data += self._counted(self.stripper.flush())
+        # The head and the first chunk in one write: one wake-up of the client, not two.
+        request.conn.start_stream(request, status, headers, data)
+        if complete:
+            self._release_node(conn)
+            self._end_stream(b"")
+        else:
+            self._watch(conn)
 
     cdef _relay(self, UpstreamConnection conn):
         """Forward what arrived (as the node's bytes, minus a usage event the client did not ask for)."""
-        cdef bytes data = conn.take()
-        cdef Request request = self.request
-        cdef HTTPConnection http = request.conn
+        cdef bytes data = self._filter(conn.take())
+        cdef Request request
+        if conn.complete:
+            if self.stripper is not None:
+                data += self._counted(self.stripper.flush())
+            self._release_node(conn)
+            self._end_stream(data)  # the last bytes and the terminating chunk: one write
+            return
+        if data:
+            request = self.request
+            request.conn.write_chunk(request, data)
+        self._watch(conn)
+
+    cdef bytes _filter(self, bytes data):
+        """The receipt's hash sees the node's bytes; the client gets them minus the usage event."""
         if data:
             if self.hasher is not None:
                 self.hasher.feed_sse(data)
             if self.stripper is not None:
                 data = self.stripper.feed(data)
-            if data:
-                self.sent += len(data)
-                http.write_chunk(request, data)
-        if not conn.complete:
-            conn.wait_started = _monotonic()
-            if http.write_paused and not http.closed:
-                # The client reads slower than the node writes: stop reading the node until it drains.
-                conn.hold(True)
-                http.drain_hook = self._client_drained
-            return
-        if self.stripper is not None:
-            tail = self.stripper.flush()
-            if tail:
-                self.sent += len(tail)
-                http.write_chunk(request, tail)
-        self._release_node(conn)
-        self._end_stream()
+            self.sent += len(data)
+        return data
+
+    cdef bytes _counted(self, bytes data):
+        self.sent += len(data)
+        return data
+
+    cdef _watch(self, UpstreamConnection conn):
+        """More is coming: the read timeout restarts; a client that reads slower than the node
+        writes stops the reading of the node until its socket drains."""
+        conn.wait_started = _monotonic()
+        cdef HTTPConnection http = self.request.conn
+        if http.write_paused and not http.closed:
+            conn.hold(True)
+            http.drain_hook = self._client_drained
 
     def _client_drained(self):
         conn = self.conn
         if conn is not None and not self.done:
             conn.hold(False)
 
-    cdef _end_stream(self):
+    cdef _end_stream(self, bytes last):
         cdef Request request = self.request
         request.on_lost = None
-        request.conn.end_stream(request)
+        request.conn.end_stream(request, last)
         self._finish(_time())
 
     cdef _fail_stream(self, error):
@@ -1327,11 +1413,12 @@ cdef class FastRequest:
         rec.status = 502
         rec.error_type = "upstream_error"
         cdef Request request = self.request
+        cdef bytes event = b""
         if self.hasher is not None and not request.disconnected:
-            event = error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
-            request.conn.write_chunk(request, b"data: " + event + b"\n\n")
+            event = b"data: " + error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
+            event += b"\n\n"
         self._release_node(self.conn)
-        self._end_stream()
+        self._end_stream(event)
 
     # -- endings --------------------------------------------------------------------------------
     cdef _release_node(self, UpstreamConnection conn):
@@ -1376,8 +1463,12 @@ cdef class FastRequest:
             conn.close()
         task = self.connecting
         if task is not None:
-            task.cancel()
             self.connecting = None
+            task.cancel()
+        timer = self.connect_timer
+        if timer is not None:
+            self.connect_timer = None
+            timer.cancel()
         rec = self.rec
         rec.status = 499
         rec.error_type = "client_disconnected"

@@ -58,9 +58,9 @@ import httptools
 import msgspec
 
 from shardon import errors
+from shardon._fast._sse_py import OutputHasher, UsageStripper, hash_response
 from shardon.errors import PayloadTooLarge, ProtocolClosed, error_body
-from shardon.receipts import OutputHasher, hash_response
-from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, UsageStripper, routing_decoder, with_fields
+from shardon.schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
 from shardon.store import RequestRecord, format_request_id
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
@@ -318,6 +318,7 @@ class HTTPConnection(asyncio.Protocol):
         "parser",
         "parsing",
         "pending",
+        "pending_since",
         "pipeline",
         "reading_paused",
         "server",
@@ -337,6 +338,7 @@ class HTTPConnection(asyncio.Protocol):
         self.current: Request | None = None  # the request being answered
         self.parsing: Request | None = None  # the request whose body is being read
         self.pending: Request | None = None  # current, not started yet: its body is still coming
+        self.pending_since = 0.0  # loop time it was left pending at the end of a read
         self.pipeline: deque[Request] = deque()
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -358,9 +360,7 @@ class HTTPConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = f"{peer[0]}:{peer[1]}"
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple) and len(sock) >= 2:
-            self.server_addr = f"{sock[0]}:{sock[1]}"
+        self.server_addr = getattr(self.server, "address", "")
         self.idle_since = self.loop.time()
         self.server.connections.add(self)
 
@@ -384,12 +384,21 @@ class HTTPConnection(asyncio.Protocol):
                 return
         pending = self.pending
         if pending is not None:
-            # Its body did not come with its head: the application reads it as it arrives.
-            self.pending = None
             if pending.body_done:
+                self.pending = None
                 self._dispatch(pending)
-            else:
-                self._start_app(pending)
+            elif self.pending_since == 0.0:
+                # Its body is still coming (many clients write the head and the body apart). It
+                # stays pending, for the callback path to take when the body is in, unless the
+                # client waits to be told to send it (100-continue) or it is already too large:
+                # then the application runs now and reads (or refuses) the body as it arrives.
+                # A body that stalls is handed to the application by the server's sweep
+                # (start_stalled) within a second or two.
+                if pending.too_large or (pending.headers.get("expect") or "").lower() == "100-continue":
+                    self.pending = None
+                    self._start_app(pending)
+                else:
+                    self.pending_since = self.loop.time()
         if self.head_started and self.head_raw > MAX_HEAD_BYTES and not self.closed:
             # A head still incomplete past the limit (httptools buffers a header line until it ends).
             self.reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
@@ -412,6 +421,11 @@ class HTTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        pending = self.pending
+        if pending is not None:
+            # Gone before its body was in: the application still runs (and logs a 499).
+            self.pending = None
+            self._start_app(pending)
         for request in (self.current, self.parsing, *self.pipeline):
             if request is not None:
                 request.lost()
@@ -511,6 +525,7 @@ class HTTPConnection(asyncio.Protocol):
                 request.wake_body()
             if request is self.pending:
                 self.pending = None
+                self.pending_since = 0.0
                 self._dispatch(request)
 
     # -- running the application ------------------------------------------------------------
@@ -578,8 +593,9 @@ class HTTPConnection(asyncio.Protocol):
                 transport.write(head + body)
         self._response_complete(request)
 
-    def start_stream(self, request: Request, status: int, headers: list[tuple[str, str]]) -> None:
-        """Write a streamed response's head (built first: a bad header raises, nothing is sent)."""
+    def start_stream(self, request: Request, status: int, headers: list[tuple[str, str]], first: bytes = b"") -> None:
+        """Write a streamed response's head, and ``first`` as its first chunk in the same write
+        (the head is built first: a bad header raises, nothing is sent)."""
         head = None
         if not request.disconnected and not self.closed:
             if request.http_version == "1.0":
@@ -593,13 +609,21 @@ class HTTPConnection(asyncio.Protocol):
         request.response_started = True
         request.status = status
         if head is not None:
+            if first and request.method != "HEAD":
+                head += b"%x\r\n%b\r\n" % (len(first), first) if request.chunked else first
             self.transport.write(head)  # type: ignore[union-attr]
 
-    def end_stream(self, request: Request) -> None:
-        """The streamed response is over: the terminating chunk, then the next request."""
+    def end_stream(self, request: Request, last: bytes = b"") -> None:
+        """The streamed response is over: ``last`` and the terminating chunk (one write), then the
+        next request."""
         request.response_done = True
-        if not request.disconnected and not self.closed and request.chunked and request.method != "HEAD":
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        if not request.disconnected and not self.closed and request.method != "HEAD":
+            transport = self.transport
+            assert transport is not None
+            if request.chunked:
+                transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+            elif last:
+                transport.write(last)
         self._response_complete(request)
 
     def write_chunk(self, request: Request, data: bytes) -> None:
@@ -664,6 +688,14 @@ class HTTPConnection(asyncio.Protocol):
         transport.close()
 
     # -- housekeeping (the server's once-a-second sweep) ------------------------------------
+    def start_stalled(self, limit: float) -> None:
+        """A request whose body has been coming since before ``limit`` goes to the application."""
+        pending = self.pending
+        if pending is not None and self.pending_since and self.pending_since < limit:
+            self.pending = None
+            self.pending_since = 0.0
+            self._start_app(pending)
+
     def is_idle(self) -> bool:
         return self.current is None and self.parsing is None and not self.pipeline and not self.head_started
 
@@ -933,6 +965,10 @@ class NodePool:
         conn = None if fresh else self.take_idle()
         return conn if conn is not None else await self.connect()
 
+    def new_connection(self) -> UpstreamConnection:
+        """The protocol factory of this pool's connections (``loop.create_connection``)."""
+        return UpstreamConnection(self)
+
     def take_idle(self) -> UpstreamConnection | None:
         """A kept-alive connection, without awaiting anything; None if there is none."""
         idle = self._idle
@@ -947,7 +983,7 @@ class NodePool:
         try:
             # asyncio.timeout, unlike wait_for, does not wrap the connect in a task of its own.
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+                _, conn = await self.loop.create_connection(self.new_connection, self.host, self.port)
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:
@@ -996,12 +1032,13 @@ _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
 class FastPath:
     """Decides, for a request whose body has arrived, whether the callback path can serve it."""
 
-    __slots__ = ("gateway", "method_paths", "tenant_header")
+    __slots__ = ("gateway", "method_paths", "served", "tenant_header")
 
     def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
         self.method_paths: dict[str, bytes] = dict(gateway._method_paths)
         self.tenant_header: str = gateway.tenant_header
+        self.served = 0  # requests taken (the rest went the general way)
 
     def __call__(self, request: Request) -> bool:
         """Serve ``request`` (True), or leave it to the RSGI application untouched (False)."""
@@ -1093,13 +1130,18 @@ class FastPath:
             if inject:
                 job.stripper = UsageStripper()
         request.on_lost = job.client_lost
-        conn = node.pool.take_idle()
+        self.served += 1
+        pool = node.pool
+        conn = pool.take_idle()
         if conn is not None:
             job.start(conn)
         else:
             # No idle connection: open one; the request is sent when it is up (or handed to the
-            # general path, with its retry rules, if it cannot be opened).
-            job.connecting = task = gateway.loop.create_task(node.pool.connect())
+            # general path, with its retry rules, if it cannot be opened). A task and a timer, no
+            # coroutine of ours: a burst of new streams opens hundreds of connections at once.
+            loop = gateway.loop
+            job.connecting = task = loop.create_task(loop.create_connection(pool.new_connection, pool.host, pool.port))
+            job.connect_timer = loop.call_later(pool.connect_timeout, task.cancel)
             task.add_done_callback(job.connected)
         return True
 
@@ -1110,6 +1152,7 @@ class FastRequest:
     __slots__ = (
         "body",
         "conn",
+        "connect_timer",
         "connecting",
         "done",
         "gateway",
@@ -1154,7 +1197,8 @@ class FastRequest:
         self.body = body
         self.priority = priority
         self.conn: UpstreamConnection | None = None
-        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.connecting: asyncio.Task[Any] | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
         self.head = b""
         self.payload = b""
         self.hasher: OutputHasher | None = None
@@ -1171,19 +1215,31 @@ class FastRequest:
         conn.send(self.head, self.payload)
         conn.wait_started = time.monotonic()  # the sweeper's read timeout applies from now
 
-    def connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+    def connected(self, task: asyncio.Task[tuple[Any, UpstreamConnection]]) -> None:
         self.connecting = None
+        timer = self.connect_timer
+        if timer is not None:
+            self.connect_timer = None
+            timer.cancel()
+        pool = self.node.pool
+        if task.cancelled():
+            if not self.done:  # not the client leaving: the connect timed out
+                self._hand_over(UpstreamConnectError(f"connect to {pool.host}:{pool.port} timed out"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not self.done:
+                if isinstance(exc, OSError):
+                    reason = exc.strerror or exc
+                    error = UpstreamConnectError(f"connect to {pool.host}:{pool.port} failed: {reason}")
+                else:
+                    error = UpstreamConnectError(f"connect to {pool.host}:{pool.port} failed: {exc!r}")
+                self._hand_over(error)
+            return
+        conn = task.result()[1]
+        pool._busy.add(conn)
         if self.done:  # the client left meanwhile
-            if not task.cancelled() and task.exception() is None:
-                task.result().finish()
-            return
-        try:
-            conn = task.result()
-        except UpstreamError as exc:
-            self._hand_over(exc)
-            return
-        except BaseException as exc:  # cancelled at shutdown, or a bug
-            self._hand_over(UpstreamError(f"connect failed: {exc!r}", before_first_byte=True))
+            conn.finish()
             return
         self.start(conn)
 
@@ -1260,44 +1316,64 @@ class FastRequest:
             self.hasher = self.stripper = None  # an error body: passed through as it is
         request = self.request
         self.streaming = True
-        request.conn.start_stream(request, status, headers)
-        self._relay(conn)
+        data = self._filter(conn.take())
+        complete = conn.complete
+        if complete and self.stripper is not None:
+            data += self._counted(self.stripper.flush())
+        # The head and the first chunk in one write: one wake-up of the client, not two.
+        request.conn.start_stream(request, status, headers, data)
+        if complete:
+            self._release_node(conn)
+            self._end_stream(b"")
+        else:
+            self._watch(conn)
 
     def _relay(self, conn: UpstreamConnection) -> None:
         """Forward what arrived (as the node's bytes, minus a usage event the client did not ask for)."""
-        data = conn.take()
-        request = self.request
-        http = request.conn
+        data = self._filter(conn.take())
+        if conn.complete:
+            if self.stripper is not None:
+                data += self._counted(self.stripper.flush())
+            self._release_node(conn)
+            self._end_stream(data)  # the last bytes and the terminating chunk: one write
+            return
+        if data:
+            request = self.request
+            request.conn.write_chunk(request, data)
+        self._watch(conn)
+
+    def _filter(self, data: bytes) -> bytes:
+        """The receipt's hash sees the node's bytes; the client gets them minus the usage event."""
         if data:
             if self.hasher is not None:
                 self.hasher.feed_sse(data)
             if self.stripper is not None:
                 data = self.stripper.feed(data)
-            if data:
-                self.sent += len(data)
-                http.write_chunk(request, data)
-        if not conn.complete:
-            conn.wait_started = time.monotonic()
-            if http.write_paused and not http.closed:
-                # The client reads slower than the node writes: stop reading the node until it drains.
-                conn.hold(True)
-                http.drain_hook = self._client_drained
-            return
-        if self.stripper is not None and (tail := self.stripper.flush()):
-            self.sent += len(tail)
-            http.write_chunk(request, tail)
-        self._release_node(conn)
-        self._end_stream()
+            self.sent += len(data)
+        return data
+
+    def _counted(self, data: bytes) -> bytes:
+        self.sent += len(data)
+        return data
+
+    def _watch(self, conn: UpstreamConnection) -> None:
+        """More is coming: the read timeout restarts; a client that reads slower than the node
+        writes stops the reading of the node until its socket drains."""
+        conn.wait_started = time.monotonic()
+        http = self.request.conn
+        if http.write_paused and not http.closed:
+            conn.hold(True)
+            http.drain_hook = self._client_drained
 
     def _client_drained(self) -> None:
         conn = self.conn
         if conn is not None and not self.done:
             conn.hold(False)
 
-    def _end_stream(self) -> None:
+    def _end_stream(self, last: bytes) -> None:
         request = self.request
         request.on_lost = None
-        request.conn.end_stream(request)
+        request.conn.end_stream(request, last)
         self._finish(time.time())
 
     def _fail_stream(self, error: UpstreamError) -> None:
@@ -1309,11 +1385,12 @@ class FastRequest:
         rec.status = 502
         rec.error_type = "upstream_error"
         request = self.request
+        event = b""
         if self.hasher is not None and not request.disconnected:
-            event = error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
-            request.conn.write_chunk(request, b"data: " + event + b"\n\n")
+            event = b"data: " + error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
+            event += b"\n\n"
         self._release_node(self.conn)
-        self._end_stream()
+        self._end_stream(event)
 
     # -- endings --------------------------------------------------------------------------------
     def _release_node(self, conn: UpstreamConnection | None) -> None:
@@ -1358,8 +1435,12 @@ class FastRequest:
             conn.close()
         task = self.connecting
         if task is not None:
-            task.cancel()
             self.connecting = None
+            task.cancel()
+        timer = self.connect_timer
+        if timer is not None:
+            self.connect_timer = None
+            timer.cancel()
         rec = self.rec
         rec.status = 499
         rec.error_type = "client_disconnected"

@@ -11,21 +11,21 @@ from typing import TYPE_CHECKING
 
 from . import _NO_EXTENSIONS
 
-__all__ = ["SSE_COMPILED", "OutputHasher", "UsageStripper"]
+__all__ = ["SSE_COMPILED", "OutputHasher", "UsageStripper", "hash_response"]
 
 SSE_COMPILED: bool
 
 if TYPE_CHECKING or _NO_EXTENSIONS:
-    from ._sse_py import OutputHasher, UsageStripper
+    from ._sse_py import OutputHasher, UsageStripper, hash_response
 
     SSE_COMPILED = False
 else:
     try:
-        from ._sse_c import OutputHasher, UsageStripper
+        from ._sse_c import OutputHasher, UsageStripper, hash_response
 
         SSE_COMPILED = True
     except ImportError as exc:
-        from ._sse_py import OutputHasher, UsageStripper
+        from ._sse_py import OutputHasher, UsageStripper, hash_response
 
         SSE_COMPILED = False
         warnings.warn(

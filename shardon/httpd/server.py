@@ -9,9 +9,10 @@ carries ``Connection: close``; requests in flight finish normally. The listener 
 refused.
 
 A once-a-second sweep refreshes the cached ``Date`` header, closes keep-alive connections idle
-longer than ``keepalive_timeout_s`` and answers 408 to a request head that has taken longer than
-``header_timeout_s`` (a slow-loris client cannot hold a connection forever). No timer is armed per
-request.
+longer than ``keepalive_timeout_s``, answers 408 to a request head that has taken longer than
+``header_timeout_s`` (a slow-loris client cannot hold a connection forever), and hands to the
+application a request whose body is still coming after ``_BODY_WAIT_S`` (it was held for the
+callback path, which needs the whole body). No timer is armed per request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 __all__ = ["NativeServer"]
 
 _SWEEP_S = 1.0
+# A request whose body is slow to come is held for the callback path at most this long (then up to
+# one sweep more) before the application runs and reads the body itself.
+_BODY_WAIT_S = 0.5
 
 
 def _date_header() -> bytes:
@@ -60,6 +64,7 @@ class NativeServer:
         self.connections: set[Any] = set()
         self.draining = False
         self.date_header = _date_header()
+        self.address = f"{host}:{port}"
         # The application's callback path for whole requests (shardon/fastpath.py), if it has one:
         # ``fast_path(request) -> bool`` serves the request itself when it returns True.
         self.fast_path: Callable[[Any], bool] | None = getattr(app, "fast_path", None)
@@ -78,6 +83,8 @@ class NativeServer:
         sockets = self._server.sockets or ()
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
+        # The scope's "server" (one listener: the same for every connection, no syscall each).
+        self.address = f"{self.host}:{self.port}"
         self._sweeper = self.loop.call_later(_SWEEP_S, self._sweep)
 
     async def serve(self) -> None:
@@ -110,9 +117,12 @@ class NativeServer:
         now = self.loop.time()
         idle_limit = now - self.keepalive_timeout_s
         head_limit = now - self.header_timeout_s
+        body_limit = now - _BODY_WAIT_S
         for conn in list(self.connections):
             if conn.head_started and conn.head_started < head_limit:
                 conn.reject(408, f"request head not received within {self.header_timeout_s:g}s")
             elif conn.is_idle() and conn.idle_since < idle_limit:
                 conn.close()
+            else:
+                conn.start_stalled(body_limit)
         self._sweeper = self.loop.call_later(_SWEEP_S, self._sweep)
