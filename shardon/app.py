@@ -386,7 +386,10 @@ class Gateway:
             self.request_done(rec)
 
     def request_done(self, rec: RequestRecord) -> None:
-        """A request has ended, whichever path served it: count it out, log it, measure it."""
+        """A request has ended, whichever path served it: count it out, log it, measure it.
+
+        (The compiled callback path does the same inline: ``_wire_c.pyx`` ``FastPath._done``.)
+        """
         self.in_flight -= 1
         if self.in_flight == 0 and self.draining:
             self._idle.set()
@@ -396,18 +399,23 @@ class Gateway:
         for hook in self.on_finish:
             hook(rec)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
-                rec.client_addr,
-                "POST",
-                rec.endpoint,
-                rec.status,
-                rec.model,
-                rec.tenant,
-                rec.node_id,
-                ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
-                format_request_id(rec.id),
-            )
+            self.log_access(rec)
+
+    @staticmethod
+    def log_access(rec: RequestRecord) -> None:
+        """The access-log line of a finished request (logger ``shardon.access``)."""
+        access_log.info(
+            '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
+            rec.client_addr,
+            "POST",
+            rec.endpoint,
+            rec.status,
+            rec.model,
+            rec.tenant,
+            rec.node_id,
+            ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
+            format_request_id(rec.id),
+        )
 
     def resume(self, job: FastRequest, error: UpstreamError | None) -> None:
         """Finish a callback-path request here: retry after ``error``, or relay a long answer."""

@@ -49,6 +49,8 @@ __all__ = [
 
 log = logging.getLogger("shardon.httpd")
 fast_log = logging.getLogger("shardon.fastpath")
+cdef object _access_log = logging.getLogger("shardon.access")
+cdef int _INFO = logging.INFO
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -1047,6 +1049,13 @@ cdef class FastPath:
         public dict method_paths
         public str tenant_header
         object ids
+        object scheduler
+        object balancer
+        object node_routes
+        int headroom
+        object request_log
+        object observe
+        list on_finish
         public long long served
 
     def __init__(self, gateway):
@@ -1054,7 +1063,65 @@ cdef class FastPath:
         self.method_paths = dict(gateway._method_paths)
         self.tenant_header = gateway.tenant_header
         self.ids = request_ids  # the process's id sequence, shared with the general path
+        # What admission, release and the end of a request touch, looked up once (the
+        # objects are the gateway's own, so nothing is copied: see _admit, _release, _done).
+        self.scheduler = gateway.scheduler
+        self.balancer = gateway.scheduler.balancer
+        self.node_routes = gateway.scheduler._node_routes
+        self.headroom = gateway.scheduler.headroom
+        self.request_log = gateway.request_log
+        self.observe = gateway.metrics.observe_request
+        self.on_finish = gateway.on_finish
         self.served = 0
+
+    cdef int _admit(self, route, str tenant, weight) except -2:
+        """`Scheduler.admit`, compiled: the same steps on the same objects."""
+        route.last_seen[tenant] = _monotonic()
+        route.weights[tenant] = weight
+        if route.held or len(route.queue):
+            return -1
+        balancer = self.balancer
+        candidates = route.candidates
+        cdef int index = balancer.pick(candidates, None)
+        if index < 0:
+            return -1
+        cdef int headroom = self.headroom
+        if headroom and balancer.free_slots(candidates) <= headroom and self.scheduler._over_share(route, tenant):
+            return -1
+        balancer.acquire(index)
+        cdef dict inflight = route.inflight
+        inflight[tenant] = inflight.get(tenant, 0) + 1
+        return index
+
+    cdef _release(self, int index, route, str tenant, double service_s):
+        """`Scheduler.release`, compiled: the same steps on the same objects."""
+        self.balancer.release(index)
+        if service_s >= 0:
+            route.service_ewma += 0.1 * (service_s - route.service_ewma)
+        cdef dict inflight = route.inflight
+        left = inflight.get(tenant, 0) - 1
+        if left > 0:
+            inflight[tenant] = left
+        else:
+            inflight.pop(tenant, None)
+        routes = self.node_routes.get(index)
+        if routes is not None and (len(routes) > 1 or routes[0].held or len(routes[0].queue)):
+            self.scheduler.dispatch(index)
+
+    cdef _done(self, rec):
+        """`Gateway.request_done`, compiled: count it out, log it, measure it."""
+        gateway = self.gateway
+        gateway.in_flight -= 1
+        if gateway.draining and gateway.in_flight == 0:
+            gateway._idle.set()
+        if self.request_log is not None:
+            self.request_log.append(rec)
+        self.observe(rec)
+        if self.on_finish:
+            for hook in self.on_finish:
+                hook(rec)
+        if _access_log.isEnabledFor(_INFO):
+            gateway.log_access(rec)
 
     def __call__(self, Request request):
         """Serve ``request`` (True), or leave it to the RSGI application untouched (False)."""
@@ -1109,7 +1176,7 @@ cdef class FastPath:
                 return False
             priority = min(<int>named, <int>principal.max_priority)
         tenant = principal.tenant
-        cdef int index = scheduler.admit(route, tenant.name, tenant.weight)
+        cdef int index = self._admit(route, tenant.name, tenant.weight)
         if index < 0:
             return False
         node = gateway.registry.by_index[index]
@@ -1154,6 +1221,7 @@ cdef class FastPath:
         gateway.in_flight += 1
         cdef FastRequest job = FastRequest.__new__(FastRequest)
         job.gateway = gateway
+        job.path = self
         job.request = request
         job.rec = rec
         job.route = route
@@ -1208,6 +1276,7 @@ cdef class FastRequest:
     cdef:
         public bytes body
         public UpstreamConnection conn
+        FastPath path
         public object connect_timer
         public object connecting
         public bint done
@@ -1427,7 +1496,7 @@ cdef class FastRequest:
             conn.listener = None
             conn.finish()
         self.conn = None
-        self.gateway.scheduler.release(self.index, self.route, self.rec.tenant, _monotonic() - self.started)
+        self.path._release(self.index, self.route, self.rec.tenant, _monotonic() - self.started)
 
     cdef _finish(self, now):
         """The record's last fields, then the log and metrics."""
@@ -1450,7 +1519,7 @@ cdef class FastRequest:
         if rec.status < 500 and node.failures:
             self.gateway.registry.record_success(node)
         rec.finished_at = now
-        self.gateway.request_done(rec)
+        self.path._done(rec)
 
     def client_lost(self):
         """The client disconnected: stop the node (closing its connection stops the generation),
@@ -1473,7 +1542,7 @@ cdef class FastRequest:
         rec.status = 499
         rec.error_type = "client_disconnected"
         self.conn = None
-        self.gateway.scheduler.release(self.index, self.route, rec.tenant, _monotonic() - self.started)
+        self.path._release(self.index, self.route, rec.tenant, _monotonic() - self.started)
         self._finish(_time())
 
     cdef _hand_over(self, error):
@@ -1504,7 +1573,7 @@ cdef class FastRequest:
             request.response_bytes(500, internal.headers(), internal.body())
         elif request.response_started and not request.response_done:
             request.conn.end_stream(request)
-        self.gateway.scheduler.release(self.index, self.route, rec.tenant)
+        self.path._release(self.index, self.route, rec.tenant, -1.0)
         self.done = True
         rec.finished_at = _time()
-        self.gateway.request_done(rec)
+        self.path._done(rec)
