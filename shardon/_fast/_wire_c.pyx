@@ -87,6 +87,20 @@ cdef bytes _encode_headers(list headers):
     return text.encode("latin-1")
 
 
+cdef dict _block_cache = {}
+
+
+cdef bytes _header_block(list upstream):
+    """`client_headers`, encoded as header lines (the callback path writes bytes directly)."""
+    cdef tuple key = tuple(upstream)
+    cdef object block = _block_cache.get(key)
+    if block is None:
+        block = _encode_headers(client_headers(upstream))
+        if len(_block_cache) < 1024:
+            _block_cache[key] = block
+    return <bytes>block
+
+
 def client_headers(list upstream):
     """A node's end-to-end response headers as the client gets them (a new list, from a cache)."""
     cdef tuple key = tuple(upstream)
@@ -499,8 +513,6 @@ cdef class HTTPConnection:
         self.head_raw = 0
         self.head_started = 0.0
         self.parsing = request
-        if not request.keep_alive:
-            self.final = True  # whatever follows this request on the connection is not read
         if self.current is None:
             # Started when its body is in (usually later in this read), or at the end of the read.
             self.current = self.pending = request
@@ -529,6 +541,8 @@ cdef class HTTPConnection:
         if request is not None:
             self.parsing = None
             request.body_done = True
+            if not request.keep_alive:
+                self.final = True  # whatever follows this request on the connection is not read
             if request._body_waiter is not None:
                 request.wake_body()
             if request is self.pending:
@@ -576,6 +590,9 @@ cdef class HTTPConnection:
 
     # -- writing ----------------------------------------------------------------------------
     cdef bytes _head(self, Request request, int status, list headers, bytes framing):
+        return self._head_encoded(request, status, _encode_headers(headers), framing)
+
+    cdef bytes _head_encoded(self, Request request, int status, bytes encoded, bytes framing):
         server = self.server
         if server.draining or not request.body_done:
             # (A body not read to its end leaves the connection out of step: it closes.)
@@ -586,13 +603,17 @@ cdef class HTTPConnection:
             end = b"connection: keep-alive\r\n\r\n"
         else:
             end = b"\r\n"
-        return b"".join((status_line(status), _encode_headers(headers), framing, server.date_header, end))
+        return b"".join((status_line(status), encoded, framing, server.date_header, end))
 
     cpdef send_response(self, Request request, int status, list headers, bytes body):
         """Write a whole response (the head is built first: a bad header raises, nothing is sent)."""
+        self.send_encoded(request, status, _encode_headers(headers), body)
+
+    cpdef send_encoded(self, Request request, int status, bytes encoded_headers, bytes body):
+        """`send_response` with the header lines already encoded (``name: value\\r\\n`` each)."""
         cdef bytes head = None
         if not request.disconnected and not self.closed:
-            head = self._head(request, status, headers, b"content-length: %d\r\n" % len(body))
+            head = self._head_encoded(request, status, encoded_headers, b"content-length: %d\r\n" % len(body))
         request.response_started = request.response_done = True
         request.status = status
         if head is not None:
@@ -1056,6 +1077,7 @@ cdef class FastPath:
         object request_log
         object observe
         list on_finish
+        dict node_names
         public long long served
 
     def __init__(self, gateway):
@@ -1072,7 +1094,18 @@ cdef class FastPath:
         self.request_log = gateway.request_log
         self.observe = gateway.metrics.observe_request
         self.on_finish = gateway.on_finish
+        self.node_names = {}
         self.served = 0
+
+    cdef bytes node_name(self, str node_id):
+        """A node's id as header bytes (latin-1, as every header value), encoded once."""
+        cdef object name = self.node_names.get(node_id)
+        if name is None:
+            name = node_id.encode("latin-1")
+            if "\r" in node_id or "\n" in node_id:
+                raise ValueError("a node id must not contain line breaks")
+            self.node_names[node_id] = name
+        return <bytes>name
 
     cdef int _admit(self, route, str tenant, weight) except -2:
         """`Scheduler.admit`, compiled: the same steps on the same objects."""
@@ -1383,9 +1416,11 @@ cdef class FastRequest:
         now = _time()
         rec.first_token_at = now
         rec.status = status
-        cdef list headers = client_headers(conn.headers)
-        PyList_Append(headers, ("x-request-id", "%016x" % rec.id))
-        PyList_Append(headers, ("x-shardon-node", self.node.id))
+        node = self.node
+        cdef bytes headers = _header_block(conn.headers) + b"x-request-id: %016x\r\nx-shardon-node: %b\r\n" % (
+            rec.id,
+            self.path.node_name(node.id),
+        )
         if status == 200:
             sha, usage = hash_response(data)
             if rec.endpoint != "/v1/embeddings":  # no generated text to prove
@@ -1397,7 +1432,9 @@ cdef class FastRequest:
         self._release_node(conn)
         cdef Request request = self.request
         request.on_lost = None
-        request.response_bytes(status, headers, data)
+        if request.response_started:
+            raise RuntimeError("response already started")
+        request.conn.send_encoded(request, status, headers, data)
         self._finish(now)
 
     cdef _start_stream(self, UpstreamConnection conn, int status):

@@ -491,8 +491,6 @@ class HTTPConnection(asyncio.Protocol):
         self.head_raw = 0
         self.head_started = 0.0
         self.parsing = request
-        if not request.keep_alive:
-            self.final = True  # whatever follows this request on the connection is not read
         if self.current is None:
             # Started when its body is in (usually later in this read), or at the end of the read.
             self.current = self.pending = request
@@ -521,6 +519,8 @@ class HTTPConnection(asyncio.Protocol):
         if request is not None:
             self.parsing = None
             request.body_done = True
+            if not request.keep_alive:
+                self.final = True  # whatever follows this request on the connection is not read
             if request._body_waiter is not None:
                 request.wake_body()
             if request is self.pending:
@@ -563,6 +563,9 @@ class HTTPConnection(asyncio.Protocol):
 
     # -- writing ----------------------------------------------------------------------------
     def _head(self, request: Request, status: int, headers: list[tuple[str, str]], framing: bytes) -> bytes:
+        return self._head_encoded(request, status, _encode_headers(headers), framing)
+
+    def _head_encoded(self, request: Request, status: int, encoded: bytes, framing: bytes) -> bytes:
         server = self.server
         if server.draining or not request.body_done:
             # (A body not read to its end leaves the connection out of step: it closes.)
@@ -573,13 +576,17 @@ class HTTPConnection(asyncio.Protocol):
             end = b"connection: keep-alive\r\n\r\n"
         else:
             end = b"\r\n"
-        return b"".join((status_line(status), _encode_headers(headers), framing, server.date_header, end))
+        return b"".join((status_line(status), encoded, framing, server.date_header, end))
 
     def send_response(self, request: Request, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """Write a whole response (the head is built first: a bad header raises, nothing is sent)."""
+        self.send_encoded(request, status, _encode_headers(headers), body)
+
+    def send_encoded(self, request: Request, status: int, encoded_headers: bytes, body: bytes) -> None:
+        """`send_response` with the header lines already encoded (``name: value\\r\\n`` each)."""
         head = None
         if not request.disconnected and not self.closed:
-            head = self._head(request, status, headers, b"content-length: %d\r\n" % len(body))
+            head = self._head_encoded(request, status, encoded_headers, b"content-length: %d\r\n" % len(body))
         request.response_started = request.response_done = True
         request.status = status
         if head is not None:
