@@ -7,14 +7,21 @@ at a time: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` sec
 ``--rounds`` rounds, alternating which goes first. Interleaving puts both through the same drift
 of this shared machine. The figure is the median over rounds of ``1 - on/off`` (throughput cost).
 
-Also reported: CPU-µs per request of each process (all its threads), and for "on" the CPU its
-request-log writer thread used per row written (from ``/proc/<pid>/task``).
+Also reported: CPU-µs per request of each process (all its threads), and for "on" the CPU of
+the request log's two threads per row (from ``/proc/<pid>/task``): the writer (``shardon-store``,
+appends rows to the on-disk backlog) and the compactor (``shardon-store-c``, nice 19, moves the
+backlog into SQLite), and the backlog left on disk after each of its rounds.
 
-``--writer-cpu 1`` sets ``store.writer_cpus: [1]`` for "on": the writer thread leaves the
-proxy's pinned core for the other one (the deployment the docs recommend when a core is spare);
-without it the writer shares the proxy's single core, the worst case.
+The compactor runs on the CPU the event loop leaves: while "on" is saturated it mostly waits,
+and it catches up while "off" is measured (at nice 19 it takes at most ~1.5% of a core from a busy
+neighbour). ``--sustained S`` then loads "on" alone for S seconds and reports how the backlog
+grows under sustained saturation and how long the compactor takes to drain it once load stops.
 
-    python bench/log_overhead.py [--rounds 8] [--duration 4] [--on both|log|metrics] [--writer-cpu 1]
+``--writer-cpu 1`` sets ``store.writer_cpus: [1]`` for "on": the compactor leaves the proxy's
+pinned core for the other one (the deployment the docs recommend when a core is spare).
+
+    python bench/log_overhead.py [--rounds 5] [--duration 6] [--on both|log|metrics] [--writer-cpu 1]
+                                 [--sustained 20]
 """
 
 from __future__ import annotations
@@ -77,15 +84,41 @@ def start_shardon(
     return proc, port, db
 
 
+def backlog_bytes(db: Path) -> int:
+    """Bytes of backlog segments on disk (compacted ones are deleted as the compactor goes)."""
+    folder = db.parent / f"{db.name}-backlog"
+    return sum(p.stat().st_size for p in folder.glob("*.seg")) if folder.exists() else 0
+
+
 def rows_in(db: Path) -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+
+def sustained(
+    args: argparse.Namespace, on: subprocess.Popen[bytes], port: int, db: Path, url: str, script: Path
+) -> None:
+    """Load "on" alone: what reaches SQLite under sustained saturation, and the drain once load stops."""
+    time.sleep(3.0)
+    rows0 = rows_in(db)
+    r = run_wrk(url.format(port), args.sustained, args.connections, script)
+    served = int(r["rps"] * args.sustained)
+    during = rows_in(db) - rows0
+    stopped = time.monotonic()
+    while rows_in(db) - rows0 < served * 0.999 and time.monotonic() - stopped < 120:
+        time.sleep(0.1)
+    print(
+        f"sustained {args.sustained}s on 'on' alone: {r['rps']:.0f} req/s; {during} of ~{served} rows reached"
+        f" SQLite during the load (the rest waited in the backlog: {backlog_bytes(db) / 1e6:.1f} MB on disk),"
+        f" all of them {time.monotonic() - stopped:.1f}s after the load stopped"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=6)
+    parser.add_argument("--sustained", type=int, default=0, help="then load 'on' alone for this many seconds")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--on", choices=("both", "log", "metrics"), default="both", help="what 'on' turns on")
     parser.add_argument(
@@ -145,6 +178,7 @@ def main() -> None:
         us_on: list[float] = []
         us_off: list[float] = []
         writer_cpu = 0.0
+        compactor_cpu = 0.0
         rows_before = rows_in(on_db) if args.on != "metrics" else 0
         for i in range(args.rounds):
             result = {}
@@ -152,10 +186,14 @@ def main() -> None:
             for name, proc, port in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
                 cpu0 = cpu_seconds([proc.pid])
                 w0 = thread_cpu(proc.pid, "shardon-store") if name == "on" else 0.0
+                c0 = thread_cpu(proc.pid, "shardon-store-c") if name == "on" else 0.0
                 r = run_wrk(url.format(port), args.duration, args.connections, script)
                 cpu = cpu_seconds([proc.pid]) - cpu0
                 if name == "on":
-                    writer_cpu += thread_cpu(proc.pid, "shardon-store") - w0
+                    compacting = thread_cpu(proc.pid, "shardon-store-c") - c0
+                    compactor_cpu += compacting
+                    writer_cpu += thread_cpu(proc.pid, "shardon-store") - w0 - compacting
+                    r["backlog"] = backlog_bytes(on_db) if args.on != "metrics" else 0
                 r["us_per_req"] = cpu / (r["rps"] * args.duration) * 1e6
                 result[name] = r
             cost = 1 - result["on"]["rps"] / result["off"]["rps"]
@@ -165,19 +203,21 @@ def main() -> None:
             print(
                 f"round {i + 1}: on {result['on']['rps']:8.0f} req/s ({result['on']['us_per_req']:5.1f} CPU-us/req)"
                 f"  off {result['off']['rps']:8.0f} req/s ({result['off']['us_per_req']:5.1f} CPU-us/req)"
-                f"  cost {cost * 100:+5.1f}%"
+                f"  cost {cost * 100:+5.1f}%  backlog after 'on': {result['on']['backlog'] / 1e6:.1f} MB"
             )
-        time.sleep(1.5)  # one flush interval and then some: what is still waiting now was deferred
+        time.sleep(1.5)  # one flush interval and then some
         rows = rows_in(on_db) - rows_before if args.on != "metrics" else 0
         print(
-            f"writer thread: {writer_cpu:.2f} CPU-s for about {rows} rows written"
-            f" ({writer_cpu / max(rows, 1) * 1e6:.2f} CPU-us/row)"
+            f"request log: writer {writer_cpu / max(rows, 1) * 1e6:.2f} CPU-us/row (the backlog append),"
+            f" compactor {compactor_cpu / max(rows, 1) * 1e6:.2f} CPU-us/row (SQLite, nice 19), {rows} rows"
         )
         print(
             f"CPU per request: on {statistics.median(us_on):.1f} us, off {statistics.median(us_off):.1f} us"
             f" (+{statistics.median(us_on) - statistics.median(us_off):.1f} us)"
         )
         print(f"throughput cost of log+metrics: median {statistics.median(costs) * 100:.1f}% (target < 5%)")
+        if args.sustained and args.on != "metrics":
+            sustained(args, on, on_port, on_db, url, script)
     finally:
         for proc in procs:
             proc.terminate()

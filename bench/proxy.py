@@ -2,7 +2,8 @@
 
 What it measures, in one run so the ratios share the machine's noise:
 
-1. Non-streaming: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` seconds to
+1. Non-streaming: ``wrk -t1 -c64`` POSTs a small chat completion for ``--duration`` seconds, in
+   ``--rounds`` interleaved rounds (medians reported), to
    (a) the mock node directly, (b) nginx in front of it (upstream keep-alive, buffering off), and
    (c) Shardon in front of it (its default native engine; with ``--granian`` also (d) Shardon on
    the granian engine, for comparison). Reported: requests/s, latency p50/p99 (wrk), the proxy's
@@ -18,8 +19,8 @@ generators share core 1, so the proxy has one core to itself.
 
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``). Usage::
 
-    python bench/proxy.py [--duration 10] [--streams 500] [--no-log] [--no-metrics] [--only stream]
-                          [--granian]
+    python bench/proxy.py [--duration 6] [--rounds 3] [--streams 500] [--stream-rounds 3]
+                          [--no-log] [--no-metrics] [--only stream|nonstream] [--granian]
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def run_streams(port: int, count: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="non-streaming rounds per target (medians reported)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--stream-rounds", type=int, default=3, help="bursts per target (medians reported)")
@@ -373,29 +375,51 @@ def start_shardon(config_path: Path) -> subprocess.Popen[bytes]:
 
 
 def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], script: Path) -> None:
+    """``--rounds`` rounds of ``--duration`` seconds per target, the order rotated each round.
+
+    Each round gives a Shardon/nginx ratio measured minutes apart at most; the figures reported are
+    the medians over rounds (this shared machine's speed moves by 20-30% from minute to minute,
+    so one run of each target says little).
+    """
     print(
-        f"# proxy overhead, {args.duration}s per target, {args.connections} connections, "
+        f"# proxy overhead, {args.rounds} rounds x {args.duration}s per target, {args.connections} connections, "
         f"proxy on core {PROXY_CORE}, node+load on core {LOAD_CORE}"
     )
-    rows = {}
-    for name, (port, pids) in targets.items():
-        run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, args.connections, script)  # warm-up
-        before = cpu_seconds(pids)
-        result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, script)
-        cpu = cpu_seconds(pids) - before
-        result["cpu_cores"] = cpu / args.duration if pids else float("nan")
-        result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
-        rows[name] = result
+    names = list(targets)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    url = "http://127.0.0.1:{}/v1/chat/completions"
+    for port, _ in targets.values():
+        run_wrk(url.format(port), 2, args.connections, script)  # warm-up
+    for round_no in range(args.rounds):
+        order = names[round_no % len(names) :] + names[: round_no % len(names)]
+        for name in order:
+            port, pids = targets[name]
+            before = cpu_seconds(pids)
+            result = run_wrk(url.format(port), args.duration, args.connections, script)
+            cpu = cpu_seconds(pids) - before
+            result["cpu_cores"] = cpu / args.duration if pids else float("nan")
+            result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
+            samples[name].append(result)
+        n, sh = samples["nginx"][-1], samples["shardon"][-1]
+        print(
+            f"  round {round_no + 1}: nginx {n['rps']:.0f} req/s, shardon {sh['rps']:.0f} req/s "
+            f"({sh['rps'] / n['rps']:.2f}x), p99 {sh['p99_ms'] / n['p99_ms']:.2f}x, "
+            f"req/CPU-s {sh['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x"
+        )
+    rows = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in samples.items()}
+    for name, result in rows.items():
         print(
             f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
             f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
-            f"  non-2xx {result['non2xx']}"
+            f"  non-2xx {result['non2xx']:.0f}   (medians)"
         )
-    n, s = rows["nginx"], rows["shardon"]
+
+    def ratio(key: str) -> float:
+        return statistics.median(s[key] / n[key] for s, n in zip(samples["shardon"], samples["nginx"], strict=True))
+
     print(
-        f"shardon/nginx: throughput {s['rps'] / n['rps']:.2f}x (target >= 0.85), "
-        f"p99 {s['p99_ms'] / n['p99_ms']:.2f}x (target <= 1.2), "
-        f"req per CPU-s {s['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x (target >= 0.5)"
+        f"shardon/nginx, median of the rounds' ratios: throughput {ratio('rps'):.2f}x (target >= 0.85), "
+        f"p99 {ratio('p99_ms'):.2f}x (target <= 1.2), req per CPU-s {ratio('rps_per_cpu_s'):.2f}x (target >= 0.5)"
     )
 
 

@@ -8,6 +8,10 @@ A request to ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``
 
 Errors become OpenAI-shaped JSON here and nowhere else. Once the first response byte has reached the
 client there is no retry: a failing stream gets an SSE ``error`` event and ends.
+
+This is the general path. On the native engine the common request takes the callback path instead
+(shardon/fastpath.py), which does the same steps without a coroutine and hands anything unusual
+back here (`Gateway.resume`); both end in `Gateway.request_done`.
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ class Exchange:
 
 
 class Gateway:
-    """The one object that owns all scheduling state; Granian calls it for every request."""
+    """The one object that owns all scheduling state; the HTTP engine calls it for every request."""
 
     def __init__(
         self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None

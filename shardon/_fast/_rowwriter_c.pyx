@@ -475,6 +475,63 @@ cdef class RowWriter:
         self.written += nrows
         return 0
 
+    def insert_frame(self, bytes body, Py_ssize_t count):
+        """`insert_packed` for ``count`` rows laid out as the request log's backlog frames them:
+        ``count`` little-endian u32 lengths, then the rows back to back (one transaction).
+
+        The rows are located, parsed and written without the GIL: the low-priority thread that
+        calls this never holds the GIL through a per-row loop (a thread holding it while the OS
+        keeps it off the CPU would stall the event loop). ValueError when the lengths do not add
+        up to ``body``.
+        """
+        if self.db == NULL:
+            raise sqlite3.ProgrammingError("RowWriter is closed")
+        if count == 0:
+            return 0
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+        if count < 0 or size < 4 * count:
+            raise ValueError("frame too short for its row count")
+        self._reserve(count)
+        cdef Packed* packed = <Packed*>malloc(count * sizeof(Packed))
+        if packed == NULL:
+            raise MemoryError()
+        cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(body)
+        cdef Py_ssize_t r, pos = 4 * count
+        cdef unsigned int n
+        cdef int status = PARSE_OK
+        cdef Py_ssize_t bad = -1
+        cdef bint short = False
+        cdef int ncols = self.ncols
+        try:
+            with nogil:
+                for r in range(count):
+                    n = (<unsigned int>base[4 * r]) | (<unsigned int>base[4 * r + 1] << 8) | (
+                        <unsigned int>base[4 * r + 2] << 16) | (<unsigned int>base[4 * r + 3] << 24)
+                    if pos + n > size:
+                        short = True
+                        break
+                    packed[r].p = base + pos
+                    packed[r].n = n
+                    pos += n
+                if not short and pos == size:
+                    for r in range(count):
+                        status = _parse_row(packed[r].p, packed[r].n, self.cells + r * ncols, ncols)
+                        if status != PARSE_OK:
+                            bad = r
+                            break
+        finally:
+            free(packed)
+        if short or pos != size:
+            raise ValueError("frame lengths do not add up to its size")
+        if status == PARSE_OVERFLOW:
+            raise OverflowError(f"row {bad}: integer out of SQLite's range")
+        if status == PARSE_ARITY:
+            raise ValueError(f"row {bad}: not an array of {ncols} values")
+        if status != PARSE_OK:
+            raise ValueError(f"row {bad}: not a msgpack array of None/bool/int/float/str")
+        self._write(count)
+        return count
+
     def insert_packed(self, list rows):
         """Like `insert`, for rows packed as msgpack arrays (``bytes``), one per row, in column order.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import sqlite3
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,6 +86,27 @@ class RowWriter:
                 if value is not None and not isinstance(value, (str, int, float)):
                     raise TypeError(f"cannot store a {type(value).__name__} in the request log")
         return self._write(conn, rows)
+
+    def insert_frame(self, body: bytes, count: int) -> int:
+        """`insert_packed` for ``count`` rows laid out as the request log's backlog frames them:
+        ``count`` little-endian u32 lengths, then the rows back to back (one transaction).
+
+        The compiled writer reads the rows straight out of ``body`` without the GIL, so the
+        low-priority thread calling it never holds the GIL for a per-row loop. Raises ValueError
+        when the lengths do not add up to ``body``.
+        """
+        start = 4 * count
+        if count < 0 or len(body) < start:
+            raise ValueError("frame too short for its row count")
+        lengths = struct.unpack_from(f"<{count}I", body)
+        if start + sum(lengths) != len(body):
+            raise ValueError("frame lengths do not add up to its size")
+        rows = []
+        pos = start
+        for n in lengths:
+            rows.append(body[pos : pos + n])
+            pos += n
+        return self.insert_packed(rows)
 
     def insert_packed(self, rows: list[bytes]) -> int:
         """Like `insert`, for rows packed as msgpack arrays (``bytes``), one per row, in column order.

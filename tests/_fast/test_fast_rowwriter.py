@@ -363,3 +363,38 @@ def test_compiled_and_python_writers_store_identical_rows(
     compiled, python = results
     assert len(compiled) == 600
     assert compiled == python
+
+
+def _frame(rows: list[bytes]) -> bytes:
+    """Rows laid out as the request log's backlog frames them: u32 lengths, then the rows."""
+    import struct
+
+    return struct.pack(f"<{len(rows)}I", *map(len, rows)) + b"".join(rows)
+
+
+def test_insert_frame_writes_the_rows_of_a_backlog_frame(
+    row_writer: RowWriterClass, open_writer: OpenWriter, tmp_path: Path
+) -> None:
+    path = make_db(tmp_path, KV)
+    writer = open_writer(row_writer, path, "t", ["k", "v"])
+    rows = [msgspec.msgpack.encode([k, f"v{k}" * k]) for k in range(1, 40)]
+    assert writer.insert_frame(_frame(rows), len(rows)) == 39  # type: ignore[attr-defined]
+    assert writer.insert_frame(b"", 0) == 0  # type: ignore[attr-defined]
+    assert writer.written == 39
+    assert query(path, "SELECT k, v FROM t WHERE k IN (1, 39) ORDER BY k") == [(1, "v1"), (39, "v39" * 39)]
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7])
+def test_insert_frame_refuses_lengths_that_do_not_add_up(
+    row_writer: RowWriterClass, open_writer: OpenWriter, tmp_path: Path, cut: int
+) -> None:
+    path = make_db(tmp_path, KV)
+    writer = open_writer(row_writer, path, "t", ["k", "v"])
+    body = _frame([msgspec.msgpack.encode([1, "a"]), msgspec.msgpack.encode([2, "b"])])
+    with pytest.raises(ValueError, match="frame"):
+        writer.insert_frame(body[:-cut], 2)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="frame"):
+        writer.insert_frame(body + b"x", 2)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        writer.insert_frame(body, 3)  # type: ignore[attr-defined]
+    assert query(path, "SELECT count(*) FROM t") == [(0,)]  # nothing written
