@@ -16,18 +16,20 @@ batches on disk, and the SQLite database the reads query. The request path never
   it drains the deque and appends it to the backlog, one frame of at most ``batch_max`` entries per
   ``os.writev``; its per-row work is the ``b"".join`` of the packed rows and an ``array('I')`` of
   their lengths.
-- The compactor thread (``shardon-store-compact``; OS name ``shardon-store-c``) runs at the lowest
-  CPU priority (Linux: nice 19, that thread only) and on ``store.writer_cpus`` when set. It reads the
-  frames in order and writes them into SQLite: request rows with
-  `shardon._fast.RowWriter.insert_packed` (parsed and written through SQLite's C API with the GIL
-  released), at most ``batch_max`` rows per transaction; audit entries with ``INSERT OR REPLACE`` by
-  their id. After each transaction it records its position in the state file; it deletes each
-  segment it has compacted completely (never the one the writer appends to), and every
-  ``cleanup_interval_s`` (and at start) it deletes requests older than ``retention_days`` (audit
-  entries are kept). It sleeps until the writer signals new frames, or ``flush_interval_ms``. As it
-  is nice 19, the OS gives it only the CPU the event loop leaves: while the gateway is saturated,
-  compaction waits and the backlog grows (on disk, not in memory); otherwise rows reach SQLite within
-  about a flush interval.
+- The compactor thread (``shardon-store-compact``; OS name ``shardon-store-c``, on
+  ``store.writer_cpus`` when set) reads the frames in order and writes them into SQLite: each frame
+  of request rows whole, in one transaction, with `shardon._fast.RowWriter.insert_frame` (rows
+  located, parsed and written through SQLite's C API without the GIL); audit entries with
+  ``INSERT OR REPLACE`` by their id. After each transaction it records its position in the state
+  file; it deletes each segment it has compacted completely (never the one the writer appends to),
+  and every ``cleanup_interval_s`` (and at start) it deletes requests older than ``retention_days``
+  (audit entries are kept). It sleeps until the writer signals new frames, or ``flush_interval_ms``.
+  It compacts only while the gateway is not busy: rows arriving slower than ``busy_rows_per_s``
+  (then compacting as they come costs under 1% of a core). While the gateway is busy it waits for
+  a lull, so SQLite takes no CPU from requests and the backlog grows on disk, not in memory, up to
+  ``max_backlog_mb``, past which it compacts anyway. It runs at the normal priority: it shares the
+  GIL with the event loop, and a low-priority thread holding the GIL while the OS keeps it off the
+  CPU stalls the loop (measured: hundreds of ms of stream latency with nice 19 / SCHED_IDLE).
 - One compaction lock is shared by the compactor, `flush()` callers and readers: one thread writes
   SQLite at a time (the `RowWriter` is single-threaded). The compactor takes it for one transaction at
   a time, so a flush waits at most for the transaction in progress.
@@ -226,9 +228,15 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How often the retention clean-up runs (it also runs at start)."""
     writer_cpus: list[int] = msgspec.field(default_factory=list)
     """CPUs the compactor thread (the one doing the SQLite work) may run on (Linux). Empty: the
-    process's own. It runs at nice 19 either way; on a machine with a core to spare, giving it cores
-    other than the event loop's also keeps its cache and GIL traffic off the request path's core
-    (see bench/README.md). The writer thread, which only appends to the backlog, stays put."""
+    process's own. On a machine with a core to spare, giving it cores other than the event loop's
+    keeps its cache traffic off the request path's core (see bench/README.md). The writer thread,
+    which only appends to the backlog, stays put."""
+    busy_rows_per_s: float = 2000
+    """Above this many rows a second appended, the gateway counts as busy and compaction into
+    SQLite waits for a lull (below it, compacting as rows come costs under 1% of a core). A read,
+    a flush, shutdown, or a backlog over ``max_backlog_mb`` compacts at once whatever the rate."""
+    max_backlog_mb: float = 256
+    """The backlog (on disk) past which compaction runs even while the gateway is busy."""
 
     def __post_init__(self) -> None:
         if self.flush_interval_ms <= 0:
@@ -239,6 +247,10 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("store.cleanup_interval_s must be > 0")
         if any(cpu < 0 for cpu in self.writer_cpus):
             raise ValueError("store.writer_cpus must be CPU numbers (>= 0)")
+        if self.busy_rows_per_s < 0:
+            raise ValueError("store.busy_rows_per_s must be >= 0")
+        if self.max_backlog_mb <= 0:
+            raise ValueError("store.max_backlog_mb must be > 0")
 
     def resolved_path(self) -> Path:
         """The database file this config names (``~`` and environment variables expanded)."""
@@ -1031,6 +1043,12 @@ class RequestLog:
         self._published: tuple[int, int] = (1, 0)  # the backlog ends here: (segment, offset)
         self._in_entries = 0  # entries put in the backlog (this process's, and a previous one's found at start)
         self._in_bytes = 0
+        # How fast rows arrive (the compactor's measure of "busy": see _busy).
+        self._busy_rate = self.config.busy_rows_per_s
+        self._max_backlog = int(self.config.max_backlog_mb * 1024 * 1024)
+        self._rate = 0.0
+        self._rate_at = time.monotonic()
+        self._rate_entries = 0
         # The SQLite side, all under _compact_lock: one thread writes SQLite at a time.
         self._compact_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None  # schema, audit entries, retention
@@ -1450,25 +1468,6 @@ class RequestLog:
 
     # -- the compactor: backlog -> SQLite -------------------------------------------------------
 
-    def _lower_priority(self) -> None:
-        """Give this (the compactor) thread the lowest CPU priority (Linux, this thread only).
-
-        ``SCHED_IDLE`` where the kernel allows it: the thread then runs only on CPU time nothing
-        else wants (a nice-19 thread still gets about 1.5% of a busy core, taken from the event
-        loop). Nice 19 as well, and alone where SCHED_IDLE is refused.
-        """
-        if not sys.platform.startswith("linux"):
-            return
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
-        except (AttributeError, OSError) as exc:
-            log.debug("request log compactor: cannot lower its CPU priority: %s", exc)
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError) as exc:
-            log.debug("request log compactor: SCHED_IDLE refused (%s); nice 19 only", exc)
-
     def _pin_compactor(self) -> None:
         """Move this (the compactor) thread to ``writer_cpus``; on failure, say so and stay put."""
         cpus = set(self.config.writer_cpus)
@@ -1481,9 +1480,24 @@ class RequestLog:
         else:
             self.writer_cpus = sorted(os.sched_getaffinity(0))
 
+    def _busy(self) -> bool:
+        """Whether the gateway is busy (rows arriving faster than ``busy_rows_per_s``, measured over
+        the last quarter second or more) and the backlog is under its limit: compaction waits then.
+
+        Why wait rather than run at a low CPU priority: this thread shares the GIL with the event
+        loop, and a low-priority thread holding the GIL while the OS keeps it off the CPU stalls the
+        loop (a priority inversion, measured: hundreds of ms of stream latency). So it runs at the
+        normal priority, and only when it costs requests nothing: in a lull, or on demand.
+        """
+        now = time.monotonic()
+        elapsed = now - self._rate_at
+        if elapsed >= 0.25:
+            self._rate = (self._in_entries - self._rate_entries) / elapsed
+            self._rate_at, self._rate_entries = now, self._in_entries
+        return self._rate > self._busy_rate and self.backlog_bytes < self._max_backlog
+
     def _run_compactor(self) -> None:
         name_this_thread("shardon-store-c")  # kernel names: 15 bytes; "shardon-store*" is the whole log
-        self._lower_priority()
         self._pin_compactor()
         interval = self.config.flush_interval_ms / 1000.0
         cleanup_every = self.config.cleanup_interval_s
@@ -1491,7 +1505,7 @@ class RequestLog:
         backoff = 0.0
         try:
             while not self._cstop:
-                ok = self._compact_available()
+                ok = True if self._busy() else self._compact_available()
                 if time.monotonic() >= next_cleanup and not self._cstop:
                     with self._compact_lock:
                         if self._conn is not None:
@@ -1518,6 +1532,8 @@ class RequestLog:
                 except (sqlite3.OperationalError, OSError) as exc:  # locked, busy, disk full, I/O
                     self._error(exc)
                     return False
+            if self._busy():  # requests came back: the rest waits for the next lull
+                return True
         return True
 
     def _compact_to(self, target: tuple[int, int], deadline: float | None) -> bool:
@@ -1595,8 +1611,7 @@ class RequestLog:
                     if audits:
                         break
                     # A row frame is one transaction, handed to the writer whole: located, parsed
-                    # and written without the GIL (this thread is nice 19: holding the GIL while
-                    # the OS keeps it off the CPU would stall the event loop).
+                    # and written without the GIL (no per-row loop holds the GIL in this thread).
                     self._write_frame(frame.body, frame.n)
                     pos += frame.size
                     entries += frame.n
