@@ -31,9 +31,7 @@ lookup and an ``inc``/``observe``; ``.labels()`` runs once per new label set. To
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +46,8 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from ._fast.tally import OTHER, RequestTally
+
 if TYPE_CHECKING:
     from shardon.store import RequestRecord
 
@@ -56,7 +56,6 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 _INF = float("inf")
 
 UNKNOWN = "unknown"
-OTHER = "other"
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -190,112 +189,23 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _Histogram:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out = []
-        running = 0
-        for bound, count in zip((*self.bounds, _INF), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == _INF else repr(float(bound)), float(running)))
-        return out
-
-
-class _ModelSeries:
-    """A model's three latency histograms, updated in place."""
-
-    __slots__ = ("duration", "tpot", "ttft")
-
-    def __init__(self) -> None:
-        self.duration = _Histogram(DURATION_BUCKETS)
-        self.ttft = _Histogram(TTFT_BUCKETS)
-        self.tpot = _Histogram(TPOT_BUCKETS)
-
-
 class _RequestCollector:
-    """Per-request counters and histograms, kept as plain Python aggregates.
+    """The per-request counters and histograms, exported when ``/metrics`` is scraped.
 
     ``prometheus_client`` takes a lock per ``inc``/``observe`` (it must be thread-safe); the gateway
-    observes every request on one event-loop thread, so it keeps its own aggregates and builds the
-    metric families only when ``/metrics`` is scraped, on that same thread. `observe` is one call per
-    request: dict increments and in-place bucket counts, no further Python call. Cardinality is
-    bounded like the other series: past ``max_series`` label sets, new ones are counted under
-    ``other``.
+    observes every request on one event-loop thread, so the series live in a `RequestTally`
+    (``shardon._fast.tally``: compiled, with a pure-Python twin) of plain dicts and bucket counts,
+    and this collector builds the metric families from it only when scraped, on that same thread.
+    ``observe`` is the tally's: one compiled call per request. Cardinality is bounded like the
+    other series: past ``max_series`` label sets, new ones are counted under ``other``.
     """
 
     def __init__(self, max_series: int) -> None:
-        self.max_series = max_series
-        self.requests: dict[tuple[Any, ...], int] = {}
-        self.tokens: dict[tuple[Any, ...], float] = {}
-        self.models: dict[Any, _ModelSeries] = {}
-
-    def _series(self, model: Any) -> _ModelSeries:
-        models = self.models
-        if len(models) >= self.max_series:
-            model = OTHER
-        series = models.get(model)
-        if series is None:
-            series = models[model] = _ModelSeries()
-        return series
-
-    def observe(self, record: RequestRecord) -> None:
-        model = record.model
-        tenant = record.tenant
-        status = record.status
-        requests = self.requests
-        key: tuple[Any, ...] = (model, status, tenant)
-        count = requests.get(key)
-        if count is None and len(requests) >= self.max_series:
-            key = (OTHER, OTHER, OTHER)
-            count = requests.get(key)
-        requests[key] = (count or 0) + 1
-        prompt = record.prompt_tokens
-        completion = record.completion_tokens
-        if prompt or completion:
-            tokens = self.tokens
-            if prompt:
-                key = (model, tenant, "prompt")
-                if key not in tokens and len(tokens) >= self.max_series:
-                    key = (OTHER, OTHER, OTHER)
-                tokens[key] = tokens.get(key, 0) + prompt
-            if completion:
-                key = (model, tenant, "completion")
-                if key not in tokens and len(tokens) >= self.max_series:
-                    key = (OTHER, OTHER, OTHER)
-                tokens[key] = tokens.get(key, 0) + completion
-        if not 200 <= status < 300:
-            return
-        series = self.models.get(model)
-        if series is None:
-            series = self._series(model)
-        received = record.received_at
-        finished = record.finished_at
-        first = record.first_token_at
-        if finished is not None and finished >= received:
-            hist = series.duration
-            value = finished - received
-            hist.counts[bisect_left(DURATION_BUCKETS, value)] += 1
-            hist.sum += value
-        if first is not None and first >= received:
-            hist = series.ttft
-            value = first - received
-            hist.counts[bisect_left(TTFT_BUCKETS, value)] += 1
-            hist.sum += value
-            if finished is not None and completion is not None and completion > 1 and finished >= first:
-                hist = series.tpot
-                value = (finished - first) / (completion - 1)
-                hist.counts[bisect_left(TPOT_BUCKETS, value)] += 1
-                hist.sum += value
+        self.tally = RequestTally(max_series, DURATION_BUCKETS, TTFT_BUCKETS, TPOT_BUCKETS)
+        self.observe = self.tally.observe
+        self.requests = self.tally.requests
+        self.tokens = self.tally.tokens
+        self.models = self.tally.models
 
     def collect(self) -> Iterator[Metric]:
         def label(value: Any) -> str:
@@ -325,10 +235,21 @@ class _RequestCollector:
         for name, (metric, doc) in docs.items():
             family = HistogramMetricFamily(metric, doc, labels=("model",))
             for model, series in self.models.items():
-                hist: _Histogram = getattr(series, name)
-                if hist.sum or any(hist.counts):
-                    family.add_metric([label(model)], hist.buckets(), hist.sum)
+                hist = getattr(series, name)
+                counts = hist.counts
+                if hist.sum or any(counts):
+                    family.add_metric([label(model)], _cumulative(hist.bounds, counts), hist.sum)
             yield family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets (``le`` label, cumulative count) from per-bucket counts, ``+Inf`` last."""
+    out = []
+    running = 0
+    for bound, count in zip((*bounds, _INF), counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == _INF else repr(float(bound)), float(running)))
+    return out

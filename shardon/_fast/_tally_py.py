@@ -1,0 +1,148 @@
+"""Per-request tallies behind the gateway's Prometheus metrics: the reference implementation.
+
+`RequestTally.observe(record)` runs once per finished request, on the event loop: it counts the
+request by ``(model, status, tenant)``, adds its tokens by ``(model, tenant, kind)``, and for a 2xx
+request puts its duration, time to first token and time per output token into the model's three
+`Histogram` s. ``shardon.metrics`` turns the tallies into metric families when ``/metrics`` is
+scraped; nothing here knows Prometheus.
+
+Cardinality is bounded: once a dict holds ``max_series`` keys, a new key is counted under
+``("other", ...)`` (the model names come from clients). Histogram buckets follow Prometheus' ``le``:
+a value lands in the first bucket whose upper bound is >= it (``bisect_left``); the last bucket is
+``+Inf``.
+
+``shardon/_fast/_tally_c.pyx`` is the compiled twin (same API, same results); ``shardon._fast.tally``
+selects.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from itertools import pairwise
+from typing import Any
+
+__all__ = ["OTHER", "Histogram", "ModelSeries", "RequestTally"]
+
+OTHER = "other"
+_OTHER3 = (OTHER, OTHER, OTHER)
+
+
+class Histogram:
+    """Bucket counts and the sum of the observed values, for upper ``bounds`` (ascending)."""
+
+    __slots__ = ("_counts", "bounds", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = _check_bounds(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def counts(self) -> list[int]:
+        """Per bucket (not cumulative), the ``+Inf`` bucket last."""
+        return list(self._counts)
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+
+class ModelSeries:
+    """A model's three latency histograms."""
+
+    __slots__ = ("duration", "tpot", "ttft")
+
+    def __init__(
+        self, duration_bounds: tuple[float, ...], ttft_bounds: tuple[float, ...], tpot_bounds: tuple[float, ...]
+    ) -> None:
+        self.duration = Histogram(duration_bounds)
+        self.ttft = Histogram(ttft_bounds)
+        self.tpot = Histogram(tpot_bounds)
+
+
+class RequestTally:
+    """The per-request counters and histograms (see the module docstring)."""
+
+    __slots__ = ("duration_bounds", "max_series", "models", "requests", "tokens", "tpot_bounds", "ttft_bounds")
+
+    def __init__(
+        self,
+        max_series: int,
+        duration_bounds: Iterable[float],
+        ttft_bounds: Iterable[float],
+        tpot_bounds: Iterable[float],
+    ) -> None:
+        if max_series < 1:
+            raise ValueError("max_series must be >= 1")
+        self.max_series = max_series
+        self.duration_bounds = _check_bounds(duration_bounds)
+        self.ttft_bounds = _check_bounds(ttft_bounds)
+        self.tpot_bounds = _check_bounds(tpot_bounds)
+        self.requests: dict[tuple[Any, ...], int] = {}
+        self.tokens: dict[tuple[Any, ...], int] = {}
+        self.models: dict[Any, ModelSeries] = {}
+
+    def series(self, model: Any) -> ModelSeries:
+        """The histograms of ``model`` (``"other"``'s once ``max_series`` models have some)."""
+        models = self.models
+        found = models.get(model)
+        if found is not None:
+            return found
+        if len(models) >= self.max_series:
+            model = OTHER
+            found = models.get(model)
+            if found is not None:
+                return found
+        found = models[model] = ModelSeries(self.duration_bounds, self.ttft_bounds, self.tpot_bounds)
+        return found
+
+    def observe(self, record: Any) -> None:
+        """Count one finished request (a `RequestRecord`, or anything with its fields)."""
+        model = record.model
+        tenant = record.tenant
+        status = record.status
+        requests = self.requests
+        key: tuple[Any, ...] = (model, status, tenant)
+        count = requests.get(key)
+        if count is None and len(requests) >= self.max_series:
+            key = _OTHER3
+            count = requests.get(key)
+        requests[key] = (count or 0) + 1
+        prompt = record.prompt_tokens
+        completion = record.completion_tokens
+        if prompt:
+            self._add_tokens((model, tenant, "prompt"), prompt)
+        if completion:
+            self._add_tokens((model, tenant, "completion"), completion)
+        if not 200 <= status < 300:
+            return
+        series = self.series(model)
+        received = record.received_at
+        finished = record.finished_at
+        first = record.first_token_at
+        if finished is not None and finished >= received:
+            series.duration.observe(finished - received)
+        if first is not None and first >= received:
+            series.ttft.observe(first - received)
+            if finished is not None and completion is not None and completion > 1 and finished >= first:
+                series.tpot.observe((finished - first) / (completion - 1))
+
+    def _add_tokens(self, key: tuple[Any, ...], amount: int) -> None:
+        tokens = self.tokens
+        if key not in tokens and len(tokens) >= self.max_series:
+            key = _OTHER3
+        tokens[key] = tokens.get(key, 0) + amount
+
+
+def _check_bounds(bounds: Iterable[float]) -> tuple[float, ...]:
+    out = tuple(float(b) for b in bounds)
+    if not out:
+        raise ValueError("a histogram needs at least one bucket bound")
+    if any(b != b for b in out) or any(a >= b for a, b in pairwise(out)):
+        raise ValueError("histogram bounds must be ascending numbers")
+    return out
