@@ -23,7 +23,8 @@ batches on disk, and the SQLite database the reads query. The request path never
   ``INSERT OR REPLACE`` by their id. After each transaction it records its position in the state
   file; it deletes each segment it has compacted completely (never the one the writer appends to),
   and every ``cleanup_interval_s`` (and at start) it deletes requests older than ``retention_days``
-  (audit entries are kept). It sleeps until the writer signals new frames, or ``flush_interval_ms``.
+  (audit entries are kept). It sleeps until the writer signals new frames, or ``flush_interval_ms``
+  (while the gateway is busy the writer does not signal: it sleeps the interval).
   It compacts only while the gateway is not busy: rows arriving slower than ``busy_rows_per_s``
   (then compacting as they come costs under 1% of a core). While the gateway is busy it waits for
   a lull, so SQLite takes no CPU from requests and the backlog grows on disk, not in memory, up to
