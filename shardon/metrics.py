@@ -197,26 +197,26 @@ class _RequestCollector:
     (``shardon._fast.tally``: compiled, with a pure-Python twin) of plain dicts and bucket counts,
     and this collector builds the metric families from it only when scraped, on that same thread.
     ``observe`` is the tally's: one compiled call per request. Cardinality is bounded like the
-    other series: past ``max_series`` label sets, new ones are counted under ``other``.
+    other series: past ``max_series`` label sets, new ones are counted under ``other``. The tally's
+    ``requests``, ``tokens`` and ``models`` are snapshots built when read: read once per scrape.
     """
 
     def __init__(self, max_series: int) -> None:
         self.tally = RequestTally(max_series, DURATION_BUCKETS, TTFT_BUCKETS, TPOT_BUCKETS)
         self.observe = self.tally.observe
-        self.requests = self.tally.requests
-        self.tokens = self.tally.tokens
-        self.models = self.tally.models
 
     def collect(self) -> Iterator[Metric]:
         def label(value: Any) -> str:
             return UNKNOWN if value is None else str(value)
+
+        tally = self.tally
 
         requests = CounterMetricFamily(
             "shardon_requests",
             "Requests answered, by model, HTTP status and tenant.",
             labels=("model", "status", "tenant"),
         )
-        for key, count in self.requests.items():
+        for key, count in tally.requests.items():
             requests.add_metric([label(v) for v in key], count)
         yield requests
         tokens = CounterMetricFamily(
@@ -224,7 +224,7 @@ class _RequestCollector:
             "Tokens processed, by model, tenant and kind (prompt|completion).",
             labels=("model", "tenant", "kind"),
         )
-        for key, amount in self.tokens.items():
+        for key, amount in tally.tokens.items():
             tokens.add_metric([label(v) for v in key], amount)
         yield tokens
         docs = {
@@ -232,9 +232,10 @@ class _RequestCollector:
             "ttft": ("shardon_time_to_first_token_seconds", "Time from receipt to the first token."),
             "tpot": ("shardon_time_per_output_token_seconds", "Time per output token after the first."),
         }
+        models = tally.models
         for name, (metric, doc) in docs.items():
             family = HistogramMetricFamily(metric, doc, labels=("model",))
-            for model, series in self.models.items():
+            for model, series in models.items():
                 hist = getattr(series, name)
                 counts = hist.counts
                 if hist.sum or any(counts):

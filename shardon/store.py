@@ -5,17 +5,19 @@ Threading model
 The log has two tiers, like an LSM tree's log and its compaction: an append-only *backlog* of framed
 batches on disk, and the SQLite database the reads query. The request path never waits on either.
 
-- The request path (the event loop) only calls `RequestLog.append(record)` and `RequestLog.audit(...)`.
-  Both append to an in-memory deque: O(1), no I/O, no lock, safe from any thread. `append` packs the
-  record first (msgpack, ~0.2 µs): the row is a snapshot, and the record can be freed at once, as it
-  would be without a log. `audit` packs ``(id, at, actor, action, target, detail)``, its id taken
-  from `RequestLog.audit_ids` when queued (a `RequestIds` of its own, seeded at start with the audit
-  table's largest id), so that writing an entry twice replaces it.
+- The request path (the event loop) only calls `RequestLog.append(record)` and `RequestLog.audit(...)`:
+  O(1), no I/O, no lock, safe from any thread. `append` packs the record (msgpack) into
+  `RequestLog.row_queue` (`shardon._fast.rowqueue`: compiled, the rows back to back in one reused
+  buffer, ~0.15 µs; the callback path calls the queue's ``append`` directly): the row is a snapshot,
+  and the record can be freed at once, as it would be without a log. `audit` packs
+  ``(id, at, actor, action, target, detail)`` onto a deque, its id taken from `RequestLog.audit_ids`
+  when queued (a `RequestIds` of its own, seeded at start with the audit table's largest id), so
+  that writing an entry twice replaces it.
 - The writer thread (``shardon-store-writer``; OS thread name ``shardon-store``) never touches
   SQLite. Every ``flush_interval_ms`` (sooner when ``batch_max`` rows are waiting, or on `flush()`),
-  it drains the deque and appends it to the backlog, one frame of at most ``batch_max`` entries per
-  ``os.writev``; its per-row work is the ``b"".join`` of the packed rows and an ``array('I')`` of
-  their lengths.
+  it takes the queued rows, ``batch_max`` at a time, each batch already a frame's payload and
+  length table, and appends them to the backlog, one frame per ``os.writev``; then the audit
+  entries. It does no per-row work (the crc32 aside).
 - The compactor thread (``shardon-store-compact``; OS name ``shardon-store-c``, on
   ``store.writer_cpus`` when set) reads the frames in order and writes them into SQLite: each frame
   of request rows whole, in one transaction, with `shardon._fast.RowWriter.insert_frame` (rows
@@ -97,10 +99,11 @@ in ``dropped``. A row SQLite refuses (e.g. an integer too large) is dropped alon
 
 Cost model
 ----------
-- Request path: pack (~0.2 µs) and a deque append per row.
-- Writer: per batch of up to ``batch_max`` rows one join, one length array, one crc32 and one
-  ``os.writev``: about 0.3 µs of CPU per 300-byte row (a third of it the crc32, most of the rest
-  the kernel's copy into the page cache), a tenth of what the SQLite write costs.
+- Request path: packing into the row queue's buffer, ~0.15 µs per row (no allocation).
+- Writer: per batch of up to ``batch_max`` rows one copy of the buffer, one crc32 and one
+  ``os.writev``: the crc32 (~0.1 µs per 200-byte row) and the kernel's copy into the page cache,
+  a small fraction of what the SQLite write costs. (Under callgrind, request log on vs off in
+  ``bench/gateway_path.py``: about 3,000 instructions per request, writer included.)
 - SQLite: about 3 µs of CPU per row, on the compactor: spare CPU only, deferred while the gateway
   is saturated. An admin read (or `flush()`) forces it, in the caller's thread at normal priority, up
   to the rows appended before it: a read after a long saturated stretch pays for the whole backlog.
@@ -184,6 +187,7 @@ import msgspec
 import orjson
 
 from shardon._fast import RowWriter
+from shardon._fast.rowqueue import RowQueue
 from shardon._threads import name_this_thread
 from shardon.receipts import receipt_for
 
@@ -534,7 +538,12 @@ class _RowFrame(NamedTuple):
     rows: int
 
 
-def _frame_from(kind: int, count: int, lengths: array[int], payload: bytes) -> tuple[list[Any], int]:
+def _lengths_of(lengths: bytes) -> list[int]:
+    """Entry lengths as stored in a frame (u32, little-endian)."""
+    return [n for (n,) in _U32.iter_unpack(lengths)]
+
+
+def _frame_from(kind: int, count: int, lengths: array[int] | bytes, payload: bytes) -> tuple[list[Any], int]:
     """The pieces of one frame (for a single ``os.writev``) and its size in bytes.
 
     ``lengths`` are the entry lengths, already in file (little-endian) byte order; ``payload`` the
@@ -1015,8 +1024,14 @@ class RequestLog:
         self.path = self.config.resolved_path()
         self.backlog_dir = self.path.with_name(self.path.name + "-backlog")
         """The backlog's segment files and state file (``<database file name>-backlog``)."""
-        self._q: deque[Any] = deque()
         self._wake = threading.Event()  # wakes the writer
+        self._batch_max = self.config.batch_max
+        self.row_queue = RowQueue(msgspec.msgpack.Encoder(), self._wake.set, self._batch_max)
+        """Request rows, packed, waiting for the writer (`shardon._fast.rowqueue`). ``append`` is the
+        request path's whole share of the log; the callback path calls ``row_queue.append`` itself."""
+        self._q: deque[Any] = deque()  # audit entries and flush markers, for the writer
+        self._held: deque[tuple[bytes, bytes, int]] = deque()  # row batches the backlog refused, for a retry
+        self._held_rows = 0
         self._stop = threading.Event()  # ends the writer's back-off sleep at close
         self._thread: threading.Thread | None = None  # the writer
         self._compactor: threading.Thread | None = None
@@ -1027,7 +1042,6 @@ class RequestLog:
         self._closed = False
         self._close_lock = threading.Lock()
         self._late_logged = False
-        self._batch_max = self.config.batch_max
         self._pack = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder().decode
         self._readers: ThreadPoolExecutor | None = None
@@ -1139,7 +1153,10 @@ class RequestLog:
     def pending(self) -> int:
         """Request rows and audit entries appended but not yet in SQLite: in memory (a `flush` waiting
         there counts as one) and in the backlog."""
-        return len(self._q) + max(self._in_entries - self._out_entries, 0)
+        return len(self._q) + self._queued_rows() + max(self._in_entries - self._out_entries, 0)
+
+    def _queued_rows(self) -> int:
+        return len(self.row_queue) + self._held_rows
 
     @property
     def backlog_bytes(self) -> int:
@@ -1154,7 +1171,7 @@ class RequestLog:
         `aflush`). Returns False when the writer is not running and rows are waiting.
         """
         if not self.running:
-            return not self._q and self._cpos >= self._published
+            return not self._q and not self._queued_rows() and self._cpos >= self._published
         deadline = None if timeout is None else time.monotonic() + timeout
         pos = self._flush_to_backlog(timeout)
         return pos is not None and self._compact_to(pos, deadline)
@@ -1183,6 +1200,7 @@ class RequestLog:
             if self._closed:
                 return
             self._closed = True
+            self.row_queue.close()  # what follows flushes every row appended before this
         _open_logs.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         readers = self._readers
@@ -1197,7 +1215,7 @@ class RequestLog:
             self._wake.set()
             writer.join(_left(deadline))
             if writer.is_alive():
-                log.error("request log writer did not stop in %ss; %d rows unwritten", timeout, len(self._q))
+                log.error("request log writer did not stop in %ss; %d rows unwritten", timeout, self._queued_rows())
         compactor = self._compactor
         if compactor is not None and compactor.is_alive():
             self._cstop = True
@@ -1205,7 +1223,9 @@ class RequestLog:
             compactor.join(_left(deadline))
             if compactor.is_alive():
                 log.error("request log compactor did not stop in %ss", timeout)
-        left = 0
+        left = self.row_queue.clear() + self._held_rows
+        self._held.clear()
+        self._held_rows = 0
         for item in self._q:
             if type(item) is _Flush:
                 item.done.set()
@@ -1287,19 +1307,22 @@ class RequestLog:
 
         The record is packed now: changing it afterwards does not change the row.
         """
-        if self._closed:
+        if not self.row_queue.append(record):
+            self.refused(record)
+
+    def refused(self, record: RequestRecord) -> None:
+        """Account for a record `row_queue` refused: the log is closed, or no row can hold a value."""
+        if self._closed or self.row_queue.closed:
             self._late()
             return
         try:
-            packed = self._pack(record)
-        except (OverflowError, TypeError, ValueError) as exc:  # a value no row can hold; never the caller's problem
-            log.error("request log: dropping row %s: %s", _show_id(record.id), exc)
-            self.dropped += 1
-            return
-        q = self._q
-        q.append(packed)
-        if len(q) >= self._batch_max and not self._wake.is_set():
-            self._wake.set()
+            self._pack(record)
+        except (OverflowError, TypeError, ValueError) as exc:  # never the caller's problem
+            reason = str(exc)
+        else:  # pragma: no cover - the queue could not grow (out of memory)
+            reason = "the queue is out of memory"
+        log.error("request log: dropping row %s: %s", _show_id(record.id), reason)
+        self.dropped += 1
 
     def audit(
         self, actor: str | None, action: str, target: str | None = None, detail: dict[str, Any] | None = None
@@ -1331,61 +1354,68 @@ class RequestLog:
             while True:
                 if backoff:
                     self._stop.wait(backoff)  # the backlog refused writes: don't spin
-                elif len(self._q) < self._batch_max:
+                elif len(self.row_queue) < self._batch_max:
                     self._wake.wait(interval)
                 self._wake.clear()
                 ok = self._drain()
                 backoff = 0.0 if ok else min(max(backoff * 2, interval), 2.0)
-                if self._stopping and (not self._q or not ok):
+                if self._stopping and (not (self._q or self._queued_rows()) or not ok):
                     break
         except BaseException:  # pragma: no cover - a bug; keep the process alive, say why
             log.exception("request log writer crashed")
 
     def _drain(self) -> bool:
-        """Append everything queued now to the backlog, one frame per ``batch_max`` items.
+        """Append everything queued now to the backlog: rows one frame per ``batch_max``, then the
+        audit entries; then tell the flushes waiting where the backlog ends.
 
-        False if the backlog refused a write (the items stay queued, in order).
+        The markers and audit entries are taken first: every row appended before a flush marker is
+        in the row queue by then, so the rows written next include them. False if the backlog
+        refused a write (what was not written stays queued, in order).
         """
         q = self._q
-        popleft = q.popleft
-        n = len(q)  # items appended while draining wait for the next round
-        while n > 0:
-            k = min(n, self._batch_max)
-            items = [popleft() for _ in range(k)]
-            n -= k
-            try:
-                payload = b"".join(items)
-            except TypeError:  # audit entries or flush markers among the rows
-                ok = self._append_mixed(items)
-            else:  # only rows: no per-row work beyond the join and their lengths
-                lengths = array(_LENGTHS, map(len, items))
-                if _SWAP:  # pragma: no cover - big-endian hosts
-                    lengths.byteswap()
-                pieces, size = _frame_from(_KIND_ROWS, k, lengths, payload)
-                ok = self._append_frames(pieces, size, k)
-            if not ok:
-                q.extendleft(reversed(items))
-                self._shed()
-                return False
-        return True
-
-    def _append_mixed(self, items: list[Any]) -> bool:
-        rows = [item for item in items if type(item) is bytes]
-        audits = [item.packed for item in items if type(item) is _Audit]
-        pieces: list[Any] = []
-        size = 0
-        for kind, entries in ((_KIND_ROWS, rows), (_KIND_AUDIT, audits)):
-            if entries:
-                more, n = _frame_parts(kind, entries)
-                pieces += more
-                size += n
-        if pieces and not self._append_frames(pieces, size, len(rows) + len(audits)):
+        items = [q.popleft() for _ in range(len(q))]  # items queued while draining wait for the next round
+        ok = self._write_rows()
+        if ok:
+            audits = [item.packed for item in items if type(item) is _Audit]
+            if audits:
+                pieces, size = _frame_parts(_KIND_AUDIT, audits)
+                ok = self._append_frames(pieces, size, len(audits))
+        if not ok:
+            q.extendleft(reversed(items))
+            self._shed()
             return False
         pos = self._published
         for item in items:
             if type(item) is _Flush:
                 item.pos = pos
                 item.done.set()
+        return True
+
+    def _write_rows(self) -> bool:
+        """The held batches, then the rows queued now, into the backlog; False at the first refusal
+        (that batch and the rest stay, the batch in ``_held``)."""
+        held = self._held
+        while held:
+            payload, lengths, count = held[0]
+            pieces, size = _frame_from(_KIND_ROWS, count, lengths, payload)
+            if not self._append_frames(pieces, size, count):
+                return False
+            held.popleft()
+            self._held_rows -= count
+        take = self.row_queue.take
+        batch_max = self._batch_max
+        left = len(self.row_queue)  # rows appended while draining wait for the next round
+        while left > 0:
+            batch = take(min(left, batch_max))
+            if batch is None:  # pragma: no cover - only this thread takes
+                break
+            payload, lengths, count = batch
+            left -= count
+            pieces, size = _frame_from(_KIND_ROWS, count, lengths, payload)
+            if not self._append_frames(pieces, size, count):
+                held.append(batch)
+                self._held_rows += count
+                return False
         return True
 
     def _append_frames(self, pieces: list[Any], size: int, count: int) -> bool:
@@ -1453,14 +1483,32 @@ class RequestLog:
         self._published = (self._wseg, 0)
 
     def _shed(self) -> None:
-        """While writes fail, keep at most _MAX_PENDING items: drop the oldest rows beyond that."""
-        q = self._q
-        while len(q) > _MAX_PENDING:
-            item = q.popleft()
-            if type(item) is _Flush:
-                item.done.set()  # pos None: that flush fails
-            else:
-                self.dropped += 1
+        """While writes fail, keep at most _MAX_PENDING rows in memory: drop the oldest beyond that.
+
+        (A flush waiting behind dropped rows still succeeds once the backlog takes writes again:
+        its rows are written or counted in ``dropped``.)"""
+        excess = self._queued_rows() - _MAX_PENDING
+        if excess <= 0:
+            return
+        held = self._held
+        while excess > 0 and held:
+            payload, lengths, count = held[0]
+            if count <= excess:  # the whole batch goes
+                held.popleft()
+                gone = count
+            else:  # its oldest rows go
+                gone = excess
+                cut = sum(_lengths_of(lengths[: 4 * gone]))
+                held[0] = (payload[cut:], lengths[4 * gone :], count - gone)
+            self._held_rows -= gone
+            self.dropped += gone
+            excess -= gone
+        while excess > 0:
+            batch = self.row_queue.take(min(excess, self._batch_max))
+            if batch is None:  # pragma: no cover - only this thread takes
+                break
+            self.dropped += batch[2]
+            excess -= batch[2]
 
     def _error(self, exc: BaseException) -> None:
         self.write_errors += 1

@@ -156,7 +156,7 @@ def test_label_cardinality_is_bounded() -> None:
     assert len(series) == 4  # three real label sets and "other"
     assert s[("shardon_requests_total", (("model", "other"), ("status", "other"), ("tenant", "other")))] == 7
     assert sum(s[k] for k in series) == 10
-    assert len(m._hot.requests) == 4  # three real label sets and "other": it grows no further
+    assert len(m._hot.tally.requests) == 4  # three real label sets and "other": it grows no further
 
 
 def test_request_series_are_plain_aggregates() -> None:
@@ -164,6 +164,6 @@ def test_request_series_are_plain_aggregates() -> None:
     r = rec(model="m", tenant="t", finished_at=1001.0, first_token_at=1000.5, completion_tokens=3)
     m.observe_request(r)
     m.observe_request(r)
-    assert m._hot.requests == {("m", 200, "t"): 2}
-    hist = m._hot.models["m"].ttft
+    assert m._hot.tally.requests == {("m", 200, "t"): 2}
+    hist = m._hot.tally.models["m"].ttft
     assert sum(hist.counts) == 2 and hist.sum > 0

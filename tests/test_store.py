@@ -191,6 +191,21 @@ def test_close_is_idempotent_and_flushes(tmp_path: Path) -> None:
         rl.start()
 
 
+def test_a_row_no_column_can_hold_is_dropped_alone(rlog: RequestLog, caplog: pytest.LogCaptureFixture) -> None:
+    """Through `append`, and through the row queue with `refused` (what the callback path calls)."""
+    rlog.append(rec(1))
+    rlog.append(rec(2, prompt_tokens=1 << 70))  # no msgpack integer holds it
+    bad = rec(3, completion_tokens=1 << 70)
+    assert rlog.row_queue.append(bad) is False
+    rlog.refused(bad)
+    assert rlog.row_queue.append(rec(4)) is True
+    assert rlog.flush()
+    with ro(rlog) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY id")] == [rid(1), rid(4)]
+    assert rlog.dropped == 2
+    assert sum("dropping row" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_same_id_replaces_row_and_append_snapshots(rlog: RequestLog) -> None:
     r = rec(1, status=0)
     rlog.append(r)
@@ -218,7 +233,8 @@ def test_append_never_blocks_while_database_is_locked(rlog: RequestLog) -> None:
             worst = max(worst, time.perf_counter() - t0)
         time.sleep(0.2)  # several flush windows: the compactor is stuck on the lock
         assert rlog.pending == 2000  # not in SQLite yet ...
-        wait_until(lambda: not rlog._q and rlog.backlog_bytes > 0)  # ... but out of memory, in the backlog
+        # ... but out of memory, in the backlog:
+        wait_until(lambda: not rlog._q and not rlog._queued_rows() and rlog.backlog_bytes > 0)
         assert rlog.flush(0.05) is False
         assert worst < 0.5, worst  # far below the 5 s busy timeout a blocking append would wait
         assert rlog._thread is not None and rlog._thread is not threading.current_thread()

@@ -531,7 +531,7 @@ def test_unwritable_backlog_keeps_rows_in_memory_until_it_is_writable(
         rl.audit("admin", "key.create", "k1")
         wait_until(lambda: rl.write_errors > 0)
         assert rl.flush(0.2) is False
-        assert len(rl._q) >= 21 and rl.pending >= 21 and rl.backlog_bytes == 0  # in memory
+        assert rl._queued_rows() == 20 and rl.pending >= 21 and rl.backlog_bytes == 0  # in memory
         assert count(rl.path) == 10 and rl.dropped == 0
         assert rl.last_error is not None and "Error" in rl.last_error
         d.unlink()
@@ -575,7 +575,8 @@ def test_locked_database_leaves_rows_in_the_backlog_for_the_next_start(tmp_path:
         for i in range(50):
             rl.append(rec(i))
         rl.audit("admin", "key.create", "k1")
-        wait_until(lambda: rl.backlog_bytes > 0 and not rl._q)  # out of memory, waiting on disk
+        # out of memory, waiting on disk:
+        wait_until(lambda: rl.backlog_bytes > 0 and not rl._q and not rl._queued_rows())
         rl.close(timeout=0.5)  # SQLite is locked: the rows stay in the backlog
     finally:
         blocker.execute("ROLLBACK")

@@ -11,6 +11,10 @@ compiled classes are used unless the environment variable ``SHARDON_NO_EXTENSION
 or ``yes``; if they cannot be imported, the twins are used and a :class:`RuntimeWarning` says so (once,
 at import). ``USING_EXTENSIONS`` tells which set is in use.
 
+Modules with their own selectors, same rules: ``shardon._fast.wire`` (the HTTP engine and upstream
+connections), ``.sse`` (SSE readers), ``.tally`` (the metrics' per-request tallies) and ``.rowqueue``
+(the request log's in-memory row queue).
+
 `RowWriter` is selected on its own (``ROWWRITER_COMPILED``): besides being built, its compiled form
 needs the SQLite shared library that Python's ``sqlite3`` module uses, which some Python builds link
 in statically; then the twin is used, with a warning saying why.

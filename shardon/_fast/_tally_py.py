@@ -11,6 +11,23 @@ Cardinality is bounded: once a dict holds ``max_series`` keys, a new key is coun
 a value lands in the first bucket whose upper bound is >= it (``bisect_left``); the last bucket is
 ``+Inf``.
 
+The exact rules, which the compiled twin keeps to the letter:
+
+- ``requests`` counts each request under ``(model, status, tenant)`` (``None`` is a value like any
+  other). A key not yet counted when ``requests`` already holds ``max_series`` keys is counted under
+  ``("other", "other", "other")`` instead (so ``requests`` ends with at most ``max_series + 1`` keys).
+- ``tokens`` adds ``prompt_tokens`` under ``(model, tenant, "prompt")`` and ``completion_tokens`` under
+  ``(model, tenant, "completion")``, each only when truthy (a failed request that used tokens counts
+  them too), with the same ``max_series`` rule. A total is ``0 + amount + amount ...`` in arrival order.
+- Only a 2xx request is timed, in ``series(model)``: that model's histograms, or ``"other"``'s for a
+  model first timed when ``max_series`` models already have some. Duration is ``finished_at -
+  received_at`` and time to first token ``first_token_at - received_at``, each when known and not
+  negative; time per output token ``(finished_at - first_token_at) / (completion_tokens - 1)`` when the
+  first token was timed, ``completion_tokens > 1`` and it is not negative.
+- ``requests``, ``tokens`` and ``models`` are read-only snapshots (fresh dicts, in first-seen order;
+  ``models``' values are the live `ModelSeries`): the compiled twin does not keep these dicts but
+  builds them when asked (at scrape time).
+
 ``shardon/_fast/_tally_c.pyx`` is the compiled twin (same API, same results); ``shardon._fast.tally``
 selects.
 """
@@ -68,7 +85,7 @@ class ModelSeries:
 class RequestTally:
     """The per-request counters and histograms (see the module docstring)."""
 
-    __slots__ = ("duration_bounds", "max_series", "models", "requests", "tokens", "tpot_bounds", "ttft_bounds")
+    __slots__ = ("_models", "_requests", "_tokens", "duration_bounds", "max_series", "tpot_bounds", "ttft_bounds")
 
     def __init__(
         self,
@@ -83,13 +100,28 @@ class RequestTally:
         self.duration_bounds = _check_bounds(duration_bounds)
         self.ttft_bounds = _check_bounds(ttft_bounds)
         self.tpot_bounds = _check_bounds(tpot_bounds)
-        self.requests: dict[tuple[Any, ...], int] = {}
-        self.tokens: dict[tuple[Any, ...], int] = {}
-        self.models: dict[Any, ModelSeries] = {}
+        self._requests: dict[tuple[Any, ...], int] = {}
+        self._tokens: dict[tuple[Any, ...], int] = {}
+        self._models: dict[Any, ModelSeries] = {}
+
+    @property
+    def requests(self) -> dict[tuple[Any, ...], int]:
+        """Request counts by ``(model, status, tenant)`` (a snapshot)."""
+        return dict(self._requests)
+
+    @property
+    def tokens(self) -> dict[tuple[Any, ...], int]:
+        """Token totals by ``(model, tenant, "prompt"|"completion")`` (a snapshot)."""
+        return dict(self._tokens)
+
+    @property
+    def models(self) -> dict[Any, ModelSeries]:
+        """Each timed model's histograms (a snapshot of the live `ModelSeries`)."""
+        return dict(self._models)
 
     def series(self, model: Any) -> ModelSeries:
         """The histograms of ``model`` (``"other"``'s once ``max_series`` models have some)."""
-        models = self.models
+        models = self._models
         found = models.get(model)
         if found is not None:
             return found
@@ -106,7 +138,7 @@ class RequestTally:
         model = record.model
         tenant = record.tenant
         status = record.status
-        requests = self.requests
+        requests = self._requests
         key: tuple[Any, ...] = (model, status, tenant)
         count = requests.get(key)
         if count is None and len(requests) >= self.max_series:
@@ -133,7 +165,7 @@ class RequestTally:
                 series.tpot.observe((finished - first) / (completion - 1))
 
     def _add_tokens(self, key: tuple[Any, ...], amount: int) -> None:
-        tokens = self.tokens
+        tokens = self._tokens
         if key not in tokens and len(tokens) >= self.max_series:
             key = _OTHER3
         tokens[key] = tokens.get(key, 0) + amount

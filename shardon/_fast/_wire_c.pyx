@@ -1075,6 +1075,7 @@ cdef class FastPath:
         object node_routes
         int headroom
         object request_log
+        object log_row
         object observe
         list on_finish
         dict node_names
@@ -1092,6 +1093,8 @@ cdef class FastPath:
         self.node_routes = gateway.scheduler._node_routes
         self.headroom = gateway.scheduler.headroom
         self.request_log = gateway.request_log
+        # RequestLog.append minus its Python frame: the compiled row queue's own append.
+        self.log_row = None if gateway.request_log is None else gateway.request_log.row_queue.append
         self.observe = gateway.metrics.observe_request
         self.on_finish = gateway.on_finish
         self.node_names = {}
@@ -1147,8 +1150,8 @@ cdef class FastPath:
         gateway.in_flight -= 1
         if gateway.draining and gateway.in_flight == 0:
             gateway._idle.set()
-        if self.request_log is not None:
-            self.request_log.append(rec)
+        if self.log_row is not None and not self.log_row(rec):
+            self.request_log.refused(rec)
         self.observe(rec)
         if self.on_finish:
             for hook in self.on_finish:

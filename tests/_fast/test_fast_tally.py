@@ -157,6 +157,198 @@ def test_both_implementations_agree(request: pytest.FixtureRequest) -> None:
             hc, hp = getattr(ct.models[model], name), getattr(pt.models[model], name)
             assert hc.counts == hp.counts
             assert hc.sum == hp.sum  # the same additions in the same order: bit-identical
+    assert state(ct) == state(pt)
+
+
+def state(t: Any) -> str:
+    """Everything a tally shows, order and value types included (repr of floats is exact)."""
+    hists = {
+        model: [(h.counts, h.sum) for h in (series.duration, series.ttft, series.tpot)]
+        for model, series in t.models.items()
+    }
+    return repr((list(t.requests.items()), list(t.tokens.items()), list(hists.items())))
+
+
+def agree(records: list[Any], max_series: int) -> tuple[Any, Any]:
+    """Observe ``records`` with both implementations; same exceptions, same state after each."""
+    if FORCED:
+        pytest.skip("SHARDON_NO_EXTENSIONS: only the twins")
+    ct, pt = new(_load("c"), max_series), new(_load("py"), max_series)
+    for i, r in enumerate(records):
+        outcomes: list[type[BaseException] | None] = []
+        for t in (ct, pt):
+            try:
+                t.observe(r)
+                outcomes.append(None)
+            except Exception as exc:  # the twin's exceptions are part of its results
+                outcomes.append(type(exc))
+        assert outcomes[0] is outcomes[1], (i, r, outcomes)
+        assert state(ct) == state(pt), (i, r)
+    return ct, pt
+
+
+def test_overflow_through_cells_agrees() -> None:
+    """Requests full before tokens, tokens full before models, new statuses and tenants of known cells."""
+    records = [rec(model="a", tenant="x", status=200, prompt_tokens=None, finished_at=1001.0)]
+    records += [rec(model="a", tenant="x", status=s) for s in (404, 429)]  # requests now full (3)
+    records += [rec(model="b", tenant="x", prompt_tokens=2, finished_at=1001.0)]  # tokens, timed: new cell
+    records += [rec(model="b", tenant="x", prompt_tokens=3, completion_tokens=1)]  # requests "other"
+    records += [rec(model="a", tenant="y", status=503, completion_tokens=4)]  # a new tenant, all "other" but tokens
+    records += [rec(model="a", tenant="x", status=500, prompt_tokens=1)]  # a new status of a known cell
+    records += [rec(model=f"n{i}", tenant="z", status=200, prompt_tokens=1, finished_at=1002.0) for i in range(6)]
+    records += [rec(model=m, tenant="x", status=200, finished_at=1003.0) for m in ("a", "b", "n0", "n5", "zz")]
+    ct, _ = agree(records, max_series=3)
+    assert len(ct.requests) == 4 and len(ct.tokens) == 4 and len(ct.models) == 4
+    assert ct.requests[("other", "other", "other")] == len(records) - 4  # ("a", 200, "x") came twice
+
+
+def test_same_model_as_other_str_objects_and_none_values() -> None:
+    def fresh(text: str | None) -> str | None:
+        return None if text is None else "".join(list(text))  # equal, not the same object
+
+    records = []
+    for i in range(40):
+        model = [fresh("m1"), fresh("m2"), None, fresh("m1"), fresh("é"), fresh("m1\u20ac")][i % 6]
+        tenant = [fresh("t"), None, "t"][i % 3]
+        records.append(
+            rec(model=model, tenant=tenant, status=[200, 200, 404][i % 3], prompt_tokens=i, completion_tokens=3)
+        )
+    ct, _ = agree(records, max_series=100)
+    assert len(ct.requests) == len({(r.model, r.status, r.tenant) for r in records})
+    assert ct.requests[("m1", 200, "t")] == 14  # 14 different str objects, one key
+
+
+def test_odd_values_agree() -> None:
+    """Equal keys of other types, amounts that are not small ints, timestamps that are not floats."""
+    big = 2**63
+    records = [
+        rec(status=200, prompt_tokens=5),
+        rec(status=200.0, prompt_tokens=True),  # equal to 200: the same key, its first form kept
+        rec(status=True, completion_tokens=2),
+        rec(status=1, completion_tokens=2.5),  # a float total from here on
+        rec(status=1, completion_tokens=3),
+        rec(prompt_tokens=big - 6),  # the long long total would overflow: Python ints from here
+        rec(prompt_tokens=big * big),
+        rec(prompt_tokens=-(big * 4), completion_tokens=-1),
+        rec(status=2**70, prompt_tokens=1),  # a status beyond a C long
+        rec(received_at=1000, first_token_at=1001, finished_at=1003, completion_tokens=3),  # ints
+        rec(received_at=1000.0, first_token_at=1000.5, finished_at=1002, completion_tokens=big * 2),
+        rec(received_at=1000.0, first_token_at=1000.5, finished_at=1002.0, completion_tokens=2.0),
+        rec(received_at=float("nan"), first_token_at=1000.5, finished_at=1002.0, completion_tokens=9),
+        rec(model="other", tenant="other", status="other"),  # the "other" key itself (then a TypeError)
+        rec(model=["unhashable"]),  # TypeError before anything is counted
+        rec(model="new", tenant={"un": "hashable"}),
+        rec(model="m", status=[404]),
+        rec(prompt_tokens="7"),  # truthy but not addable: TypeError, nothing listed
+        rec(model="q", prompt_tokens="7"),
+        rec(model="q", prompt_tokens=7),
+        rec(status=201, received_at=None, finished_at=1000.0),  # TypeError at the comparison
+        rec(status=201, received_at=None),  # nothing timed: no comparison, no error
+    ]
+    agree(records, max_series=8)
+    agree(records, max_series=2)
+
+
+def test_other_key_counted_before_overflow() -> None:
+    """A request whose own key equals ("other", "other", "other") shares it with later overflow."""
+    records = [rec(model="other", tenant="other", status="other"), rec(model="a"), rec(model="b"), rec(model="c")]
+    ct, _ = agree(records, max_series=2)  # the first raises TypeError (a str status), counted
+    assert list(ct.requests.items()) == [(("other", "other", "other"), 3), (("a", 200, "t"), 1)]
+
+
+class SlotRecord:
+    __slots__ = (
+        "completion_tokens",
+        "finished_at",
+        "first_token_at",
+        "model",
+        "prompt_tokens",
+        "received_at",
+        "status",
+        "tenant",
+    )
+
+    def __init__(self, **kw: Any) -> None:
+        for name, value in vars(rec(**kw)).items():
+            SlotRecord.__dict__[name].__set__(self, value)  # the slot, whatever a subclass made of the name
+
+
+def test_record_fields_read_like_getattr() -> None:
+    """Slots read directly only where getattr would read them; changed classes are looked at again."""
+    from shardon.store import RequestRecord
+
+    if FORCED:
+        pytest.skip("SHARDON_NO_EXTENSIONS: only the twins")
+    c = _load("c")
+    assert c._reads_slots(RequestRecord)  # the gateway's records: the fast path
+    assert c._reads_slots(SlotRecord)
+    assert not c._reads_slots(SimpleNamespace)
+
+    class Renamed(SlotRecord):
+        __slots__ = ()
+
+        @property
+        def model(self) -> str:
+            return "renamed"
+
+    class Hooked(SlotRecord):
+        __slots__ = ()
+
+        def __getattribute__(self, name: str) -> Any:
+            return "hooked" if name == "tenant" else object.__getattribute__(self, name)
+
+    assert not c._reads_slots(Renamed) and not c._reads_slots(Hooked)
+
+    class Mutable(SlotRecord):
+        __slots__ = ()
+
+    unset = SlotRecord(model="u", prompt_tokens=1)
+    delattr(unset, "received_at")  # getattr raises AttributeError: after the request and its tokens count
+    records: list[Any] = [
+        RequestRecord(model="r", tenant="t", status=200, received_at=1000.0, finished_at=1001.0, prompt_tokens=3),
+        SlotRecord(model="s", finished_at=1000.5),
+        Renamed(model="s"),
+        Hooked(model="s"),
+        unset,
+        RequestRecord(model="r", tenant="t", status=200, received_at=1000.0, completion_tokens=2),
+        Mutable(model="before"),  # last: the type whose layout is kept
+    ]
+    ct, pt = agree(records, max_series=100)
+    setattr(Mutable, "model", property(lambda self: "after"))  # noqa: B010 (a class changed after use)
+    try:
+        for t in (ct, pt):
+            t.observe(Mutable(model="before"))
+        assert state(ct) == state(pt)
+        assert ("after", 200, "t") in ct.requests and ("before", 200, "t") in ct.requests
+        assert ("renamed", 200, "t") in ct.requests and ("s", 200, "hooked") in ct.requests
+        assert ("u", "t", "prompt") in ct.tokens
+    finally:
+        delattr(Mutable, "model")
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_memory_is_bounded_whatever_the_clients_send(impl: str) -> None:
+    import gc
+    import tracemalloc
+
+    t = new(_load(impl), max_series=10)
+    records = [
+        rec(model=f"model-{i}", tenant=f"tenant-{i % 7}", prompt_tokens=1, completion_tokens=2) for i in range(6000)
+    ]
+    for r in records[:1000]:
+        t.observe(r)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for r in records[1000:]:
+            t.observe(r)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 10_000, grown  # 5000 new models, none kept
+    assert len(t.requests) == 11 and t.requests[("other", "other", "other")] == 5990
 
 
 def test_compiled_tally_loaded() -> None:

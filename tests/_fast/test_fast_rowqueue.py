@@ -1,0 +1,198 @@
+"""The request log's row queue, against both implementations (compiled and pure Python)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+import threading
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import pytest
+
+from shardon.store import RequestRecord
+
+FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
+ENCODER = msgspec.msgpack.Encoder()
+DECODE = msgspec.msgpack.Decoder(RequestRecord).decode
+
+
+def _load(name: str) -> ModuleType:
+    if name == "py":
+        return importlib.import_module("shardon._fast._rowqueue_py")
+    try:
+        return importlib.import_module("shardon._fast._rowqueue_c")
+    except ImportError as exc:
+        pytest.skip(f"compiled row queue (shardon._fast._rowqueue_c) not built: {exc}")
+
+
+@pytest.fixture(params=["c", "py"])
+def rq_mod(request: pytest.FixtureRequest) -> ModuleType:
+    return _load(request.param)
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> None:
+        self.n += 1
+
+
+def new(mod: ModuleType, batch_max: int = 1000, wake: Any = None) -> Any:
+    return mod.RowQueue(ENCODER, wake or Wakes(), batch_max)
+
+
+def record(i: int, **kw: Any) -> RequestRecord:
+    return RequestRecord(id=i, received_at=1000.0 + i, model=f"m{i}", status=200, **kw)
+
+
+def rows_of(taken: tuple[bytes, bytes, int]) -> list[RequestRecord]:
+    payload, lengths, count = taken
+    assert len(lengths) == 4 * count
+    out, pos = [], 0
+    for (n,) in struct.iter_unpack("<I", lengths):
+        out.append(DECODE(payload[pos : pos + n]))
+        pos += n
+    assert pos == len(payload)
+    return out
+
+
+def test_rows_come_out_in_order_as_frames(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    assert q.take(10) is None
+    for i in range(5):
+        assert q.append(record(i, tenant="t" * i)) is True
+    assert len(q) == 5
+    taken = q.take(3)
+    assert taken[2] == 3
+    assert [r.id for r in rows_of(taken)] == [0, 1, 2]
+    assert len(q) == 2
+    q.append(record(5))
+    rest = rows_of(q.take(100))
+    assert [r.id for r in rest] == [3, 4, 5]
+    assert rest[1].tenant == "tttt"
+    assert q.take(1) is None and len(q) == 0
+
+
+def test_a_row_is_a_snapshot(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    rec = record(1)
+    q.append(rec)
+    rec.status = 500
+    assert rows_of(q.take(10))[0].status == 200
+
+
+def test_rows_are_the_encoders_bytes(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    recs = [record(i, output_sha256="ab" * 32) for i in range(3)]
+    for r in recs:
+        q.append(r)
+    payload, lengths, _ = q.take(10)
+    assert payload == b"".join(ENCODER.encode(r) for r in recs)
+    assert lengths == struct.pack("<3I", *(len(ENCODER.encode(r)) for r in recs))
+
+
+def test_a_record_that_cannot_be_packed_is_refused_and_leaves_no_trace(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    q.append(record(1))
+    bad = record(2, prompt_tokens=1 << 70)  # no msgpack integer holds it
+    assert q.append(bad) is False
+    assert q.append(record(2, output_sha256="x" * 5000)) is True  # after a bigger partial write
+    assert q.append(record(3, prompt_tokens=1 << 80, client_addr="y" * 3000)) is False
+    assert q.append(record(4)) is True
+    rows = rows_of(q.take(10))
+    assert [r.id for r in rows] == [1, 2, 4]
+    assert rows[1].output_sha256 == "x" * 5000
+
+
+def test_a_closed_queue_refuses_rows_but_keeps_those_queued(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    q.append(record(1))
+    q.close()
+    assert q.closed is True
+    assert q.append(record(2)) is False
+    assert [r.id for r in rows_of(q.take(10))] == [1]
+
+
+def test_clear_drops_and_counts(rq_mod: ModuleType) -> None:
+    q = new(rq_mod)
+    for i in range(7):
+        q.append(record(i))
+    assert q.clear() == 7
+    assert len(q) == 0 and q.take(5) is None
+    q.append(record(9))
+    assert [r.id for r in rows_of(q.take(5))] == [9]
+
+
+def test_the_writer_is_woken_once_per_batch(rq_mod: ModuleType) -> None:
+    wakes = Wakes()
+    q = new(rq_mod, batch_max=4, wake=wakes)
+    for i in range(3):
+        q.append(record(i))
+    assert wakes.n == 0
+    q.append(record(3))
+    assert wakes.n == 1
+    for i in range(4, 20):
+        q.append(record(i))
+    assert wakes.n == 1  # until the writer takes rows, no more wake-ups
+    q.take(4)
+    q.append(record(20))
+    assert wakes.n == 2  # 17 rows waiting >= 4: the first append after a take wakes it again
+
+
+def test_grows_past_its_first_capacity(rq_mod: ModuleType) -> None:
+    q = new(rq_mod, batch_max=1)
+    n = 5000  # the compiled lengths array starts at 64 entries
+    for i in range(n):
+        q.append(record(i))
+    ids: list[int] = []
+    while (taken := q.take(777)) is not None:
+        ids += [r.id for r in rows_of(taken)]
+    assert ids == list(range(n))
+
+
+def test_batch_max_must_be_positive(rq_mod: ModuleType) -> None:
+    with pytest.raises(ValueError, match="batch_max"):
+        new(rq_mod, batch_max=0)
+
+
+def test_append_and_take_from_two_threads_lose_nothing(rq_mod: ModuleType) -> None:
+    """The event loop appends while the writer takes: every row comes out once, in order."""
+    q = new(rq_mod, batch_max=50)
+    n = 20000
+    out: list[int] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        while True:
+            finished = done.is_set()
+            taken = q.take(64)
+            if taken is not None:
+                out.extend(r.id for r in rows_of(taken))
+            elif finished:
+                return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for i in range(n):
+            q.append(record(i))
+    finally:
+        done.set()
+        thread.join(60)
+    assert out == list(range(n))
+
+
+def test_compiled_row_queue_loaded() -> None:
+    """The request log uses the compiled queue (fails when it was not built)."""
+    from shardon._fast import rowqueue
+
+    if FORCED:
+        assert rowqueue.ROWQUEUE_COMPILED is False
+        assert rowqueue.RowQueue is _load("py").RowQueue
+        return
+    assert rowqueue.ROWQUEUE_COMPILED is True
+    assert rowqueue.RowQueue is _load("c").RowQueue
