@@ -8,7 +8,7 @@ batches on disk, and the SQLite database the reads query. The request path never
 - The request path (the event loop) only calls `RequestLog.append(record)` and `RequestLog.audit(...)`:
   O(1), no I/O, no lock, safe from any thread. `append` packs the record (msgpack) into
   `RequestLog.row_queue` (`shardon._fast.rowqueue`: compiled, the rows back to back in one reused
-  buffer, ~0.15 µs; the callback path calls the queue's ``append`` directly): the row is a snapshot,
+  buffer, ~0.2 µs; the callback path calls the queue's ``append`` directly): the row is a snapshot,
   and the record can be freed at once, as it would be without a log. `audit` packs
   ``(id, at, actor, action, target, detail)`` onto a deque, its id taken from `RequestLog.audit_ids`
   when queued (a `RequestIds` of its own, seeded at start with the audit table's largest id), so
@@ -99,7 +99,7 @@ in ``dropped``. A row SQLite refuses (e.g. an integer too large) is dropped alon
 
 Cost model
 ----------
-- Request path: packing into the row queue's buffer, ~0.15 µs per row (no allocation).
+- Request path: packing into the row queue's buffer, ~0.2 µs per row (no allocation).
 - Writer: per batch of up to ``batch_max`` rows one copy of the buffer, one crc32 and one
   ``os.writev``: the crc32 (~0.1 µs per 200-byte row) and the kernel's copy into the page cache,
   a small fraction of what the SQLite write costs. (Under callgrind, request log on vs off in

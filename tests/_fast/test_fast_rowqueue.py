@@ -196,3 +196,18 @@ def test_compiled_row_queue_loaded() -> None:
         return
     assert rowqueue.ROWQUEUE_COMPILED is True
     assert rowqueue.RowQueue is _load("c").RowQueue
+
+
+def test_interleaved_appends_and_partial_takes_keep_order(rq_mod: ModuleType) -> None:
+    """Partial takes free the front; later appends reuse it (the compiled queue moves rows down)."""
+    q = new(rq_mod, batch_max=1)  # the compiled lengths array starts at 64 entries, its data at 64 KiB
+    out: list[int] = []
+    n = 0
+    for round_no in range(200):
+        for _ in range(37 + round_no % 5):
+            q.append(record(n, client_addr="c" * (round_no % 7) * 40))
+            n += 1
+        out += [r.id for r in rows_of(q.take(29))]
+    while (taken := q.take(50)) is not None:
+        out += [r.id for r in rows_of(taken)]
+    assert out == list(range(n))
