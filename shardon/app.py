@@ -159,6 +159,8 @@ class Gateway:
         self.keys = KeyStore(config.auth, config.tenants, request_log.path if request_log is not None else None)
         self.limiter = RateLimiter()
         self.on_finish: list[Callable[[RequestRecord], None]] = []
+        self.access_logging = config.log.access_log
+        """``log.access_log``: one ``shardon.access`` line per request (when that logger takes INFO)."""
         self._idle = asyncio.Event()
         self._models_body: bytes | None = None
         self.routes: dict[tuple[str, str], Handler] = {
@@ -402,7 +404,7 @@ class Gateway:
         self.metrics.observe_request(rec)
         for hook in self.on_finish:
             hook(rec)
-        if access_log.isEnabledFor(logging.INFO):
+        if self.access_logging and access_log.isEnabledFor(logging.INFO):
             self.log_access(rec)
 
     @staticmethod

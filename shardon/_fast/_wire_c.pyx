@@ -1078,6 +1078,7 @@ cdef class FastPath:
         object log_row
         object observe
         list on_finish
+        bint access_logging
         dict node_names
         public long long served
 
@@ -1097,6 +1098,7 @@ cdef class FastPath:
         self.log_row = None if gateway.request_log is None else gateway.request_log.row_queue.append
         self.observe = gateway.metrics.observe_request
         self.on_finish = gateway.on_finish
+        self.access_logging = gateway.access_logging  # config, loaded once
         self.node_names = {}
         self.served = 0
 
@@ -1156,7 +1158,7 @@ cdef class FastPath:
         if self.on_finish:
             for hook in self.on_finish:
                 hook(rec)
-        if _access_log.isEnabledFor(_INFO):
+        if self.access_logging and _access_log.isEnabledFor(_INFO):
             gateway.log_access(rec)
 
     def __call__(self, Request request):
