@@ -1096,7 +1096,8 @@ cdef class FastPath:
         self.request_log = gateway.request_log
         # RequestLog.append minus its Python frame: the compiled row queue's own append.
         self.log_row = None if gateway.request_log is None else gateway.request_log.row_queue.append
-        self.observe = gateway.metrics.observe_request
+        # None with metrics off: not even a call to the no-op.
+        self.observe = gateway.metrics.observe_request if gateway.metrics.enabled else None
         self.on_finish = gateway.on_finish
         self.access_logging = gateway.access_logging  # config, loaded once
         self.node_names = {}
@@ -1154,7 +1155,8 @@ cdef class FastPath:
             gateway._idle.set()
         if self.log_row is not None and not self.log_row(rec):
             self.request_log.refused(rec)
-        self.observe(rec)
+        if self.observe is not None:
+            self.observe(rec)
         if self.on_finish:
             for hook in self.on_finish:
                 hook(rec)

@@ -279,3 +279,16 @@ def test_one_access_log_line_per_request_unless_switched_off(
         _, headers, _ = post(quiet.url, "/v1/chat/completions", body, {})
         one_row(quiet, headers["x-request-id"])  # the request has ended (its row is logged)
     assert len(access_lines()) == 2  # none more
+
+
+def test_metrics_off_still_serves_and_logs(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["m1"], chunks=2)
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], metrics={"enabled": False})
+    status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {})
+    assert status == 200
+    assert one_row(gw, headers["x-request-id"])["status"] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""  # nothing counted, nothing exported
+    conn.close()
