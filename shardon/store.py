@@ -538,9 +538,13 @@ class _RowFrame(NamedTuple):
     rows: int
 
 
-def _lengths_of(lengths: bytes) -> list[int]:
-    """Entry lengths as stored in a frame (u32, little-endian)."""
-    return [n for (n,) in _U32.iter_unpack(lengths)]
+def _lengths_of(raw: bytes) -> array[int]:
+    """Entry lengths from their stored form (u32, little-endian)."""
+    lengths = array(_LENGTHS)
+    lengths.frombytes(raw)
+    if _SWAP:  # pragma: no cover - big-endian hosts
+        lengths.byteswap()
+    return lengths
 
 
 def _frame_from(kind: int, count: int, lengths: array[int] | bytes, payload: bytes) -> tuple[list[Any], int]:
@@ -585,10 +589,7 @@ def _split_body(body: bytes, count: int, body_crc: int) -> list[bytes] | None:
     if zlib.crc32(body) != body_crc:
         return None
     start = 4 * count
-    lengths = array(_LENGTHS)
-    lengths.frombytes(body[:start])
-    if _SWAP:  # pragma: no cover - big-endian hosts
-        lengths.byteswap()
+    lengths = _lengths_of(body[:start])
     if start + sum(lengths) != len(body):
         return None
     return [body[a:b] for a, b in itertools.pairwise(itertools.accumulate(lengths, initial=start))]
@@ -1312,7 +1313,7 @@ class RequestLog:
 
     def refused(self, record: RequestRecord) -> None:
         """Account for a record `row_queue` refused: the log is closed, or no row can hold a value."""
-        if self._closed or self.row_queue.closed:
+        if self._closed:  # (the queue is closed only once the log is)
             self._late()
             return
         try:
@@ -1392,31 +1393,29 @@ class RequestLog:
         return True
 
     def _write_rows(self) -> bool:
-        """The held batches, then the rows queued now, into the backlog; False at the first refusal
-        (that batch and the rest stay, the batch in ``_held``)."""
+        """The held batches, then the rows queued now, into the backlog, one frame per batch; False
+        at the first refusal (that batch and the rest stay: the batch at the head of ``_held``).
+
+        Each batch taken from the queue goes through ``_held`` on its way, so one loop writes both.
+        """
         held = self._held
-        while held:
-            payload, lengths, count = held[0]
-            pieces, size = _frame_from(_KIND_ROWS, count, lengths, payload)
-            if not self._append_frames(pieces, size, count):
-                return False
-            held.popleft()
-            self._held_rows -= count
-        take = self.row_queue.take
-        batch_max = self._batch_max
         left = len(self.row_queue)  # rows appended while draining wait for the next round
-        while left > 0:
-            batch = take(min(left, batch_max))
+        while True:
+            while held:
+                payload, lengths, count = held[0]
+                pieces, size = _frame_from(_KIND_ROWS, count, lengths, payload)
+                if not self._append_frames(pieces, size, count):
+                    return False
+                held.popleft()
+                self._held_rows -= count
+            if left <= 0:
+                return True
+            batch = self.row_queue.take(min(left, self._batch_max))
             if batch is None:  # pragma: no cover - only this thread takes
-                break
-            payload, lengths, count = batch
-            left -= count
-            pieces, size = _frame_from(_KIND_ROWS, count, lengths, payload)
-            if not self._append_frames(pieces, size, count):
-                held.append(batch)
-                self._held_rows += count
-                return False
-        return True
+                return True
+            left -= batch[2]
+            held.append(batch)
+            self._held_rows += batch[2]
 
     def _append_frames(self, pieces: list[Any], size: int, count: int) -> bool:
         """Write whole frames to the end of the backlog with one ``os.writev``; False if it failed."""

@@ -6,16 +6,10 @@ tests/_fast/test_fast_selector.py is where a missing build fails (unless SHARDON
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-import pytest
+from twin_impls import twin
 
 
 def sse_impl(name: str) -> ModuleType:
-    if name == "py":
-        return importlib.import_module("shardon._fast._sse_py")
-    try:
-        return importlib.import_module("shardon._fast._sse_c")
-    except ImportError as exc:
-        pytest.skip(f"compiled SSE readers (shardon._fast._sse_c) not built: {exc}")
+    return twin("sse", name)

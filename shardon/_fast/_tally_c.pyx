@@ -480,32 +480,13 @@ cdef class RequestTally:
         else:
             prompt = record.prompt_tokens
             completion = record.completion_tokens
-        # An int is true when not 0: no truthiness call for the usual amounts.
         cdef long long prompt_value = 0, completion_value = 0
-        cdef bint prompt_fits = _fits_long_long(prompt, &prompt_value), completion_fits, truthy
-        if prompt_fits:
-            truthy = prompt_value != 0
-        else:
-            truthy = prompt
-        if truthy:
-            if tenant_cell is not None and tenant_cell.prompt_tokens is not None:
-                tenant_cell.prompt_tokens.add(prompt, prompt_fits, prompt_value)
-            else:
-                tenant_cell = self._add_first_tokens(
-                    cell, tenant_cell, model, tenant, _PROMPT, prompt, prompt_fits, prompt_value
-                )
-        completion_fits = _fits_long_long(completion, &completion_value)
-        if completion_fits:
-            truthy = completion_value != 0
-        else:
-            truthy = completion
-        if truthy:
-            if tenant_cell is not None and tenant_cell.completion_tokens is not None:
-                tenant_cell.completion_tokens.add(completion, completion_fits, completion_value)
-            else:
-                tenant_cell = self._add_first_tokens(
-                    cell, tenant_cell, model, tenant, _COMPLETION, completion, completion_fits, completion_value
-                )
+        cdef bint prompt_fits = _fits_long_long(prompt, &prompt_value)
+        cdef bint completion_fits = _fits_long_long(completion, &completion_value)
+        tenant_cell = self._add_tokens(cell, tenant_cell, model, tenant, _PROMPT, prompt, prompt_fits, prompt_value)
+        tenant_cell = self._add_tokens(
+            cell, tenant_cell, model, tenant, _COMPLETION, completion, completion_fits, completion_value
+        )
         if cell is None and tenant_cell is not None:
             cell = self._model_cell(model)  # made for the model's first tokens
 
@@ -589,6 +570,25 @@ cdef class RequestTally:
             other.key = key
             self._request_counts.append(other)
         return other
+
+    cdef inline _TenantCell _add_tokens(
+        self, _ModelCell cell, _TenantCell tenant_cell, model, tenant, str kind, amount, bint fits, long long value
+    ):
+        """tokens[(model, tenant, kind)] += amount, for a truthy amount; the tenant cell after it."""
+        cdef bint truthy
+        if fits:
+            truthy = value != 0  # an int is true when not 0: no truthiness call for the usual amounts
+        else:
+            truthy = amount
+        if not truthy:
+            return tenant_cell
+        cdef _Count count = None
+        if tenant_cell is not None:
+            count = tenant_cell.prompt_tokens if kind is _PROMPT else tenant_cell.completion_tokens
+        if count is not None:
+            count.add(amount, fits, value)
+            return tenant_cell
+        return self._add_first_tokens(cell, tenant_cell, model, tenant, kind, amount, fits, value)
 
     cdef _TenantCell _add_first_tokens(
         self, _ModelCell cell, _TenantCell tenant_cell, model, tenant, str kind, amount, bint fits, long long value

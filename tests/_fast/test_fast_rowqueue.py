@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import struct
 import threading
@@ -11,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from twin_impls import twin
 
 from shardon.store import RequestRecord
 
@@ -20,12 +20,7 @@ DECODE = msgspec.msgpack.Decoder(RequestRecord).decode
 
 
 def _load(name: str) -> ModuleType:
-    if name == "py":
-        return importlib.import_module("shardon._fast._rowqueue_py")
-    try:
-        return importlib.import_module("shardon._fast._rowqueue_c")
-    except ImportError as exc:
-        pytest.skip(f"compiled row queue (shardon._fast._rowqueue_c) not built: {exc}")
+    return twin("rowqueue", name)
 
 
 @pytest.fixture(params=["c", "py"])

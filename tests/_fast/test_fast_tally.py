@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import random
@@ -11,18 +10,14 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from twin_impls import twin
 
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 BOUNDS = (0.125, 0.5, 2.0)  # binary fractions: the test's differences are exact
 
 
 def _load(name: str) -> ModuleType:
-    if name == "py":
-        return importlib.import_module("shardon._fast._tally_py")
-    try:
-        return importlib.import_module("shardon._fast._tally_c")
-    except ImportError as exc:
-        pytest.skip(f"compiled tallies (shardon._fast._tally_c) not built: {exc}")
+    return twin("tally", name)
 
 
 @pytest.fixture(params=["c", "py"])
