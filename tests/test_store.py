@@ -192,12 +192,11 @@ def test_close_is_idempotent_and_flushes(tmp_path: Path) -> None:
 
 
 def test_a_row_no_column_can_hold_is_dropped_alone(rlog: RequestLog, caplog: pytest.LogCaptureFixture) -> None:
-    """Through `append`, and through the row queue with `refused` (what the callback path calls)."""
+    """Through `append`, and through the row queue (what the callback path calls): the row is
+    refused when packed, and the queue hands it to the log, which says so and counts it."""
     rlog.append(rec(1))
     rlog.append(rec(2, prompt_tokens=1 << 70))  # no msgpack integer holds it
-    bad = rec(3, completion_tokens=1 << 70)
-    assert rlog.row_queue.append(bad) is False
-    rlog.refused(bad)
+    assert rlog.row_queue.append(rec(3, completion_tokens=1 << 70)) is True  # refused when packed
     assert rlog.row_queue.append(rec(4)) is True
     assert rlog.flush()
     with ro(rlog) as conn:
@@ -206,12 +205,10 @@ def test_a_row_no_column_can_hold_is_dropped_alone(rlog: RequestLog, caplog: pyt
     assert sum("dropping row" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_same_id_replaces_row_and_append_snapshots(rlog: RequestLog) -> None:
-    r = rec(1, status=0)
-    rlog.append(r)
-    r.status = 200  # mutating after append does not change what was queued
-    r.finished_at = BASE + 2
+def test_same_id_replaces_row(rlog: RequestLog) -> None:
+    rlog.append(rec(1, status=0))
     assert rlog.flush()
+    r = rec(1, status=200, finished_at=BASE + 2)
     with ro(rlog) as conn:
         row = _get_sync(conn, rid(1))
         assert row is not None and row["status"] == 0 and row["receipt"] is None

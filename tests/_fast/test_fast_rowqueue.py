@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
 from types import ModuleType
 from typing import Any
@@ -36,8 +37,13 @@ class Wakes:
         self.n += 1
 
 
-def new(mod: ModuleType, batch_max: int = 1000, wake: Any = None) -> Any:
-    return mod.RowQueue(ENCODER, wake or Wakes(), batch_max)
+class Refused(list[Any]):
+    def __call__(self, record: Any) -> None:
+        self.append(record)
+
+
+def new(mod: ModuleType, batch_max: int = 1000, wake: Any = None, refuse: Any = None, defer: int = 64) -> Any:
+    return mod.RowQueue(ENCODER, wake or Wakes(), batch_max, refuse if refuse is not None else Refused(), defer)
 
 
 def record(i: int, **kw: Any) -> RequestRecord:
@@ -72,12 +78,20 @@ def test_rows_come_out_in_order_as_frames(rq_mod: ModuleType) -> None:
     assert q.take(1) is None and len(q) == 0
 
 
-def test_a_row_is_a_snapshot(rq_mod: ModuleType) -> None:
-    q = new(rq_mod)
-    rec = record(1)
-    q.append(rec)
-    rec.status = 500
-    assert rows_of(q.take(10))[0].status == 200
+@pytest.mark.parametrize("defer", [1, 3, 64])
+def test_rows_are_packed_in_runs_of_defer_or_at_take(rq_mod: ModuleType, defer: int) -> None:
+    """A record is packed once ``defer`` are waiting, or when the writer takes rows: what it holds
+    then is the row (the contract: a record does not change once appended)."""
+    q = new(rq_mod, defer=defer)
+    recs = [record(i) for i in range(7)]
+    for rec in recs:
+        q.append(rec)
+    for rec in recs:
+        rec.status = 500  # packed already: the rows before the last full run of defer
+    packed = (len(recs) // defer) * defer
+    assert len(q) == 7  # packed or not
+    assert [r.status for r in rows_of(q.take(100))] == [200] * packed + [500] * (7 - packed)
+    assert len(q) == 0
 
 
 def test_rows_are_the_encoders_bytes(rq_mod: ModuleType) -> None:
@@ -90,17 +104,35 @@ def test_rows_are_the_encoders_bytes(rq_mod: ModuleType) -> None:
     assert lengths == struct.pack("<3I", *(len(ENCODER.encode(r)) for r in recs))
 
 
-def test_a_record_that_cannot_be_packed_is_refused_and_leaves_no_trace(rq_mod: ModuleType) -> None:
-    q = new(rq_mod)
+@pytest.mark.parametrize("defer", [1, 2, 64])
+def test_a_record_that_cannot_be_packed_is_refused_and_leaves_no_trace(rq_mod: ModuleType, defer: int) -> None:
+    refused = Refused()
+    q = new(rq_mod, refuse=refused, defer=defer)
     q.append(record(1))
     bad = record(2, prompt_tokens=1 << 70)  # no msgpack integer holds it
-    assert q.append(bad) is False
+    worse = record(3, prompt_tokens=1 << 80, client_addr="y" * 3000)
+    assert q.append(bad) is True  # queued: it fails when packed
     assert q.append(record(2, output_sha256="x" * 5000)) is True  # after a bigger partial write
-    assert q.append(record(3, prompt_tokens=1 << 80, client_addr="y" * 3000)) is False
+    assert q.append(worse) is True
     assert q.append(record(4)) is True
     rows = rows_of(q.take(10))
     assert [r.id for r in rows] == [1, 2, 4]
     assert rows[1].output_sha256 == "x" * 5000
+    assert refused == [bad, worse]  # each handed over once, in order
+    assert len(q) == 0 and q.take(10) is None
+
+
+def test_refuse_may_append_again(rq_mod: ModuleType) -> None:
+    """``refuse`` is called once the queue is whole again: it may append (here, a fixed record)."""
+    q: Any = None
+
+    def refuse(rec: RequestRecord) -> None:
+        q.append(record(rec.id + 100))
+
+    q = new(rq_mod, refuse=refuse, defer=2)
+    q.append(record(1, prompt_tokens=1 << 70))
+    q.append(record(2))  # the run of two is packed here: 1 is refused, 101 appended
+    assert [r.id for r in rows_of(q.take(10))] == [2, 101]
 
 
 def test_a_closed_queue_refuses_rows_but_keeps_those_queued(rq_mod: ModuleType) -> None:
@@ -113,8 +145,8 @@ def test_a_closed_queue_refuses_rows_but_keeps_those_queued(rq_mod: ModuleType) 
 
 
 def test_clear_drops_and_counts(rq_mod: ModuleType) -> None:
-    q = new(rq_mod)
-    for i in range(7):
+    q = new(rq_mod, defer=4)
+    for i in range(7):  # four packed, three deferred
         q.append(record(i))
     assert q.clear() == 7
     assert len(q) == 0 and q.take(5) is None
@@ -149,14 +181,17 @@ def test_grows_past_its_first_capacity(rq_mod: ModuleType) -> None:
     assert ids == list(range(n))
 
 
-def test_batch_max_must_be_positive(rq_mod: ModuleType) -> None:
+def test_batch_max_and_defer_must_be_positive(rq_mod: ModuleType) -> None:
     with pytest.raises(ValueError, match="batch_max"):
         new(rq_mod, batch_max=0)
+    with pytest.raises(ValueError, match="defer"):
+        new(rq_mod, defer=0)
 
 
-def test_append_and_take_from_two_threads_lose_nothing(rq_mod: ModuleType) -> None:
-    """The event loop appends while the writer takes: every row comes out once, in order."""
-    q = new(rq_mod, batch_max=50)
+@pytest.mark.parametrize("defer", [1, 7, 64])
+def test_append_and_take_from_two_threads_lose_nothing(rq_mod: ModuleType, defer: int) -> None:
+    """The event loop appends while the writer takes (and packs): every row comes out once, in order."""
+    q = new(rq_mod, batch_max=50, defer=defer)
     n = 20000
     out: list[int] = []
     done = threading.Event()
@@ -179,6 +214,22 @@ def test_append_and_take_from_two_threads_lose_nothing(rq_mod: ModuleType) -> No
         done.set()
         thread.join(60)
     assert out == list(range(n))
+
+
+def test_the_queue_holds_a_reference_until_the_record_is_packed(rq_mod: ModuleType) -> None:
+    q = new(rq_mod, defer=8)
+    rec = record(1)
+    before = sys.getrefcount(rec)
+    q.append(rec)
+    assert sys.getrefcount(rec) == before + 1  # deferred: the queue keeps it
+    q.take(10)
+    assert sys.getrefcount(rec) == before  # packed: let go
+    q.append(rec)
+    q.clear()
+    assert sys.getrefcount(rec) == before
+    q.append(rec)
+    del q  # a queue dropped with records deferred releases them
+    assert sys.getrefcount(rec) == before
 
 
 def test_compiled_row_queue_loaded() -> None:
