@@ -24,6 +24,10 @@ The exact rules, which the compiled twin keeps to the letter:
   received_at`` and time to first token ``first_token_at - received_at``, each when known and not
   negative; time per output token ``(finished_at - first_token_at) / (completion_tokens - 1)`` when the
   first token was timed, ``completion_tokens > 1`` and it is not negative.
+- ``observe_later(record)`` holds the record and observes the held ones, in order, once ``defer``
+  are held or at the next read of ``requests``, ``tokens`` or ``models`` (or `drain`): the same
+  counts as `observe`, batched (see ``_tally_c.pyx`` for why). A held record that raises is
+  skipped and counted in ``unobserved`` (``drain`` returns how many did).
 - ``requests``, ``tokens`` and ``models`` are read-only snapshots (fresh dicts, in first-seen order;
   ``models``' values are the live `ModelSeries`): the compiled twin does not keep these dicts but
   builds them when asked (at scrape time).
@@ -35,6 +39,7 @@ selects.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
@@ -85,7 +90,18 @@ class ModelSeries:
 class RequestTally:
     """The per-request counters and histograms (see the module docstring)."""
 
-    __slots__ = ("_models", "_requests", "_tokens", "duration_bounds", "max_series", "tpot_bounds", "ttft_bounds")
+    __slots__ = (
+        "_later",
+        "_models",
+        "_requests",
+        "_tokens",
+        "defer",
+        "duration_bounds",
+        "max_series",
+        "tpot_bounds",
+        "ttft_bounds",
+        "unobserved",
+    )
 
     def __init__(
         self,
@@ -93,9 +109,15 @@ class RequestTally:
         duration_bounds: Iterable[float],
         ttft_bounds: Iterable[float],
         tpot_bounds: Iterable[float],
+        defer: int = 64,
     ) -> None:
         if max_series < 1:
             raise ValueError("max_series must be >= 1")
+        if defer < 1:
+            raise ValueError("defer must be >= 1")
+        self.defer = defer
+        self.unobserved = 0
+        self._later: deque[Any] = deque()
         self.max_series = max_series
         self.duration_bounds = _check_bounds(duration_bounds)
         self.ttft_bounds = _check_bounds(ttft_bounds)
@@ -107,17 +129,40 @@ class RequestTally:
     @property
     def requests(self) -> dict[tuple[Any, ...], int]:
         """Request counts by ``(model, status, tenant)`` (a snapshot)."""
+        self.drain()
         return dict(self._requests)
 
     @property
     def tokens(self) -> dict[tuple[Any, ...], int]:
         """Token totals by ``(model, tenant, "prompt"|"completion")`` (a snapshot)."""
+        self.drain()
         return dict(self._tokens)
 
     @property
     def models(self) -> dict[Any, ModelSeries]:
         """Each timed model's histograms (a snapshot of the live `ModelSeries`)."""
+        self.drain()
         return dict(self._models)
+
+    def observe_later(self, record: Any) -> None:
+        """`observe` ``record`` with the next ones: ``defer`` at a time, or at the next read."""
+        later = self._later
+        later.append(record)
+        if len(later) >= self.defer:
+            self.drain()
+
+    def drain(self) -> int:
+        """Observe the records held, in order; how many raised (also added to ``unobserved``)."""
+        later = self._later
+        failed = 0
+        while later:
+            record = later.popleft()
+            try:
+                self.observe(record)
+            except Exception:  # a record no series can take (the gateway's can): counted, not raised
+                failed += 1
+        self.unobserved += failed
+        return failed
 
     def series(self, model: Any) -> ModelSeries:
         """The histograms of ``model`` (``"other"``'s once ``max_series`` models have some)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from bisect import bisect_left
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -358,3 +359,70 @@ def test_compiled_tally_loaded() -> None:
         return
     assert tally.TALLY_COMPILED, "shardon._fast._tally_c not built (python setup.py build_ext --inplace)"
     assert type(m._hot.tally).__module__ == "shardon._fast._tally_c"
+
+
+# -- observe_later: the same counts, in runs ---------------------------------------------------------
+
+
+def mixed_records(n: int, seed: int) -> list[Any]:
+    """Records of a few models, tenants and statuses, timed or not, some that `observe` rejects."""
+    rnd = random.Random(seed)
+    out: list[Any] = []
+    for i in range(n):
+        if i % 37 == 5:
+            out.append(rec(status="200"))  # a str status: observe raises TypeError after counting it
+            continue
+        first = 1000.0 + rnd.choice([0.0625, 0.25, 4.0]) if rnd.random() < 0.7 else None
+        out.append(
+            rec(
+                model=rnd.choice(["a", "b", "c", None]),
+                tenant=rnd.choice(["x", "y", None]),
+                status=rnd.choice([200, 200, 201, 404, 429, 499, 503]),
+                prompt_tokens=rnd.choice([None, 0, 3, 7]),
+                completion_tokens=rnd.choice([None, 0, 1, 16]),
+                first_token_at=first,
+                finished_at=None if first is None else first + 0.5,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("defer", [1, 5, 64])
+def test_observe_later_counts_what_observe_counts(tally_mod: ModuleType, defer: int) -> None:
+    records = mixed_records(500, seed=defer)
+    now, later = new(tally_mod, max_series=6), tally_mod.RequestTally(6, BOUNDS, BOUNDS, BOUNDS, defer)
+    raised = 0
+    for r in records:
+        try:
+            now.observe(r)
+        except TypeError:
+            raised += 1
+        later.observe_later(r)
+    assert raised > 0
+    assert state(later) == state(now)  # the read observes what is held first
+    assert later.unobserved == raised  # each rejected record counted, none raised to the caller
+    assert later.drain() == 0  # nothing left
+
+
+def test_observe_later_holds_records_until_a_run_or_a_read(tally_mod: ModuleType) -> None:
+    t = tally_mod.RequestTally(100, BOUNDS, BOUNDS, BOUNDS, 3)
+    r = rec()
+    before = sys.getrefcount(r)
+    t.observe_later(r)
+    t.observe_later(r)
+    assert sys.getrefcount(r) == before + 2  # held
+    t.observe_later(r)  # the third: a run of three, observed now
+    assert sys.getrefcount(r) == before
+    t.observe_later(rec(status=500))
+    assert t.drain() == 0
+    t.observe_later(r)
+    assert t.requests == {("m", 200, "t"): 4, ("m", 500, "t"): 1}  # a read observes the held one
+    assert sys.getrefcount(r) == before
+    t.observe_later(r)
+    del t  # a tally dropped with records held releases them
+    assert sys.getrefcount(r) == before
+
+
+def test_defer_must_be_positive(tally_mod: ModuleType) -> None:
+    with pytest.raises(ValueError, match="defer"):
+        tally_mod.RequestTally(100, BOUNDS, BOUNDS, BOUNDS, 0)
