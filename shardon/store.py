@@ -10,8 +10,8 @@ batches on disk, and the SQLite database the reads query. The request path never
   `RequestLog.row_queue` (`shardon._fast.rowqueue`: compiled; the callback path calls the queue's
   ``append`` directly), which packs it (msgpack) with the next records, 64 at a time or when the
   writer takes rows, into one reused buffer of rows back to back: packed in runs, the encoder's code
-  and tables stay in the CPU caches that the network stack evicts between two requests (about
-  0.2 µs a row, a third of what packing each alone costs under load). `audit` packs
+  and tables stay in the CPU caches that the network stack evicts between two requests (see
+  ``bench/README.md``, request log and metrics cost). `audit` packs
   ``(id, at, actor, action, target, detail)`` onto a deque, its id taken from `RequestLog.audit_ids`
   when queued (a `RequestIds` of its own, seeded at start with the audit table's largest id), so
   that writing an entry twice replaces it.

@@ -16,9 +16,10 @@
 #              empty, or moved down once when an append needs room and the front is free)
 #
 # Why rows are packed `defer` at a time: between two requests the kernel's network stack runs on
-# the same core and evicts the encoder's code and tables from the CPU caches, so packing one row
-# per request pays those misses on every row (measured: about 3x the packing's instruction cost).
-# Packed in a run, the rows after the first find everything in cache. The row is the record as it
+# the same core and, it seems, evicts the encoder's code and tables from the CPU caches, so packing
+# one row per request pays those misses on every row (measured under load: the event loop's user
+# time grew 2-3x what the instructions account for; bench/README.md). Packed in a run, the rows
+# after the first find everything in cache. The row is the record as it
 # is when packed: a record must not change once appended (the gateway's do not: they are final).
 #
 # Packing into a reused bytearray at offset 0 costs about 2/3 of `encode` (no bytes object made).
