@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, wait_port
+from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, stop, wait_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -121,16 +121,6 @@ def sustained(
         f" SQLite during the load (the rest waited in the backlog: {backlog_bytes(db) / 1e6:.1f} MB on disk),"
         f" all of them {time.monotonic() - stopped:.1f}s after the load stopped"
     )
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class Tally:

@@ -75,6 +75,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate ``procs``, killing any still running 10 s later."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def children(pid: int) -> list[int]:
     out = [pid]
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -356,13 +367,7 @@ def main() -> None:
             streaming(args, targets)
             print(f"shardon peak RSS under the streaming load {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

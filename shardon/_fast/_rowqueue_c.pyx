@@ -41,13 +41,13 @@ cimport cython
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove
 
 import sys
+
+include "_held.pxi"
 
 __all__ = ["RowQueue"]
 
@@ -67,10 +67,7 @@ cdef class RowQueue:
         object _encode_into
         object _wake
         object _refuse
-        PyObject **_deferred  # records appended, not packed yet: from _dhead to _dn
-        Py_ssize_t _dhead
-        Py_ssize_t _dn
-        Py_ssize_t _defer
+        Held _deferred  # records appended, not packed yet
         bytearray _scratch  # one row, packed
         Py_ssize_t _scratch_size  # the size it is given before each row
         char *_data  # the rows back to back, from _start to _used
@@ -88,20 +85,12 @@ cdef class RowQueue:
     def __cinit__(self):
         self._lengths = NULL
         self._data = NULL
-        self._deferred = NULL
-        self._dhead = self._dn = 0
+        self._deferred.items = NULL
 
     def __init__(self, encoder, wake, Py_ssize_t batch_max, refuse, Py_ssize_t defer=64):
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
-        if defer < 1:
-            raise ValueError("defer must be >= 1")
-        if self._deferred != NULL:
-            raise RuntimeError("RowQueue.__init__ called twice")
-        self._deferred = <PyObject **>PyMem_Malloc(defer * sizeof(PyObject *))
-        if self._deferred == NULL:
-            raise MemoryError()
-        self._defer = defer
+        held_init(&self._deferred, defer)
         self._encode_into = encoder.encode_into
         self._wake = wake
         self._refuse = refuse
@@ -119,21 +108,9 @@ cdef class RowQueue:
         self.closed = False
 
     def __dealloc__(self):
-        self._drop_deferred()
-        PyMem_Free(self._deferred)
+        held_free(&self._deferred)
         PyMem_Free(self._lengths)
         PyMem_Free(self._data)
-
-    cdef Py_ssize_t _drop_deferred(self) noexcept:
-        cdef Py_ssize_t n = 0
-        cdef PyObject *record
-        while self._dhead < self._dn:
-            record = self._deferred[self._dhead]
-            self._dhead += 1
-            Py_DECREF(<object>record)
-            n += 1
-        self._dhead = self._dn = 0
-        return n
 
     cdef int _reserve(self, Py_ssize_t room) except -1:
         cdef char *grown = <char *>PyMem_Realloc(self._data, room)
@@ -154,16 +131,14 @@ cdef class RowQueue:
     cpdef bint append(self, record):
         if self.closed:
             return False
-        if self._dn == self._defer:  # only while another thread's pack is interrupted: see the top
+        if held_full(&self._deferred):  # only while another thread's pack is interrupted: see the top
             self._pack_deferred()
-            if self._dn == self._defer:  # pragma: no cover - interrupted again
+            if held_full(&self._deferred):  # pragma: no cover - interrupted again
                 return False
-        Py_INCREF(record)
-        self._deferred[self._dn] = <PyObject *>record
-        self._dn += 1
-        if self._dn == self._defer:
+        held_push(&self._deferred, record)
+        if held_full(&self._deferred):
             self._pack_deferred()
-        if self._armed and self._count + self._dn - self._dhead >= self.batch_max:
+        if self._armed and self._count + held_count(&self._deferred) >= self.batch_max:
             self._armed = False
             self._wake()  # last: Python code, during which the writer may run
         return True
@@ -171,17 +146,13 @@ cdef class RowQueue:
     cdef int _pack_deferred(self) except -1:
         """Pack the deferred records in order; those that cannot be packed go to ``refuse``."""
         cdef list refused = None
-        cdef PyObject *taken
-        while self._dhead < self._dn:
-            taken = self._deferred[self._dhead]
-            self._dhead += 1
-            record = <object>taken  # a new reference: the array's is released next
-            Py_DECREF(record)
+        while held_count(&self._deferred):
+            record = held_take(&self._deferred)
             if not self._pack(record):
                 if refused is None:
                     refused = []
                 refused.append(record)
-        self._dhead = self._dn = 0
+        held_reset(&self._deferred)
         if refused is not None:
             for record in refused:
                 self._refuse(record)  # last: Python code
@@ -260,11 +231,11 @@ cdef class RowQueue:
         """Drop every queued row; how many there were."""
         cdef Py_ssize_t n = self._count
         self._count = self._first = self._start = self._used = 0
-        return n + self._drop_deferred()
+        return n + held_drop(&self._deferred)
 
     def close(self):
         """Refuse rows from now on (`append` returns False); those queued can still be taken."""
         self.closed = True
 
     def __len__(self):
-        return self._count + self._dn - self._dhead
+        return self._count + held_count(&self._deferred)

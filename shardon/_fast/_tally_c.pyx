@@ -60,8 +60,6 @@ cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
 from cpython.unicode cimport PyUnicode_CheckExact
 from libc.limits cimport LLONG_MAX, LLONG_MIN
@@ -110,6 +108,8 @@ cdef extern from *:
     }
     """
     bint _same_str "shardon_tally_same_str"(object a, object b)
+
+include "_held.pxi"
 
 __all__ = ["OTHER", "Histogram", "ModelSeries", "RequestTally"]
 
@@ -368,36 +368,19 @@ cdef class RequestTally:
         unsigned int _layout_version
         bint _layout_direct  # its fields are plain slots, at these offsets
         Py_ssize_t _offsets[_N_FIELDS]
-        # Records observe_later holds, from _lhead to _ln (of _defer).
-        PyObject **_later
-        Py_ssize_t _lhead
-        Py_ssize_t _ln
-        readonly Py_ssize_t defer
+        Held _later  # the records observe_later holds
         readonly long long unobserved
 
     def __cinit__(self):
-        self._later = NULL
-        self._lhead = self._ln = 0
+        self._later.items = NULL
 
     def __dealloc__(self):
-        cdef PyObject *held
-        while self._lhead < self._ln:
-            held = self._later[self._lhead]
-            self._lhead += 1
-            Py_DECREF(<object>held)
-        PyMem_Free(self._later)
+        held_free(&self._later)
 
     def __init__(self, Py_ssize_t max_series, duration_bounds, ttft_bounds, tpot_bounds, Py_ssize_t defer=64):
         if max_series < 1:
             raise ValueError("max_series must be >= 1")
-        if defer < 1:
-            raise ValueError("defer must be >= 1")
-        if self._later != NULL:
-            raise RuntimeError("RequestTally.__init__ called twice")
-        self._later = <PyObject **>PyMem_Malloc(defer * sizeof(PyObject *))
-        if self._later == NULL:
-            raise MemoryError()
-        self.defer = defer
+        held_init(&self._later, defer)
         self.unobserved = 0
         self.max_series = max_series
         self.duration_bounds = _check_bounds(duration_bounds)
@@ -435,30 +418,29 @@ cdef class RequestTally:
         self.drain()
         return dict(self._models)
 
+    @property
+    def defer(self):
+        """How many records `observe_later` holds before it observes them."""
+        return self._later.capacity
+
     cpdef observe_later(self, record):
         """`observe` ``record`` with the next ones: ``defer`` at a time, or at the next read."""
-        if self._ln == self.defer:  # only while a drain is under way (a record's getattr called us)
+        if held_full(&self._later):  # only while a drain is under way (a record's getattr called us)
             self.drain()
-        Py_INCREF(record)
-        self._later[self._ln] = <PyObject *>record
-        self._ln += 1
-        if self._ln == self.defer:
+        held_push(&self._later, record)
+        if held_full(&self._later):
             self.drain()
 
     cpdef Py_ssize_t drain(self) except -1:
         """Observe the records held, in order; how many raised (also added to ``unobserved``)."""
         cdef Py_ssize_t failed = 0
-        cdef PyObject *held
-        while self._lhead < self._ln:
-            held = self._later[self._lhead]
-            self._lhead += 1
-            record = <object>held  # a new reference: the array's is released next
-            Py_DECREF(record)
+        while held_count(&self._later):
+            record = held_take(&self._later)
             try:
                 self.observe(record)
             except Exception:  # a record no series can take (the gateway's can): counted, not raised
                 failed += 1
-        self._lhead = self._ln = 0
+        held_reset(&self._later)
         self.unobserved += failed
         return failed
 
