@@ -85,7 +85,11 @@ class UpstreamConfig(_Section):
     # Longest silence allowed while waiting for the node (first byte, or between chunks).
     read_timeout_s: PositiveFloat = 600.0
     max_retries: NonNegInt = 2
-    max_idle_per_node: PositiveInt = 256
+    # Idle keep-alive connections kept per node, at most; a node never holds more than its
+    # max_concurrent requests, so its pool keeps min(max_concurrent, this). Fewer idle than a burst
+    # needs means connecting to a node that is already busy, and a busy uvloop/uvicorn node
+    # accepts one connection per event-loop pass (bench/README.md: seconds for a burst of 500).
+    max_idle_per_node: PositiveInt = 1024
     health_interval_s: PositiveFloat = 5.0
     health_timeout_s: PositiveFloat = 2.0
     # Consecutive failures (requests or health checks) before a node is taken out of rotation.

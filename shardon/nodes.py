@@ -115,7 +115,7 @@ class NodeRegistry:
             parts.port or 80,
             loop=self.loop,
             connect_timeout=self.upstream.connect_timeout_s,
-            max_idle=self.upstream.max_idle_per_node,
+            max_idle=min(config.max_concurrent, self.upstream.max_idle_per_node),
         )
         node = Node(self._next_index, config, pool, backend=backend)
         self._next_index += 1

@@ -345,3 +345,27 @@ def test_a_thousand_queued_requests_do_not_block_new_ones(make_mock: Any, make_g
             sock.close()
     wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 0, timeout=30)
     assert blocker.result(30)[0] == 200
+
+
+@pytest.mark.parametrize(("setting", "kept"), [(None, 300), (40, 40)])
+def test_a_burst_leaves_its_connections_warm_for_the_next(
+    make_mock: Any, make_gateway: Any, setting: int | None, kept: int
+) -> None:
+    # A busy uvloop/uvicorn node accepts one new connection per event-loop pass, so a burst that has
+    # to connect again waits seconds (bench/README.md): the pool keeps as many idle connections as
+    # the node can use at once (its max_concurrent), up to upstream.max_idle_per_node.
+    node = make_mock(models=["m1"], chunks=1, name="n1")
+    upstream = {} if setting is None else {"max_idle_per_node": setting}
+    gw = make_gateway(
+        nodes=[node_entry(node, "n1", ["m1"], max_concurrent=300)],
+        scheduler={"max_queue_size": 1000, "queue_timeout_s": 60},
+        upstream=upstream,
+    )
+    body = json.dumps({"model": "m1", "prompt": "x", "mock": {"ttft_ms": 400}}).encode()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=300) as pool:
+        results = list(pool.map(lambda _: post(gw.url, "/v1/completions", body)[0], range(300)))
+    assert results == [200] * 300
+    assert node.stats.max_in_flight == 300  # the burst really needed 300 connections at once
+    wait_until(lambda: node.stats.connections_open == kept)
+    time.sleep(0.3)  # and no more are closed after a while (health checks reuse them)
+    assert node.stats.connections_open == kept
