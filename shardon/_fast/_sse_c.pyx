@@ -3,18 +3,28 @@
 
 Both classes run once per chunk of every stream (tens of thousands of chunks a second under load),
 where the Python twins' slicing, method calls and attribute traffic cost more than the JSON decode
-itself. The decoders, the lenient fallback and the text extraction are shared with the twin.
+itself. The decoders and the lenient fallback are shared with the twin; the strict decode and the
+text of choice 0 are done here, without a Python frame per event.
+
+Substring tests use ``memmem``, not ``needle in data``: CPython's ``bytes.__contains__`` first tries
+the argument as an integer, and for a bytes argument formats and discards a TypeError each time
+(a third of the stripper's cost per chunk in a profile of 500 streams).
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memchr
 
+
+cdef extern from "string.h":
+    # GNU and BSD libc (Python.h defines _GNU_SOURCE, which glibc needs to declare it).
+    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen) nogil
+
 import hashlib
 
 import msgspec
 
-from shardon._fast._sse_py import EVENT_DECODER, _ANY_DECODER, choice0_text, decode_event, is_usage_only, lenient_event
+from shardon._fast._sse_py import EVENT_DECODER, _ANY_DECODER, is_usage_only, lenient_event
 
 __all__ = ["OutputHasher", "UsageStripper", "hash_response"]
 
@@ -23,6 +33,30 @@ cdef object _DecodeError = msgspec.DecodeError
 cdef object _sha256 = hashlib.sha256
 cdef str _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 cdef object _decode_strict = EVENT_DECODER.decode
+
+
+cdef inline bint _contains(bytes data, bytes needle):
+    """``needle in data``, without the integer attempt that costs an exception each call."""
+    return memmem(
+        PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data),
+        PyBytes_AS_STRING(needle), <size_t>PyBytes_GET_SIZE(needle),
+    ) != NULL
+
+
+cdef inline object _choice0_text(ev):
+    """`choice0_text` (the twin's), inline."""
+    choices = ev.choices
+    if not choices:
+        return None
+    for ch in choices:
+        if ch.index != 0:
+            continue
+        text = ch.text
+        if text is None:
+            part = ch.delta if ch.delta is not None else ch.message
+            text = part.content if part is not None else None
+        return text
+    return None
 
 
 cpdef tuple hash_response(bytes body):
@@ -35,17 +69,7 @@ cpdef tuple hash_response(bytes body):
         ev = None
     if ev is None:
         return _EMPTY_SHA256, None
-    text = None
-    choices = ev.choices
-    if choices:
-        for ch in choices:
-            if ch.index != 0:
-                continue
-            text = ch.text
-            if text is None:
-                part = ch.delta if ch.delta is not None else ch.message
-                text = part.content if part is not None else None
-            break
+    text = _choice0_text(ev)
     if text:
         return _sha256((<str>text).encode()).hexdigest(), ev.usage
     return _EMPTY_SHA256, ev.usage
@@ -177,7 +201,7 @@ cdef class OutputHasher:
             self._payload(payload)
 
     cdef _payload(self, bytes payload):
-        if payload.strip() == b"[DONE]":
+        if PyBytes_GET_SIZE(payload) < 32 and payload.strip() == b"[DONE]":
             self.done = True
             return
         ev = self._decode(payload)
@@ -185,7 +209,13 @@ cdef class OutputHasher:
             self._take(ev)
 
     cdef _decode(self, payload):
-        ev = decode_event(payload)
+        """`decode_event` (strict, then lenient), with the strict attempt inline."""
+        try:
+            return _decode_strict(payload)
+        except _ValidationError:
+            ev = lenient_event(payload.encode() if isinstance(payload, str) else payload)
+        except _DecodeError:
+            ev = None
         if ev is None:
             self.bad_events += 1
         return ev
@@ -195,7 +225,7 @@ cdef class OutputHasher:
         usage = ev.usage
         if usage is not None:
             self.usage = usage
-        text = choice0_text(ev)
+        text = _choice0_text(ev)
         if text:
             self.text_events += 1
             self._hash.update(text.encode())
@@ -207,6 +237,10 @@ cdef bint _decodes(bytes payload):
     except _DecodeError:
         return False
     return True
+
+
+cdef bytes _USAGE = b'"usage"'
+cdef bytes _USAGE_NULL = b'"usage":null'
 
 
 @cython.final
@@ -232,17 +266,17 @@ cdef class UsageStripper:
         else:
             complete = data[: end + 2]
             self._pending = data[end + 2 :]
-        if b'"usage"' not in complete:
+        if not _contains(complete, _USAGE):
             return complete
-        if b'"usage":null' in complete:
+        if _contains(complete, _USAGE_NULL):
             # Nodes that honour include_usage add "usage": null to every chunk (as OpenAI does),
             # usually as the last member. Unescaped quotes only occur in JSON structure, never
             # inside a string value.
             complete = complete.replace(b',"usage":null', b"")
-            if b'"usage"' not in complete:
+            if not _contains(complete, _USAGE):
                 return complete  # the usual chunk: nothing else to look at
             complete = complete.replace(b'"usage":null,', b"")
-            if b'"usage"' not in complete:
+            if not _contains(complete, _USAGE):
                 return complete
         kept = [event for event in complete.split(b"\n\n") if event and not is_usage_only(event)]
         return b"".join([event + b"\n\n" for event in kept])
