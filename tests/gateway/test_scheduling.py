@@ -361,7 +361,8 @@ def test_a_burst_leaves_its_connections_warm_for_the_next(
         scheduler={"max_queue_size": 1000, "queue_timeout_s": 60},
         upstream=upstream,
     )
-    body = json.dumps({"model": "m1", "prompt": "x", "mock": {"ttft_ms": 400}}).encode()
+    # Long enough that all 300 overlap even on the Python twins of a loaded 2-core machine.
+    body = json.dumps({"model": "m1", "prompt": "x", "mock": {"ttft_ms": 1500}}).encode()
     with concurrent.futures.ThreadPoolExecutor(max_workers=300) as pool:
         results = list(pool.map(lambda _: post(gw.url, "/v1/completions", body)[0], range(300)))
     assert results == [200] * 300
