@@ -219,11 +219,9 @@ class _StreamProbe(asyncio.Protocol):
         if n:
             if self.events == 0:
                 self.ttfts.append(now - self.start)
-                n_gaps = n - 1
             else:
                 self.gaps.append(now - self.last)
-                n_gaps = n - 1
-            self.gaps.extend([0.0] * n_gaps)  # events that came in the same read
+                self.gaps.extend([0.0] * (n - 1))  # events that came in the same read
             self.last = now
             self.events += n
         if b"[DONE]" in seen:

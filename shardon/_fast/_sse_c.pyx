@@ -201,7 +201,7 @@ cdef class OutputHasher:
             self._payload(payload)
 
     cdef _payload(self, bytes payload):
-        if PyBytes_GET_SIZE(payload) < 32 and payload.strip() == b"[DONE]":
+        if payload.strip() == b"[DONE]":
             self.done = True
             return
         ev = self._decode(payload)
