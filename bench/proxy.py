@@ -262,6 +262,46 @@ async def _streams(port: int, count: int) -> dict[str, Any]:
     return {"ttft": ttfts, "gaps": gaps, "errors": errors}
 
 
+STREAM_LIFETIME_S = 64 * 0.020
+
+
+async def _steady_streams(port: int, count: int, seconds: float) -> dict[str, Any]:
+    """``count`` streams in flight at all times for ``seconds``, their starts spread evenly.
+
+    ``count`` lanes; lane i starts its first stream i/count of a stream's lifetime (1.28 s) in,
+    and each lane opens its next stream (a new connection, as a burst's clients do) the moment
+    the last one ends. Streams started in the first lifetime (the ramp) are not counted, nor
+    those that would end after ``seconds``; what is counted is stream starts and chunks under a
+    standing load of ``count`` streams, with chunks spread over each 20 ms instead of sent
+    together as a burst's are.
+    """
+    loop = asyncio.get_running_loop()
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    errors: list[str] = []
+    began = time.perf_counter()
+    count_from = began + STREAM_LIFETIME_S
+    count_until = began + seconds - STREAM_LIFETIME_S
+
+    async def lane(i: int) -> None:
+        await asyncio.sleep(i * STREAM_LIFETIME_S / count)
+        while True:
+            now = time.perf_counter()
+            if now > began + seconds - STREAM_LIFETIME_S * 1.5:
+                return
+            counted = count_from <= now <= count_until
+            sink: tuple[list[float], list[float], list[str]] = (ttfts, gaps, errors) if counted else ([], [], errors)
+            done: asyncio.Future[None] = loop.create_future()
+            try:
+                await loop.create_connection(lambda: _StreamProbe(*sink, done), "127.0.0.1", port)  # noqa: B023
+                await asyncio.wait_for(done, 60)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    await asyncio.gather(*(lane(i) for i in range(count)))
+    return {"ttft": ttfts, "gaps": gaps, "errors": errors}
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -269,13 +309,14 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def stream_client_main(port: int, count: int) -> None:
+def stream_client_main(port: int, count: int, steady_s: float = 0.0) -> None:
+    job = _steady_streams(port, count, steady_s) if steady_s else _streams(port, count)
     try:
         import uvloop
 
-        result = uvloop.run(_streams(port, count))
+        result = uvloop.run(job)
     except ImportError:
-        result = asyncio.run(_streams(port, count))
+        result = asyncio.run(job)
     ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
     print(
         json.dumps(
@@ -292,9 +333,9 @@ def stream_client_main(port: int, count: int) -> None:
     )
 
 
-def run_streams(port: int, count: int) -> dict[str, Any]:
+def run_streams(port: int, count: int, steady_s: float = 0.0) -> dict[str, Any]:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--stream-client", str(port), str(count)],
+        ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--stream-client", str(port), str(count), str(steady_s)],
         capture_output=True,
         text=True,
         check=True,
@@ -314,10 +355,18 @@ def main() -> None:
     parser.add_argument("--no-metrics", action="store_true", help="run Shardon without metrics")
     parser.add_argument("--only", choices=("nonstream", "stream"), help="run one half only")
     parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
-    parser.add_argument("--stream-client", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help="length of each steady-state stream round (0: bursts only)",
+    )
+    parser.add_argument("--stream-client", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_client:
-        stream_client_main(*args.stream_client)
+        port, count, steady_s = args.stream_client
+        stream_client_main(int(port), int(count), float(steady_s))
         return
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -462,11 +511,17 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
 
 
 def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]]) -> None:
-    """``--stream-rounds`` rounds, each target once per round (rotated); medians over rounds.
+    """Bursts, then (unless ``--steady 0``) a standing load; targets interleaved, medians over rounds.
 
-    One burst of 500 stream starts is one sample of a noisy figure (its p99 is the 5th slowest
-    start): on this shared machine the straight-to-node p99 alone moves by 2x between bursts, so
-    each target gets several bursts, interleaved, and the median of each figure is reported.
+    Bursts: ``--stream-rounds`` rounds of ``--streams`` streams started at once. One burst is one
+    sample of a noisy figure (its TTFT p99 is the 5th slowest of 500 starts, and the chunks of
+    streams started together arrive together, 500 every 20 ms): on this shared machine the
+    straight-to-node p99 alone moves by 2x between bursts, so each target gets several, and the
+    median of each figure is reported.
+
+    Standing load: ``--stream-rounds`` rounds of ``--steady`` seconds with ``--streams`` streams in
+    flight throughout, starts spread evenly (see `_steady_streams`): the same concurrency, with
+    thousands of stream starts per round instead of one herd of 500.
     """
     print(
         f"\n# streaming: {args.streams} concurrent streams x 64 chunks, 20 ms apart; "
@@ -479,12 +534,26 @@ def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]
     cold = {name: run_streams(targets[name][0], args.streams) for name in names}
     cold_p99s = ", ".join(f"{name} ttft p99 {r['ttft_p99']:.1f} ms" for name, r in cold.items())
     print(f"cold first burst, not counted: {cold_p99s}")
+    stream_rounds(args, targets, "bursts, all started at once", 0.0)
+    if args.steady:
+        stream_rounds(args, targets, f"standing load, {args.steady:g} s rounds, starts spread", args.steady)
+
+
+def stream_rounds(
+    args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], title: str, steady_s: float
+) -> None:
+    print(f"## {title}")
+    names = list(targets)
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for round_no in range(args.stream_rounds):
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
         for name in order:
-            samples[name].append(run_streams(targets[name][0], args.streams))
-    keys = ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99")
+            port, pids = targets[name]
+            before, began = cpu_seconds(pids), time.monotonic()
+            result = run_streams(port, args.streams, steady_s)
+            result["cpu_cores"] = (cpu_seconds(pids) - before) / (time.monotonic() - began) if pids else 0.0
+            samples[name].append(result)
+    keys = ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99", "cpu_cores")
     streams = {
         name: {key: statistics.median(r[key] for r in rs) for key in keys}
         | {"errors": sum(r["n_errors"] for r in rs), "streams": sum(r["streams"] for r in rs)}
@@ -495,7 +564,8 @@ def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]
         print(
             f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
             f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms"
-            f"   streams {r['streams']} errors {r['errors']}   (ttft p99 per round: {p99s})"
+            f"   proxy CPU {r['cpu_cores']:.2f} cores   streams {r['streams']} errors {r['errors']}"
+            f"   (ttft p99 per round: {p99s})"
         )
     d = streams["direct"]
     for name in [n for n in ("nginx", "shardon", "granian") if n in streams]:

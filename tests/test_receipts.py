@@ -89,6 +89,18 @@ def test_stream_byte_by_byte_and_random_chunks() -> None:
     assert hash_chunks([memoryview(stream[:50]), bytearray(stream[50:])]).hexdigest() == expected  # type: ignore[list-item]
 
 
+def test_a_long_stream_hashes_its_whole_text() -> None:
+    # Tens of kilobytes of text, multi-byte characters included: more than the compiled hasher
+    # keeps before it hashes (it hashes in batches), and hexdigest() twice gives the same digest.
+    parts = [f"tok{i} é世🎉 " * (1 + i % 7) for i in range(3000)]
+    events = [sse({"choices": [{"index": 0, "delta": {"content": part}}]}).encode() for part in parts]
+    h = hash_chunks(events)
+    expected = sha("".join(parts))
+    assert h.hexdigest() == expected
+    assert h.hexdigest() == expected
+    assert h.text_events == len(parts)
+
+
 def test_event_count_and_usage() -> None:
     h = hash_chunks([chat_stream()])
     h.hexdigest()

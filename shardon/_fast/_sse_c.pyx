@@ -13,7 +13,9 @@ the argument as an integer, and for a bytes argument formats and discards a Type
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.string cimport memchr, memcpy
 
 
 cdef extern from "string.h":
@@ -75,6 +77,21 @@ cpdef tuple hash_response(bytes body):
     return _EMPTY_SHA256, ev.usage
 
 
+# The text is hashed in batches: SHA-256 of the concatenation is the same digest, and an update
+# call per event (a few bytes each) cost more than the hashing.
+cdef Py_ssize_t _HASH_BATCH = 8192
+
+
+cdef inline int _append_utf8(bytearray buf, str text) except -1:
+    """``buf += text.encode()`` (strict UTF-8, as ``encode`` is), without the bytes in between."""
+    cdef Py_ssize_t n
+    cdef const char* utf8 = PyUnicode_AsUTF8AndSize(text, &n)
+    cdef Py_ssize_t size = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, size + n)
+    memcpy(PyByteArray_AS_STRING(buf) + size, utf8, n)
+    return 0
+
+
 cdef inline Py_ssize_t _count_newlines(bytes data):
     cdef const char* p = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
@@ -92,20 +109,11 @@ cdef inline Py_ssize_t _count_newlines(bytes data):
 
 @cython.final
 cdef class OutputHasher:
-    """Incremental SHA-256 of the text generated for choice 0 (see ``_sse_py.py``)."""
-
-    cdef:
-        bytearray _buf
-        list _data
-        object _hash
-        public int bad_events
-        public bint done
-        public int events
-        public int text_events
-        public object usage
+    """Incremental SHA-256 of the text generated for choice 0 (see ``_sse_py.py``; fields: ``_sse_c.pxd``)."""
 
     def __init__(self):
         self._hash = _sha256()
+        self._text = bytearray()
         self._buf = bytearray()
         self._data = []
         self.usage = None
@@ -184,7 +192,13 @@ cdef class OutputHasher:
     def hexdigest(self):
         """The hex SHA-256 of the text hashed so far (calls `finish()` first)."""
         self.finish()
+        self._flush_text()
         return self._hash.hexdigest()
+
+    cdef _flush_text(self):
+        if PyByteArray_GET_SIZE(self._text):
+            self._hash.update(self._text)
+            PyByteArray_Resize(self._text, 0)
 
     cdef _dispatch(self):
         cdef list pending = self._data
@@ -228,7 +242,9 @@ cdef class OutputHasher:
         text = _choice0_text(ev)
         if text:
             self.text_events += 1
-            self._hash.update(text.encode())
+            _append_utf8(self._text, <str>text)
+            if PyByteArray_GET_SIZE(self._text) >= _HASH_BATCH:
+                self._flush_text()
 
 
 cdef bint _decodes(bytes payload):
@@ -245,9 +261,7 @@ cdef bytes _USAGE_NULL = b'"usage":null'
 
 @cython.final
 cdef class UsageStripper:
-    """Removes the usage-only SSE event Shardon asked the node for (see ``_sse_py.py``)."""
-
-    cdef bytes _pending
+    """Removes the usage-only SSE event Shardon asked the node for (see ``_sse_py.py``; fields: ``_sse_c.pxd``)."""
 
     def __init__(self):
         self._pending = b""

@@ -51,7 +51,7 @@ class _Choice(msgspec.Struct, gc=False):
     text: str | None = None
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):  # one per event; it cannot be part of a cycle
     choices: list[_Choice] | None = None
     usage: dict[str, Any] | None = None
 

@@ -1,4 +1,4 @@
-"""The native engine's listener: uvloop ``create_server`` + one `HTTPConnection` per client.
+"""The native engine's server: `Listener` sockets + one `HTTPConnection` per client.
 
 It has the same two-call surface as granian's embedded server, so ``shardon.server`` drives either:
 ``await serve()`` listens until ``stop()``; ``stop()`` closes the listener and every connection.
@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .._fast.wire import HTTPConnection
+from ..listener import Listener, bind_sockets
 
 App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 
@@ -69,7 +70,7 @@ class NativeServer:
         # ``fast_path(request) -> bool`` serves the request itself when it returns True.
         self.fast_path: Callable[[Any], bool] | None = getattr(app, "fast_path", None)
         self.loop: asyncio.AbstractEventLoop
-        self._server: asyncio.AbstractServer | None = None
+        self._listeners: list[Listener] = []
         self._stopped: asyncio.Future[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -77,11 +78,11 @@ class NativeServer:
         self.loop = asyncio.get_running_loop()
         self._stopped = self.loop.create_future()
         connection_class = self.connection_class
-        self._server = await self.loop.create_server(
-            lambda: connection_class(self), self.host, self.port, backlog=self.backlog, reuse_address=True
-        )
-        sockets = self._server.sockets or ()
-        if sockets and self.port == 0:
+        sockets = bind_sockets(self.host, self.port, self.backlog)
+        self._listeners = [Listener(self.loop, sock, lambda: connection_class(self)) for sock in sockets]
+        for listener in self._listeners:
+            listener.start()
+        if self.port == 0:
             self.port = sockets[0].getsockname()[1]
         # The scope's "server" (one listener: the same for every connection, no syscall each).
         self.address = f"{self.host}:{self.port}"
@@ -102,8 +103,8 @@ class NativeServer:
 
     def stop(self) -> None:
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.close()
         if self._sweeper is not None:

@@ -833,6 +833,25 @@ async def test_stream_is_chunked_one_chunk_per_send(wire: ModuleType) -> None:
 
 
 @on_uvloop
+async def test_chunk_sizes_are_framed_in_hex(wire: ModuleType) -> None:
+    # One to five hex digits, up to the 16 KiB large-write threshold (framed in one buffer) and over it.
+    sizes = [1, 9, 10, 15, 16, 255, 256, 4095, 4096, 16 * 1024, 16 * 1024 + 1, 70_000]
+    payloads = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+
+    async def app(scope: Any, proto: Any) -> None:
+        stream = proto.response_stream(200, [])
+        for payload in payloads:
+            await stream.send_bytes(payload)
+
+    async with serving(wire, app) as served:
+        client = await served.connect()
+        await client.send(http("GET", "/"))
+        await client.read_until(b"\r\n\r\n")
+        expected = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n"
+        assert await client.read_exact(len(expected)) == expected
+
+
+@on_uvloop
 async def test_head_request_to_a_stream_sends_no_body(wire: ModuleType) -> None:
     async def app(scope: Any, proto: Any) -> None:
         stream = proto.response_stream(200, [("content-type", "text/plain")])
