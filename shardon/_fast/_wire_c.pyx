@@ -359,6 +359,7 @@ cdef class HTTPConnection:
     cdef:
         bytes _url
         list _headers
+        object _write  # transport.write, bound once: it runs per chunk of every stream
         public object app
         public str client
         public bint closed
@@ -411,6 +412,7 @@ cdef class HTTPConnection:
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        self._write = transport.write
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = f"{peer[0]}:{peer[1]}"
@@ -707,7 +709,7 @@ cdef class HTTPConnection:
         elif len(data) > _LARGE_WRITE:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            transport.write(_chunk_frame(data))
+            self._write(_chunk_frame(data))
 
     cpdef write(self, bytes data):
         if not self.closed and self.transport is not None:
@@ -786,6 +788,7 @@ cdef class UpstreamConnection:
     """One keep-alive connection to a node, one request at a time."""
 
     cdef:
+        object _feed  # parser.feed_data, bound once: it runs per read
         bint _held
         bint _keep_alive
         object _loop
@@ -813,6 +816,7 @@ cdef class UpstreamConnection:
         self._loop = pool.loop
         self.transport = None
         self.parser = httptools.HttpResponseParser(self)
+        self._feed = self.parser.feed_data
         self.closed = False
         self.in_use = False
         self.reused = False
@@ -845,7 +849,7 @@ cdef class UpstreamConnection:
             return
         self.got_bytes = True
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except _HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"bad response from node: {exc}", before_first_byte=False))
             self.close()
