@@ -492,6 +492,9 @@ cdef class HTTPConnection:
                 request.lost()
         self.pipeline.clear()
         self._wake_drain()
+        # The parser holds this object's callbacks: a cycle that only the collector's rare full
+        # passes would free, with the transport and buffers it holds (megabytes under churn).
+        self.parser = None
 
     def pause_writing(self):
         self.write_paused = True
@@ -880,6 +883,7 @@ cdef class UpstreamConnection:
                 )
             )
         self.pool._forget(self)
+        self.parser = self._feed = None  # a cycle through this object's callbacks (see HTTPConnection)
 
     def eof_received(self):
         return None

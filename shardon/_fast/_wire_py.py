@@ -431,6 +431,9 @@ class HTTPConnection(asyncio.Protocol):
                 request.lost()
         self.pipeline.clear()
         self._wake_drain()
+        # The parser holds this object's callbacks: a cycle that only the collector's rare full
+        # passes would free, with the transport and buffers it holds (megabytes under churn).
+        self.parser = None  # type: ignore[assignment]  # nothing reads it after connection_lost
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -807,6 +810,7 @@ class UpstreamConnection(asyncio.Protocol):
                 )
             )
         self.pool._forget(self)
+        self.parser = None  # type: ignore[assignment]  # a cycle through its callbacks (see HTTPConnection)
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:

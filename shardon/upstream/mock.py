@@ -346,6 +346,7 @@ class _Conn(asyncio.Protocol):
             node._conns.discard(self)
             node.stats.connections_open -= 1
         self.transport = None
+        self.parser = None  # type: ignore[assignment]  # a cycle through its callbacks: free it at once
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:

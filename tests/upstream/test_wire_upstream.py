@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import importlib
 import socket
 import time
@@ -370,6 +371,38 @@ async def test_idle_connection_closed_by_the_node_is_dropped(wire: ModuleType) -
         await until(lambda: conn.closed)
         assert pool.idle_count == 0
         assert pool.take_idle() is None
+
+
+@on_uvloop
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(wire: ModuleType) -> None:
+    # As on the client side (tests/httpd): a cycle through the parser would keep every connection
+    # a node closed, with its transport, until a full pass of the collector.
+    closing = response(b"bye", headers=(b"Connection: close",))
+
+    def alive() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is wire.UpstreamConnection)
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with node_and_pool(wire, *[closing] * 10) as (node, pool):
+            before = alive()
+
+            async def one() -> None:
+                conn = await pool.acquire()
+                conn.send(request_head())
+                assert await read_all(conn) == b"bye"
+                conn.finish()
+                await until(lambda: conn.closed)
+
+            for _ in range(10):
+                await one()
+            await until(lambda: node.gone == 10)
+            await asyncio.sleep(0.05)  # the transports' close callbacks
+            assert pool.idle_count == 0
+            assert alive() == before
+    finally:
+        gc.enable()
 
 
 @on_uvloop
