@@ -244,21 +244,22 @@ class _StreamProbe(asyncio.Protocol):
             self.transport.close()
 
 
-async def _streams(port: int, count: int) -> dict[str, Any]:
+async def _one_stream(port: int, ttfts: list[float], gaps: list[float], errors: list[str]) -> None:
+    """One stream on a new connection, measured into the lists given; a failure is an error."""
     loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    try:
+        await loop.create_connection(lambda: _StreamProbe(ttfts, gaps, errors, done), "127.0.0.1", port)
+        await asyncio.wait_for(done, 60)
+    except Exception as exc:
+        errors.append(repr(exc))
+
+
+async def _streams(port: int, count: int) -> dict[str, Any]:
     ttfts: list[float] = []
     gaps: list[float] = []
     errors: list[str] = []
-
-    async def one() -> None:
-        done: asyncio.Future[None] = loop.create_future()
-        try:
-            await loop.create_connection(lambda: _StreamProbe(ttfts, gaps, errors, done), "127.0.0.1", port)
-            await asyncio.wait_for(done, 60)
-        except Exception as exc:
-            errors.append(repr(exc))
-
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(_one_stream(port, ttfts, gaps, errors) for _ in range(count)))
     return {"ttft": ttfts, "gaps": gaps, "errors": errors}
 
 
@@ -270,33 +271,28 @@ async def _steady_streams(port: int, count: int, seconds: float) -> dict[str, An
 
     ``count`` lanes; lane i starts its first stream i/count of a stream's lifetime (1.28 s) in,
     and each lane opens its next stream (a new connection, as a burst's clients do) the moment
-    the last one ends. Streams started in the first lifetime (the ramp) are not counted, nor
-    those that would end after ``seconds``; what is counted is stream starts and chunks under a
-    standing load of ``count`` streams, with chunks spread over each 20 ms instead of sent
-    together as a burst's are.
+    the last one ends, until 1.5 lifetimes before ``seconds`` (so that none runs past it).
+    Streams started in the first lifetime (the ramp) are not counted; what is counted is stream
+    starts and chunks under a standing load of ``count`` streams, with chunks spread over each
+    20 ms instead of sent together as a burst's are.
     """
-    loop = asyncio.get_running_loop()
     ttfts: list[float] = []
     gaps: list[float] = []
     errors: list[str] = []
     began = time.perf_counter()
     count_from = began + STREAM_LIFETIME_S
-    count_until = began + seconds - STREAM_LIFETIME_S
+    last_start = began + seconds - STREAM_LIFETIME_S * 1.5  # with room to end within ``seconds``
 
     async def lane(i: int) -> None:
         await asyncio.sleep(i * STREAM_LIFETIME_S / count)
         while True:
             now = time.perf_counter()
-            if now > began + seconds - STREAM_LIFETIME_S * 1.5:
+            if now > last_start:
                 return
-            counted = count_from <= now <= count_until
-            sink: tuple[list[float], list[float], list[str]] = (ttfts, gaps, errors) if counted else ([], [], errors)
-            done: asyncio.Future[None] = loop.create_future()
-            try:
-                await loop.create_connection(lambda: _StreamProbe(*sink, done), "127.0.0.1", port)  # noqa: B023
-                await asyncio.wait_for(done, 60)
-            except Exception as exc:
-                errors.append(repr(exc))
+            if now >= count_from:
+                await _one_stream(port, ttfts, gaps, errors)
+            else:  # the ramp or the end: load, not counted (errors are)
+                await _one_stream(port, [], [], errors)
 
     await asyncio.gather(*(lane(i) for i in range(count)))
     return {"ttft": ttfts, "gaps": gaps, "errors": errors}

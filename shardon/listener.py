@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["ACCEPT_PER_PASS", "Listener", "bind_sockets"]
+__all__ = ["ACCEPT_PER_PASS", "Listener", "bind_sockets", "listen"]
 
 log = logging.getLogger("shardon.listener")
 
@@ -60,6 +60,16 @@ def bind_sockets(host: str | None, port: int, backlog: int) -> list[socket.socke
             sock.close()
         raise
     return sockets
+
+
+def listen(
+    loop: asyncio.AbstractEventLoop, host: str | None, port: int, backlog: int, protocol_factory: Callable[[], Any]
+) -> list[Listener]:
+    """`bind_sockets`, then a started `Listener` on each socket (what ``create_server`` does)."""
+    listeners = [Listener(loop, sock, protocol_factory) for sock in bind_sockets(host, port, backlog)]
+    for listener in listeners:
+        listener.start()
+    return listeners
 
 
 class Listener:

@@ -12,7 +12,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -60,6 +60,17 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
+async def close_all(listener: Listener, made: list[Echo], clients: Sequence[socket.socket] = ()) -> None:
+    """The end of a test: its clients, the listener, then the transports it opened."""
+    for client in clients:
+        client.close()
+    listener.close()
+    for proto in made:
+        if proto.transport is not None:
+            proto.transport.close()
+    await asyncio.sleep(0)  # the transports' close callbacks
+
+
 def queued_clients(port: int, count: int) -> list[socket.socket]:
     """``count`` connected clients (the kernel completes the handshake; nobody has accepted yet)."""
     clients = []
@@ -91,13 +102,7 @@ async def test_one_wake_up_takes_every_queued_client_up_to_the_batch() -> None:
         await loop.sock_sendall(last, b"ping")
         assert await loop.sock_recv(last, 4) == b"ping"  # the last one taken is served
     finally:
-        for client in clients:
-            client.close()
-        listener.close()
-        for proto in made:
-            if proto.transport is not None:
-                proto.transport.close()
-        await asyncio.sleep(0)
+        await close_all(listener, made, clients)
 
 
 @on_uvloop
@@ -118,11 +123,7 @@ async def test_started_listener_serves_clients_and_close_refuses_new_ones() -> N
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
     finally:
-        listener.close()
-        for proto in made:
-            if proto.transport is not None:
-                proto.transport.close()
-        await asyncio.sleep(0)
+        await close_all(listener, made)
 
 
 class FailingSocket:
@@ -168,13 +169,7 @@ async def test_a_failing_accept_pauses_then_resumes(
             assert "cannot accept a client" in caplog.text
             await until(lambda: len(made) == 2)  # accepting resumed after RETRY_AFTER_S
     finally:
-        for client in clients:
-            client.close()
-        listener.close()
-        for proto in made:
-            if proto.transport is not None:
-                proto.transport.close()
-        await asyncio.sleep(0)
+        await close_all(listener, made, clients)
 
 
 @on_uvloop
@@ -190,13 +185,7 @@ async def test_an_aborted_client_is_skipped() -> None:
         assert listener.accepted == 1  # the next client was taken in the same wake-up
         await until(lambda: len(made) == 1)
     finally:
-        for client in clients:
-            client.close()
-        listener.close()
-        for proto in made:
-            if proto.transport is not None:
-                proto.transport.close()
-        await asyncio.sleep(0)
+        await close_all(listener, made, clients)
 
 
 def test_bind_sockets_binds_every_address_and_refuses_a_taken_port() -> None:

@@ -23,6 +23,7 @@ from shardon._fast._sse_c cimport OutputHasher, UsageStripper
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import deque
 from http import HTTPStatus
@@ -79,9 +80,17 @@ cdef:
     object _HttpParserUpgrade = httptools.HttpParserUpgrade
 
 
-cdef inline double _monotonic_now() noexcept:
-    """``time.monotonic()`` (the same clock on Linux and macOS), without a call and a float per chunk."""
+# CPython's time.monotonic() reads CLOCK_MONOTONIC on Linux; elsewhere (macOS: mach time) it is
+# another clock, and the values are compared with the Python side's, so it is called there.
+cdef bint _CLOCK_IS_PYTHONS = sys.platform.startswith("linux")
+cdef object _monotonic = time.monotonic
+
+
+cdef inline double _monotonic_now() except? -1.0:
+    """``time.monotonic()``, without a call and a float per chunk where the clock is the same."""
     cdef timespec ts
+    if not _CLOCK_IS_PYTHONS:
+        return _monotonic()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
@@ -708,7 +717,7 @@ cdef class HTTPConnection:
         if self.closed or transport is None:
             return
         if not request.chunked:
-            transport.write(data)
+            self._write(data)
         elif len(data) > _LARGE_WRITE:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:

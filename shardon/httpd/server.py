@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .._fast.wire import HTTPConnection
-from ..listener import Listener, bind_sockets
+from ..listener import Listener, listen
 
 App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 
@@ -78,12 +78,9 @@ class NativeServer:
         self.loop = asyncio.get_running_loop()
         self._stopped = self.loop.create_future()
         connection_class = self.connection_class
-        sockets = bind_sockets(self.host, self.port, self.backlog)
-        self._listeners = [Listener(self.loop, sock, lambda: connection_class(self)) for sock in sockets]
-        for listener in self._listeners:
-            listener.start()
+        self._listeners = listen(self.loop, self.host, self.port, self.backlog, lambda: connection_class(self))
         if self.port == 0:
-            self.port = sockets[0].getsockname()[1]
+            self.port = self._listeners[0].sock.getsockname()[1]
         # The scope's "server" (one listener: the same for every connection, no syscall each).
         self.address = f"{self.host}:{self.port}"
         self._sweeper = self.loop.call_later(_SWEEP_S, self._sweep)

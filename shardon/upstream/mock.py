@@ -52,7 +52,7 @@ import httptools
 import msgspec
 import orjson
 
-from ..listener import Listener, bind_sockets
+from ..listener import Listener, listen
 
 try:
     import uvloop as _uvloop_mod
@@ -530,11 +530,8 @@ class MockNode:
         # The gateway's own listener: every queued client per wake-up. libuv's takes one per loop
         # pass, which, on a node busy streaming, holds new connections for hundreds of ms and puts
         # the node's accept queue, not the proxy in front of it, in a benchmark's figures.
-        sockets = bind_sockets(host, port, backlog=2048)
-        self._listeners = [Listener(loop, sock, lambda: _Conn(self)) for sock in sockets]
-        for listener in self._listeners:
-            listener.start()
-        self.port = sockets[0].getsockname()[1]
+        self._listeners = listen(loop, host, port, 2048, lambda: _Conn(self))
+        self.port = self._listeners[0].sock.getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
