@@ -389,8 +389,11 @@ def test_os_thread_names(rlog: RequestLog) -> None:
         assert thread is not None and thread.native_id is not None
         return Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
 
+    # Each thread names itself when it starts running, so wait for both: the
+    # writer may not have been scheduled yet when the compactor has.
     wait_until(lambda: comm(compactor_of(rlog)) == "shardon-store-c")  # both match "shardon-store"
-    assert comm(rlog._thread) == "shardon-store"
+    wait_until(lambda: comm(rlog._thread) == "shardon-store")
+    assert comm(compactor_of(rlog)) == "shardon-store-c" and comm(rlog._thread) == "shardon-store"
 
 
 def test_writer_cpus_pin_the_compactor(tmp_path: Path) -> None:
