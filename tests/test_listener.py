@@ -8,40 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import socket
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardon import listener as listener_module
 from shardon.listener import ACCEPT_PER_PASS, Listener, bind_sockets
+from tests import aio
 
 TIMEOUT_S = 10.0
 
 
-def on_uvloop(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    @functools.wraps(fn)
-    def test(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(TIMEOUT_S):
-                await fn(*args, **kwargs)
-
-        uvloop.run(bounded())
-
-    return test
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
+on_uvloop = aio.on_uvloop(TIMEOUT_S)
+until = aio.until
 
 
 class Echo(asyncio.Protocol):

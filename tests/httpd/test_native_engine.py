@@ -13,24 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import functools
 import gc
 import importlib
 import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardon._fast import _wire_py
 from shardon.errors import PayloadTooLarge, ProtocolClosed
 from shardon.httpd import NativeServer
+from tests import aio
 
 SCENARIO_TIMEOUT = 15.0
 READ_TIMEOUT = 5.0
@@ -42,28 +41,8 @@ App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 # ---------------------------------------------------------------------------------------------- harness
 
 
-def on_uvloop(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Make an ``async def`` test a plain one that runs it on a fresh uvloop, within SCENARIO_TIMEOUT."""
-
-    @functools.wraps(fn)
-    def test(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(SCENARIO_TIMEOUT):
-                await fn(*args, **kwargs)
-
-        uvloop.run(bounded())
-
-    return test
-
-
-async def until(predicate: Callable[[], Any], timeout: float = READ_TIMEOUT) -> Any:
-    """Poll ``predicate`` on the loop until it is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-    return value
+on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
+until = aio.until
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import importlib
 import socket
@@ -23,10 +22,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardon._fast import _wire_py
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from tests import aio
 
 SCENARIO_TIMEOUT = 10.0
 HIGH_WATER = 256 * 1024  # the connection's read high-water mark (``_HIGH_WATER``)
@@ -45,27 +44,8 @@ def wire(request: pytest.FixtureRequest) -> ModuleType:
         )
 
 
-def on_uvloop(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Make an ``async def`` test a plain one that runs it on a fresh uvloop, within SCENARIO_TIMEOUT."""
-
-    @functools.wraps(fn)
-    def test(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(SCENARIO_TIMEOUT):
-                await fn(*args, **kwargs)
-
-        uvloop.run(bounded())
-
-    return test
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-    return value
+on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
+until = aio.until
 
 
 # ---------------------------------------------------------------------------------------------- the node
