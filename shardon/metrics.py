@@ -18,6 +18,8 @@ Metrics (label values that are None are reported as ``unknown``)::
     shardon_time_per_output_token_seconds{model}             histogram  (finished - first token)
                                                                         / (completion_tokens - 1)
     shardon_model_load_seconds{model}                        histogram
+    shardon_metrics_unobserved_total                         counter  requests the series above
+                                                                        could not count (a bug if > 0)
 
 The histograms observe successful (2xx) requests only, like the admin stats of the request log;
 failures are visible in ``shardon_requests_total`` by status. Plus the standard ``process_*`` and
@@ -229,6 +231,13 @@ class _RequestCollector:
         for key, amount in tally.tokens.items():
             tokens.add_metric([label(v) for v in key], amount)
         yield tokens
+        # Read after the series above, which first count the records held: a record none of them
+        # could take (a field of the wrong type: a bug) is counted here instead of raising.
+        yield CounterMetricFamily(
+            "shardon_metrics_unobserved",
+            "Finished requests the per-request series could not count (a field of the wrong type: 0 unless a bug).",
+            value=tally.unobserved,
+        )
         docs = {
             "duration": ("shardon_request_duration_seconds", "Time from receipt to the end of the response."),
             "ttft": ("shardon_time_to_first_token_seconds", "Time from receipt to the first token."),

@@ -109,6 +109,7 @@ def test_every_family_is_exposed_with_its_type() -> None:
     expected = {
         "shardon_requests": "counter",
         "shardon_tokens": "counter",
+        "shardon_metrics_unobserved": "counter",
         "shardon_rate_limited": "counter",
         "shardon_model_events": "counter",
         "shardon_queue_depth": "gauge",
@@ -167,3 +168,12 @@ def test_request_series_are_plain_aggregates() -> None:
     assert m._hot.tally.requests == {("m", 200, "t"): 2}
     hist = m._hot.tally.models["m"].ttft
     assert sum(hist.counts) == 2 and hist.sum > 0
+
+
+def test_a_record_the_series_cannot_take_is_counted_as_unobserved() -> None:
+    m = Metrics()
+    assert value(m, "shardon_metrics_unobserved_total") == 0
+    m.observe_request(rec(model="m1", tenant="a", prompt_tokens="ten"))  # type: ignore[arg-type]
+    m.observe_request(rec(model="m1", tenant="a"))
+    assert value(m, "shardon_metrics_unobserved_total") == 1
+    assert value(m, "shardon_requests_total", model="m1", status="200", tenant="a") >= 1  # type: ignore[operator]
