@@ -76,6 +76,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def steal_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the whole machine from ``/proc/stat`` ((0, 0) where there is none).
+
+    Steal is time the hypervisor gave this VM's vCPUs to someone else: the figure that says a round
+    ran in one of the shared machine's slow phases.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0, 0
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
+def steal_since(start: tuple[int, int]) -> str:
+    steal, total = steal_ticks()
+    elapsed = total - start[1]
+    return f"steal {100.0 * (steal - start[0]) / elapsed:.1f}%" if elapsed > 0 else "steal n/a"
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Terminate ``procs``, killing any still running 10 s later."""
     for proc in procs:
@@ -475,6 +495,7 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
         run_wrk(url.format(port), 2, args.connections, script)  # warm-up
     for round_no in range(args.rounds):
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
+        round_start = steal_ticks()
         for name in order:
             port, pids = targets[name]
             before = cpu_seconds(pids)
@@ -487,7 +508,7 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
         print(
             f"  round {round_no + 1}: nginx {n['rps']:.0f} req/s, shardon {sh['rps']:.0f} req/s "
             f"({sh['rps'] / n['rps']:.2f}x), p99 {sh['p99_ms'] / n['p99_ms']:.2f}x, "
-            f"req/CPU-s {sh['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x"
+            f"req/CPU-s {sh['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x, {steal_since(round_start)}"
         )
     rows = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in samples.items()}
     for name, result in rows.items():
@@ -541,6 +562,7 @@ def stream_rounds(
     print(f"## {title}")
     names = list(targets)
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    phase_start = steal_ticks()
     for round_no in range(args.stream_rounds):
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
         for name in order:
@@ -563,6 +585,7 @@ def stream_rounds(
             f"   proxy CPU {r['cpu_cores']:.2f} cores   streams {r['streams']} errors {r['errors']}"
             f"   (ttft p99 per round: {p99s})"
         )
+    print(f"({steal_since(phase_start)} of the machine's CPU time over these rounds)")
     d = streams["direct"]
     for name in [n for n in ("nginx", "shardon", "granian") if n in streams]:
         r = streams[name]
