@@ -18,8 +18,8 @@ Metrics (label values that are None are reported as ``unknown``)::
     shardon_time_per_output_token_seconds{model}             histogram  (finished - first token)
                                                                         / (completion_tokens - 1)
     shardon_model_load_seconds{model}                        histogram
-    shardon_metrics_unobserved_total                         counter  requests the series above
-                                                                        could not count (a bug if > 0)
+    shardon_metrics_unobserved_total                         counter  requests whose record raised
+                                                                        while counted (a bug if > 0)
 
 The histograms observe successful (2xx) requests only, like the admin stats of the request log;
 failures are visible in ``shardon_requests_total`` by status. Plus the standard ``process_*`` and
@@ -231,11 +231,12 @@ class _RequestCollector:
         for key, amount in tally.tokens.items():
             tokens.add_metric([label(v) for v in key], amount)
         yield tokens
-        # Read after the series above, which first count the records held: a record none of them
-        # could take (a field of the wrong type: a bug) is counted here instead of raising.
+        # Read after the series above, which first count the records held: a record that raised
+        # part-way (a field of the wrong type: a bug) is counted here; the series it reached
+        # before the error keep it, the others miss it.
         yield CounterMetricFamily(
             "shardon_metrics_unobserved",
-            "Finished requests the per-request series could not count (a field of the wrong type: 0 unless a bug).",
+            "Finished requests whose record raised while counted; some series miss them (0 unless a bug).",
             value=tally.unobserved,
         )
         docs = {

@@ -18,12 +18,12 @@ import pytest
 from shardon import listener as listener_module
 from shardon.listener import ACCEPT_PER_PASS, Listener, bind_sockets
 from tests import aio
+from tests.aio import until
 
 TIMEOUT_S = 10.0
 
 
 on_uvloop = aio.on_uvloop(TIMEOUT_S)
-until = aio.until
 
 
 class Echo(asyncio.Protocol):

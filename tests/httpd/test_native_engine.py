@@ -30,6 +30,7 @@ from shardon._fast import _wire_py
 from shardon.errors import PayloadTooLarge, ProtocolClosed
 from shardon.httpd import NativeServer
 from tests import aio
+from tests.aio import until
 
 SCENARIO_TIMEOUT = 15.0
 READ_TIMEOUT = 5.0
@@ -42,7 +43,6 @@ App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 
 
 on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
-until = aio.until
 
 
 @dataclass

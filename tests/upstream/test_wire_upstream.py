@@ -26,6 +26,7 @@ import pytest
 from shardon._fast import _wire_py
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from tests import aio
+from tests.aio import until
 
 SCENARIO_TIMEOUT = 10.0
 HIGH_WATER = 256 * 1024  # the connection's read high-water mark (``_HIGH_WATER``)
@@ -45,7 +46,6 @@ def wire(request: pytest.FixtureRequest) -> ModuleType:
 
 
 on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
-until = aio.until
 
 
 # ---------------------------------------------------------------------------------------------- the node
