@@ -1709,8 +1709,7 @@ class RequestLog:
             self._write_batch([], audits)
         self._out_bytes += pos - off
         self._out_entries += entries
-        self._cpos = (seg, pos)
-        self._save_state()
+        self._advance((seg, pos))
         return True
 
     def _open_compacted(self, seg: int) -> int | None:
@@ -1732,16 +1731,21 @@ class RequestLog:
     def _finish_segment(self, seg: int) -> None:
         """Segment ``seg`` is sealed and in SQLite: record that, delete it."""
         self._close_cfd()
-        self._cpos = (seg + 1, 0)
-        self._save_state()
+        self._advance((seg + 1, 0))
         try:
             (self.backlog_dir / _segment_name(seg)).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("request log backlog: cannot delete compacted segment %d: %s", seg, exc)
 
-    def _save_state(self) -> None:
+    def _advance(self, pos: tuple[int, int]) -> None:
+        """Move the compaction position to ``pos``: the state file first, then ``_cpos``.
+
+        `flush` reads ``_cpos`` without the compaction lock; in this order, a flush that sees the
+        new position returns only once the position is also on disk (a crash right after it replays
+        nothing that is already in SQLite).
+        """
         try:
-            _write_state(self.backlog_dir, self._cpos)
+            _write_state(self.backlog_dir, pos)
         except OSError as exc:  # only costs a longer (harmless) replay after a crash
             msg = str(exc)
             if msg != self._state_error:
@@ -1749,6 +1753,7 @@ class RequestLog:
             self._state_error = msg
         else:
             self._state_error = None
+        self._cpos = pos
 
     def _write_frame(self, body: bytes, count: int) -> None:
         """A backlog frame of request rows into SQLite, in one transaction; a bad row is dropped alone.

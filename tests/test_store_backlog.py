@@ -281,6 +281,34 @@ def test_replaying_a_compacted_backlog_adds_no_duplicates(tmp_path: Path) -> Non
             assert audit_count(d / "log.db") == 2
 
 
+def test_a_flush_returns_only_once_the_compaction_position_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compactor thread's state write is slowed down; a flush that sees its position must not
+    # return before that position is in the state file (a crash then would replay it again).
+    real = store_mod._write_state
+    entered = threading.Event()
+
+    def slow_in_the_compactor(directory: Path, pos: tuple[int, int]) -> None:
+        if threading.current_thread().name == "shardon-store-compact":
+            entered.set()
+            time.sleep(0.3)
+        real(directory, pos)
+
+    monkeypatch.setattr(store_mod, "_write_state", slow_in_the_compactor)
+    rl = RequestLog(cfg(tmp_path))
+    rl.start()
+    try:
+        for i in range(20):
+            rl.append(rec(i))
+        assert entered.wait(10)  # the compactor has committed rows and is recording where it got to
+        assert rl.flush()
+        assert store_mod._read_state(rl.backlog_dir) == rl._cpos
+        assert count(tmp_path / "log.db") == 20
+    finally:
+        rl.close()
+
+
 # -- the threads ----------------------------------------------------------------------------------
 
 
