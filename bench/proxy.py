@@ -6,22 +6,25 @@ What it measures, in one run so the ratios share the machine's noise:
    ``--rounds`` interleaved rounds (medians reported), to
    (a) the mock node directly, (b) nginx in front of it (upstream keep-alive, buffering off), and
    (c) Shardon in front of it (its default native engine; with ``--granian`` also (d) Shardon on
-   the granian engine, for comparison). Reported: requests/s, latency p50/p99 (wrk), the proxy's
+   the granian engine, for comparison; with ``--haproxy`` also (e) HAProxy, a second reference
+   proxy in C). Reported: requests/s, latency p50/p99 (wrk), the proxy's
    CPU use (from /proc, user+system, all its processes and threads, the request log's writer
    included) and requests per proxy-CPU-second.
 2. Streaming: ``--streams`` concurrent streams of 64 chunks, 20 ms apart, started at once, through
    each target, ``--stream-rounds`` times (targets interleaved, after one uncounted warm-up burst
    each, whose TTFT p99 is printed as the cold figure); reported: medians over rounds of
    time-to-first-token p50/p99 and inter-chunk gap p50/p99 (client side), the difference each
-   proxy adds to straight-to-node, and Shardon's peak RSS under that load alone.
+   proxy adds to straight-to-node (the difference of the medians, and the median of the rounds'
+   paired differences, each proxy's round against the direct round next to it), and Shardon's
+   peak RSS under that load alone.
 
 Placement: the proxy under test is pinned to core 0 (``taskset``); the node and the load
 generators share core 1, so the proxy has one core to itself.
 
-Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``). Usage::
+Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``; ``haproxy`` for ``--haproxy``). Usage::
 
     python bench/proxy.py [--duration 6] [--rounds 3] [--streams 500] [--stream-rounds 3]
-                          [--no-log] [--no-metrics] [--only stream|nonstream] [--granian]
+                          [--no-log] [--no-metrics] [--only stream|nonstream] [--granian] [--haproxy]
 """
 
 from __future__ import annotations
@@ -196,6 +199,27 @@ http {{
 }}
 """
 
+# HAProxy as nginx is set up above: one thread, kept-alive node connections shared by all clients,
+# no buffering delay (``http-no-delay``: without it, HAProxy held each streamed chunk for ~200 ms).
+HAPROXY_CONF = """
+global
+    maxconn 8192
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    option http-no-delay
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend node
+backend node
+    server node 127.0.0.1:{node_port}
+"""
+
 
 # -- streaming client (runs in its own process on the load core) ------------------------------
 STREAM_BODY = json.dumps(
@@ -264,12 +288,20 @@ class _StreamProbe(asyncio.Protocol):
             self.transport.close()
 
 
-async def _one_stream(port: int, ttfts: list[float], gaps: list[float], errors: list[str]) -> None:
-    """One stream on a new connection, measured into the lists given; a failure is an error."""
+async def _one_stream(
+    port: int, ttfts: list[float], gaps: list[float], errors: list[str], connects: list[float] | None = None
+) -> None:
+    """One stream on a new connection, measured into the lists given; a failure is an error.
+
+    ``connects``: how long the TCP connect took (not part of the TTFT, which starts once connected).
+    """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     try:
+        began = time.perf_counter()
         await loop.create_connection(lambda: _StreamProbe(ttfts, gaps, errors, done), "127.0.0.1", port)
+        if connects is not None:
+            connects.append(time.perf_counter() - began)
         await asyncio.wait_for(done, 60)
     except Exception as exc:
         errors.append(repr(exc))
@@ -279,8 +311,9 @@ async def _streams(port: int, count: int) -> dict[str, Any]:
     ttfts: list[float] = []
     gaps: list[float] = []
     errors: list[str] = []
-    await asyncio.gather(*(_one_stream(port, ttfts, gaps, errors) for _ in range(count)))
-    return {"ttft": ttfts, "gaps": gaps, "errors": errors}
+    connects: list[float] = []
+    await asyncio.gather(*(_one_stream(port, ttfts, gaps, errors, connects) for _ in range(count)))
+    return {"ttft": ttfts, "gaps": gaps, "errors": errors, "connects": connects}
 
 
 STREAM_LIFETIME_S = 64 * 0.020
@@ -299,6 +332,7 @@ async def _steady_streams(port: int, count: int, seconds: float) -> dict[str, An
     ttfts: list[float] = []
     gaps: list[float] = []
     errors: list[str] = []
+    connects: list[float] = []
     began = time.perf_counter()
     count_from = began + STREAM_LIFETIME_S
     last_start = began + seconds - STREAM_LIFETIME_S * 1.5  # with room to end within ``seconds``
@@ -310,12 +344,12 @@ async def _steady_streams(port: int, count: int, seconds: float) -> dict[str, An
             if now > last_start:
                 return
             if now >= count_from:
-                await _one_stream(port, ttfts, gaps, errors)
+                await _one_stream(port, ttfts, gaps, errors, connects)
             else:  # the ramp or the end: load, not counted (errors are)
                 await _one_stream(port, [], [], errors)
 
     await asyncio.gather(*(lane(i) for i in range(count)))
-    return {"ttft": ttfts, "gaps": gaps, "errors": errors}
+    return {"ttft": ttfts, "gaps": gaps, "errors": errors, "connects": connects}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -341,6 +375,8 @@ def stream_client_main(port: int, count: int, steady_s: float = 0.0) -> None:
                 "ttft_p99": pct(ms(result["ttft"]), 99),
                 "gap_p50": pct(ms(result["gaps"]), 50),
                 "gap_p99": pct(ms(result["gaps"]), 99),
+                "connect_p50": pct(ms(result["connects"]), 50),
+                "connect_p99": pct(ms(result["connects"]), 99),
                 "streams": len(result["ttft"]),
                 "errors": result["errors"][:5],
                 "n_errors": len(result["errors"]),
@@ -371,6 +407,7 @@ def main() -> None:
     parser.add_argument("--no-metrics", action="store_true", help="run Shardon without metrics")
     parser.add_argument("--only", choices=("nonstream", "stream"), help="run one half only")
     parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
+    parser.add_argument("--haproxy", action="store_true", help="also run HAProxy, a second reference proxy")
     parser.add_argument(
         "--steady",
         type=float,
@@ -384,9 +421,9 @@ def main() -> None:
         port, count, steady_s = args.stream_client
         stream_client_main(int(port), int(count), float(steady_s))
         return
-    for tool in ("wrk", "nginx", "taskset"):
+    for tool in ("wrk", "nginx", "taskset", *(["haproxy"] if args.haproxy else [])):
         if shutil.which(tool) is None:
-            sys.exit(f"bench/proxy.py needs {tool} (apt-get install wrk nginx util-linux)")
+            sys.exit(f"bench/proxy.py needs {tool} (apt-get install wrk nginx util-linux haproxy)")
 
     tmp = Path(tempfile.mkdtemp(prefix="shardon-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -440,6 +477,13 @@ def main() -> None:
             granian = start_shardon(tmp / "shardon-granian.yaml")
             procs.append(granian)
             wait_port(granian_port)
+        haproxy = None
+        if args.haproxy:
+            haproxy_port = free_port()
+            (tmp / "haproxy.cfg").write_text(HAPROXY_CONF.format(node_port=node_port, port=haproxy_port))
+            haproxy = subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-f", str(tmp / "haproxy.cfg")])
+            procs.append(haproxy)
+            wait_port(haproxy_port)
         wait_port(nginx_port)
         wait_port(shardon_port)
         time.sleep(1.0)
@@ -457,6 +501,8 @@ def main() -> None:
         }
         if granian is not None:
             targets["granian"] = (granian_port, [granian.pid])
+        if haproxy is not None:
+            targets["haproxy"] = (haproxy_port, children(haproxy.pid))
         if args.only != "stream":
             nonstreaming(args, targets, script)
         print(f"shardon peak RSS so far {peak_rss_mb(shardon.pid):.1f} MB")
@@ -571,7 +617,7 @@ def stream_rounds(
             result = run_streams(port, args.streams, steady_s)
             result["cpu_cores"] = (cpu_seconds(pids) - before) / (time.monotonic() - began) if pids else 0.0
             samples[name].append(result)
-    keys = ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99", "cpu_cores")
+    keys = ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99", "connect_p99", "cpu_cores")
     streams = {
         name: {key: statistics.median(r[key] for r in rs) for key in keys}
         | {"errors": sum(r["n_errors"] for r in rs), "streams": sum(r["streams"] for r in rs)}
@@ -581,17 +627,24 @@ def stream_rounds(
         p99s = ", ".join(f"{x['ttft_p99']:.1f}" for x in samples[name])
         print(
             f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
-            f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms"
+            f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms   connect p99 {r['connect_p99']:5.2f} ms"
             f"   proxy CPU {r['cpu_cores']:.2f} cores   streams {r['streams']} errors {r['errors']}"
             f"   (ttft p99 per round: {p99s})"
         )
     print(f"({steal_since(phase_start)} of the machine's CPU time over these rounds)")
     d = streams["direct"]
-    for name in [n for n in ("nginx", "shardon", "granian") if n in streams]:
+    for name in [n for n in ("nginx", "haproxy", "shardon", "granian") if n in streams]:
         r = streams[name]
+
+        def paired(key: str, name: str = name) -> float:
+            """Median over rounds of this proxy's figure minus the direct figure of the same round."""
+            pairs = zip(samples[name], samples["direct"], strict=True)
+            return statistics.median(x[key] - y[key] for x, y in pairs)
+
         print(
             f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
-            f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1)"
+            f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1); "
+            f"paired by round: ttft p99 {paired('ttft_p99'):+.2f} ms, gap p99 {paired('gap_p99'):+.2f} ms"
         )
 
 
