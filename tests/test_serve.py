@@ -159,7 +159,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_backends_die_with_a_killed_gateway(serve: Any, tmp_path: Path) -> None:
     """A gateway killed with SIGKILL cannot stop its backends: the kernel does (PR_SET_PDEATHSIG)."""
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by the test extra")
+    pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server] (the demo or llama extra)")
     from shardon.lifecycle.tiny_gguf import write_tiny_gguf
 
     models = tmp_path / "models"

@@ -52,11 +52,16 @@ class RowWriter:
             )
         except sqlite3.Error as exc:
             raise sqlite3.OperationalError(f"cannot open {path}: {exc}") from exc
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        for pragma in pragmas:
-            self._conn.execute(f"PRAGMA {pragma}")
-        self._conn.execute(f"EXPLAIN {self._sql}", (None,) * len(names))  # fail now on a bad table or column
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            for pragma in pragmas:
+                self._conn.execute(f"PRAGMA {pragma}")
+            self._conn.execute(f"EXPLAIN {self._sql}", (None,) * len(names))  # fail now on a bad table or column
+        except BaseException:
+            # Nobody gets the writer to close: close the connection now (3.13 warns on one left to the GC).
+            self.close()
+            raise
 
     @property
     def closed(self) -> bool:

@@ -83,10 +83,7 @@ cdef extern from "Python.h":
     # Only the fields read here (Cython's PyTypeObject declares none of them).
     ctypedef struct _TypeFields "PyTypeObject":
         unsigned int tp_version_tag
-        unsigned long tp_flags
         void *tp_getattro
-    enum:
-        Py_TPFLAGS_VALID_VERSION_TAG
     PyTypeObject PyMemberDescr_Type
     PyObject *_PyType_Lookup(PyTypeObject *cls, PyObject *name)
     PyObject *_generic_getattr "PyObject_GenericGetAttr"(PyObject *obj, PyObject *name)
@@ -108,6 +105,21 @@ cdef extern from *:
     }
     """
     bint _same_str "shardon_tally_same_str"(object a, object b)
+
+cdef extern from *:
+    """
+    /* Whether the type's version tag can be trusted to change when the type (or a base) does.
+       3.13 no longer sets Py_TPFLAGS_VALID_VERSION_TAG ("unused, legacy flag"): there a tag is
+       valid exactly when it is not 0. */
+    static CYTHON_INLINE int shardon_tally_version_valid(PyTypeObject *cls) {
+    #if PY_VERSION_HEX >= 0x030D0000
+        return cls->tp_version_tag != 0;
+    #else
+        return (cls->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) && cls->tp_version_tag != 0;
+    #endif
+    }
+    """
+    bint _version_valid "shardon_tally_version_valid"(PyTypeObject *cls)
 
 include "_held.pxi"
 
@@ -670,9 +682,14 @@ cdef class RequestTally:
     cdef int _learn_layout(self, PyTypeObject *cls) except -1:
         """How to read the fields of a ``cls`` record, kept until ``cls`` (or its version) changes."""
         self._layout_direct = _slot_offsets(cls, self._offsets)
-        if (<_TypeFields *>cls).tp_flags & Py_TPFLAGS_VALID_VERSION_TAG and (<_TypeFields *>cls).tp_version_tag:
+        if _version_valid(cls):
             self._layout_type = <object>cls
             self._layout_version = (<_TypeFields *>cls).tp_version_tag
         else:
             self._layout_type = None  # no version to trust: look again next time
         return 0
+
+
+def _keeps_layout(RequestTally tally, cls):
+    """Whether ``tally`` keeps how to read ``cls`` records, not looking again per record (for tests)."""
+    return tally._layout_type is cls

@@ -16,7 +16,7 @@ from tests.conftest import wait_until
 from tests.gateway.test_auth import call
 from tests.gateway.test_forwarding import post
 
-pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by the test extra")
+pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server] (the demo or llama extra)")
 pytestmark = pytest.mark.slow
 
 
