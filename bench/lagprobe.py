@@ -20,7 +20,14 @@ no Python frames, so a stack that ends in ``run`` means the loop was in uvloop o
 extensions). The client prints the TTFT and gap percentiles of the same round, so the stall
 share can be set against the tail: a start that lands in a stall waits for its end.
 
-    python bench/lagprobe.py [--seconds 10] [--streams 500] [--stall-ms 5] [--no-log]
+``--sched`` also records the scheduler's switches on Shardon's core (``perf record -e
+sched:sched_switch``; needs ``perf`` and root or ``perf_event_paranoid`` <= 1) over the counted
+part of the round, and lists the longest times the loop's thread was off the CPU: how it left (R:
+preempted while runnable; S: waiting, for I/O or the GIL; D: uninterruptible) and what ran on the
+core meanwhile (``swapper`` is the idle task: the core was free, so a late wake-up there is the
+hypervisor's or the timer's). An off-CPU stall is someone else's time; this says whose.
+
+    python bench/lagprobe.py [--seconds 10] [--streams 500] [--stall-ms 5] [--no-log] [--sched]
 
 The heartbeat itself costs one timer callback a millisecond (with epoll woken for it when idle).
 """
@@ -31,6 +38,7 @@ import argparse
 import asyncio
 import collections
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -201,6 +209,61 @@ def log_phases(db: Path, window: tuple[float, float]) -> None:
         print(f"  {name:36s} p50 {pct(values, 50):6.2f} ms  p99 {pct(values, 99):6.2f} ms  max {max(values):6.1f} ms")
 
 
+SWITCH = re.compile(
+    r"\s*([\d.]+):\s+sched:sched_switch:\s+prev_comm=(.*?) prev_pid=(\d+) prev_prio=-?\d+"
+    r" prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)"
+)
+
+
+def off_cpu_intervals(trace: str, tid: int) -> list[tuple[float, str, dict[str, float]]]:
+    """From ``perf script`` lines of ``sched_switch`` on one core: each time thread ``tid`` was off
+    the core, as (seconds, how it left, seconds each other task ran meanwhile)."""
+    out: list[tuple[float, str, dict[str, float]]] = []
+    left_at: float | None = None
+    how = ""
+    ran: dict[str, float] = {}
+    running, since = "", 0.0
+    for line in trace.splitlines():
+        m = SWITCH.match(line)
+        if m is None:
+            continue
+        at, prev_pid, prev_state, next_comm, next_pid = float(m[1]), int(m[3]), m[4], m[5], int(m[6])
+        if left_at is not None and running:
+            ran[running] = ran.get(running, 0.0) + at - since
+        if prev_pid == tid:
+            left_at, how, ran = at, prev_state, {}
+        running, since = f"{next_comm}/{next_pid}", at
+        if next_pid == tid and left_at is not None:
+            out.append((at - left_at, how, ran))
+            left_at = None
+    return out
+
+
+def sched_report(trace: str, tid: int, stall_s: float) -> None:
+    intervals = off_cpu_intervals(trace, tid)
+    if not intervals:
+        print("sched: no switches of the loop's thread recorded (perf missing or not permitted?)")
+        return
+    long = [i for i in intervals if i[0] > stall_s]
+    print(
+        f"## the loop's thread off its core (perf sched_switch): {len(intervals)} times, {len(long)} over the threshold"
+    )
+    whose: dict[str, float] = collections.defaultdict(float)
+    for _, _, ran in long:
+        for task, seconds in ran.items():
+            whose[re.sub(r"/\d+$", "", task) if not task.startswith("shardon") else task] += seconds
+    print(
+        "  who ran on the core during those: "
+        + ", ".join(
+            f"{task.rsplit('/', 1)[0]} {seconds * 1000:.1f} ms"
+            for task, seconds in sorted(whose.items(), key=lambda kv: -kv[1])[:8]
+        )
+    )
+    for seconds, how, ran in sorted(long, key=lambda i: -i[0])[:10]:
+        tasks = ", ".join(f"{t} {v * 1000:.1f} ms" for t, v in sorted(ran.items(), key=lambda kv: -kv[1])[:3])
+        print(f"  {seconds * 1000:6.2f} ms, left {how}: {tasks}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probed-serve":
         sys.exit(serve_probed(sys.argv[2], float(sys.argv[3]), sys.argv[4:]))
@@ -213,7 +276,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--stall-ms", type=float, default=5.0)
     parser.add_argument("--no-log", action="store_true", help="run Shardon without its request log")
+    parser.add_argument("--sched", action="store_true", help="record who ran on Shardon's core (perf)")
     args = parser.parse_args()
+    if args.sched and shutil.which("perf") is None:
+        sys.exit("--sched needs perf (apt-get install linux-perf)")
 
     tmp = Path(tempfile.mkdtemp(prefix="shardon-lagprobe-"))
     out = tmp / "probe.json"
@@ -247,6 +313,19 @@ def main() -> None:
         began = time.perf_counter()
         client_out = tmp / "client-probe.json"
         stall = str(args.stall_ms / 1000)
+        sched = None
+        if args.sched:  # the counted part of the round: after the client's ramp, before its end
+            record = ["perf", "record", "-q", "-e", "sched:sched_switch", "-C", proxy.PROXY_CORE]
+            span = f"{max(1.0, args.seconds - 2 * proxy.STREAM_LIFETIME_S):.1f}"
+            sched = subprocess.Popen(
+                [
+                    "sh",
+                    "-c",
+                    f"sleep {proxy.STREAM_LIFETIME_S}; exec {' '.join(record)} -o {tmp}/sched.data sleep {span}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         command = [sys.executable, __file__, "--probed-client", str(client_out), stall, str(shardon_port)]
         run = subprocess.run(
             ["taskset", "-c", proxy.LOAD_CORE, *command, str(args.streams), str(args.seconds)],
@@ -265,6 +344,14 @@ def main() -> None:
         summarise(json.loads(out.read_text()), window, client)
         print("## the load generator's loop (core 1, with the node)")
         summarise(json.loads(client_out.read_text()), window, client)
+        if sched is not None:
+            sched.wait(30)
+            trace = subprocess.run(
+                ["perf", "script", "-i", str(tmp / "sched.data"), "-F", "time,event,trace"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            sched_report(trace, shardon.pid, args.stall_ms / 1000)
         if not args.no_log:
             to_wall = time.time() - time.perf_counter()
             log_phases(tmp / "shardon.db", (window[0] + to_wall, window[1] + to_wall))
