@@ -16,7 +16,7 @@ timed with ``time.perf_counter``; every case is repeated (``--repeat``, default 
 the best run is kept. The same driver loop (bound methods in locals, arguments precomputed) is used
 for both implementations, so the ratio compares the primitives, not the loop. The compiled classes
 come from the ``_c`` modules directly: the benchmark needs them built
-(``python setup.py build_ext --inplace``). Run: ``python bench/bench_fast.py``.
+(``pip install --no-deps -e .``). Run: ``python bench/bench_fast.py``.
 
 For scale, it also times the bucket's driver loop calling ``math.copysign(1.0, now)``, a C builtin with
 two float arguments and no work: the least a call from Python can cost. The compiled ``try_take`` sits
@@ -132,7 +132,7 @@ def main() -> int:
         for name in ("_queue_c", "_bucket_c", "_balancer_c"):
             mods[name] = importlib.import_module(f"shardon._fast.{name}")
     except ImportError as exc:
-        print(f"compiled modules not built ({exc}); run: python setup.py build_ext --inplace")
+        print(f"compiled modules not built ({exc}); run: pip install --no-deps -e .")
         return 2
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus; best of {args.repeat}")
     print(f"{'case':<24}{'ops':>10}{'python ops/s':>16}{'compiled ops/s':>16}{'ratio':>9}")

@@ -45,8 +45,8 @@ def test_compiled_wire_and_sse_modules_loaded() -> None:
     if FORCED:
         assert not wire.WIRE_COMPILED and not sse.SSE_COMPILED
         return
-    assert wire.WIRE_COMPILED, "shardon._fast._wire_c not built (python setup.py build_ext --inplace)"
-    assert sse.SSE_COMPILED, "shardon._fast._sse_c not built (python setup.py build_ext --inplace)"
+    assert wire.WIRE_COMPILED, "shardon._fast._wire_c not built (pip install --no-deps -e .)"
+    assert sse.SSE_COMPILED, "shardon._fast._sse_c not built (pip install --no-deps -e .)"
     from shardon.receipts import OutputHasher
     from shardon.schemas import UsageStripper
 

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
 
 from shardon._fast import _balancer_py, _bucket_py, _queue_py, _rowwriter_py  # noqa: E402
 
-NOT_BUILT = "compiled shardon._fast extensions not built (run: python setup.py build_ext --inplace)"
+NOT_BUILT = "compiled shardon._fast extensions not built (run: pip install --no-deps -e .)"
 
 
 def load_compiled() -> tuple[ModuleType, ModuleType, ModuleType] | None:

@@ -358,7 +358,7 @@ def test_compiled_tally_loaded() -> None:
         assert not tally.TALLY_COMPILED
         assert type(m._hot.tally).__module__ == "shardon._fast._tally_py"
         return
-    assert tally.TALLY_COMPILED, "shardon._fast._tally_c not built (python setup.py build_ext --inplace)"
+    assert tally.TALLY_COMPILED, "shardon._fast._tally_c not built (pip install --no-deps -e .)"
     assert type(m._hot.tally).__module__ == "shardon._fast._tally_c"
 
 

@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 
 from shardon._fast import _wire_py
 
-WIRE_NOT_BUILT = "compiled wire module shardon._fast._wire_c unavailable (run: python setup.py build_ext --inplace)"
+WIRE_NOT_BUILT = "compiled wire module shardon._fast._wire_c unavailable (run: pip install --no-deps -e .)"
 
 
 def load_wire_c() -> tuple[ModuleType | None, str]:

@@ -291,7 +291,7 @@ def test_compiled_wire_selected() -> None:
     try:
         compiled = importlib.import_module("shardon._fast._wire_c")
     except ImportError as exc:
-        pytest.fail(f"compiled wire module unavailable (run: python setup.py build_ext --inplace): {exc}")
+        pytest.fail(f"compiled wire module unavailable (run: pip install --no-deps -e .): {exc}")
     assert selector.WIRE_COMPILED is True
     assert selector.HTTPConnection is compiled.HTTPConnection
     assert selector.UpstreamConnection is compiled.UpstreamConnection

@@ -40,9 +40,7 @@ def wire(request: pytest.FixtureRequest) -> ModuleType:
     try:
         return importlib.import_module("shardon._fast._wire_c")
     except ImportError as exc:
-        pytest.skip(
-            f"compiled wire module shardon._fast._wire_c unavailable (run: python setup.py build_ext --inplace): {exc}"
-        )
+        pytest.skip(f"compiled wire module shardon._fast._wire_c unavailable (run: pip install --no-deps -e .): {exc}")
 
 
 on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
