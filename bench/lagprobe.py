@@ -290,15 +290,7 @@ def main() -> None:
         node = subprocess.Popen(["taskset", "-c", proxy.LOAD_CORE, *mock], stdout=subprocess.DEVNULL, cwd=proxy.ROOT)
         procs.append(node)
         proxy.wait_port(node_port)
-        config = {
-            "server": {"host": "127.0.0.1", "port": shardon_port},
-            "log": {"level": "warning", "access_log": False},
-            "store": {"path": str(tmp / "shardon.db")},
-            "request_log": not args.no_log,
-            "demo": False,
-            "scheduler": {"max_queue_size": 100000},
-            "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
-        }
+        config = proxy.shardon_config(shardon_port, node_port, tmp / "shardon.db", not args.no_log, True)
         (tmp / "shardon.yaml").write_text(json.dumps(config))
         serve = [sys.executable, __file__, "--probed-serve", str(out), str(args.stall_ms / 1000)]
         shardon = subprocess.Popen(

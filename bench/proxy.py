@@ -455,16 +455,7 @@ def main() -> None:
             ["taskset", "-c", PROXY_CORE, "nginx", "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
         )
         procs.append(nginx)
-        config = {
-            "server": {"host": "127.0.0.1", "port": shardon_port},
-            "log": {"level": "warning", "access_log": False},
-            "store": {"path": str(tmp / "shardon.db")},
-            "request_log": not args.no_log,
-            "metrics": {"enabled": not args.no_metrics},
-            "demo": False,
-            "scheduler": {"max_queue_size": 100000},
-            "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
-        }
+        config = shardon_config(shardon_port, node_port, tmp / "shardon.db", not args.no_log, not args.no_metrics)
         (tmp / "shardon.yaml").write_text(json.dumps(config))
         shardon = start_shardon(tmp / "shardon.yaml")
         procs.append(shardon)
@@ -513,6 +504,20 @@ def main() -> None:
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shardon_config(port: int, node_port: int, db: Path, request_log: bool, metrics: bool) -> dict[str, Any]:
+    """Shardon in front of the mock node as every benchmark here runs it (access log off, no demo model)."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "log": {"level": "warning", "access_log": False},
+        "store": {"path": str(db)},
+        "request_log": request_log,
+        "metrics": {"enabled": metrics},
+        "demo": False,
+        "scheduler": {"max_queue_size": 100000},
+        "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
+    }
 
 
 def start_shardon(config_path: Path) -> subprocess.Popen[bytes]:
