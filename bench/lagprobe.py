@@ -248,17 +248,12 @@ def sched_report(trace: str, tid: int, stall_s: float) -> None:
     print(
         f"## the loop's thread off its core (perf sched_switch): {len(intervals)} times, {len(long)} over the threshold"
     )
-    whose: dict[str, float] = collections.defaultdict(float)
+    whose: dict[str, float] = collections.defaultdict(float)  # by command name, the thread ids summed
     for _, _, ran in long:
         for task, seconds in ran.items():
-            whose[re.sub(r"/\d+$", "", task) if not task.startswith("shardon") else task] += seconds
-    print(
-        "  who ran on the core during those: "
-        + ", ".join(
-            f"{task.rsplit('/', 1)[0]} {seconds * 1000:.1f} ms"
-            for task, seconds in sorted(whose.items(), key=lambda kv: -kv[1])[:8]
-        )
-    )
+            whose[task.rsplit("/", 1)[0]] += seconds
+    ranked = sorted(whose.items(), key=lambda kv: -kv[1])[:8]
+    print("  who ran on the core during those: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in ranked))
     for seconds, how, ran in sorted(long, key=lambda i: -i[0])[:10]:
         tasks = ", ".join(f"{t} {v * 1000:.1f} ms" for t, v in sorted(ran.items(), key=lambda kv: -kv[1])[:3])
         print(f"  {seconds * 1000:6.2f} ms, left {how}: {tasks}")

@@ -640,17 +640,17 @@ def stream_rounds(
     d = streams["direct"]
     for name in [n for n in ("nginx", "haproxy", "shardon", "granian") if n in streams]:
         r = streams[name]
-
-        def paired(key: str, name: str = name) -> float:
-            """Median over rounds of this proxy's figure minus the direct figure of the same round."""
-            pairs = zip(samples[name], samples["direct"], strict=True)
-            return statistics.median(x[key] - y[key] for x, y in pairs)
-
+        ttft, gap = (paired_median(samples[name], samples["direct"], key) for key in ("ttft_p99", "gap_p99"))
         print(
             f"{name} adds: ttft p99 {r['ttft_p99'] - d['ttft_p99']:+.2f} ms (target <= 1), "
             f"gap p99 {r['gap_p99'] - d['gap_p99']:+.2f} ms (target within 1); "
-            f"paired by round: ttft p99 {paired('ttft_p99'):+.2f} ms, gap p99 {paired('gap_p99'):+.2f} ms"
+            f"paired by round: ttft p99 {ttft:+.2f} ms, gap p99 {gap:+.2f} ms"
         )
+
+
+def paired_median(rounds: list[dict[str, Any]], direct: list[dict[str, Any]], key: str) -> float:
+    """Median over rounds of a proxy's figure minus the direct figure of the same round."""
+    return statistics.median(x[key] - y[key] for x, y in zip(rounds, direct, strict=True))
 
 
 if __name__ == "__main__":
