@@ -1,4 +1,11 @@
-"""Build the Cython speed-ups in ``shardon._fast``.
+"""Build Shardon's compiled modules: the ``_x_c`` twin of each ``_x_py`` reference.
+
+- ``.pyx`` twins, written in Cython: the ``shardon._fast`` primitives and the two connection
+  modules (``shardon.httpd``, ``shardon.upstream``);
+- twins compiled from their Python reference itself, typed by a ``.pxd`` beside it: the exchange
+  (``shardon/_exchange_py.py`` + ``_exchange_c.pxd`` → ``shardon._exchange_c``), the scheduler and
+  the node registry.
+  The source is copied under ``build/`` with the compiled module's name, which is all Cython needs.
 
 Knobs (environment variables), in the spirit of asyncpg's and uvloop's setup.py:
 
@@ -12,13 +19,25 @@ pure-Python twins are used at run time.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-FAST_MODULES = ["_queue_c", "_bucket_c", "_balancer_c", "_rowwriter_c", "_wire_c", "_sse_c", "_tally_c", "_rowqueue_c"]
+PYX_MODULES = [
+    *(f"shardon._fast.{name}" for name in ("_queue_c", "_bucket_c", "_balancer_c", "_rowwriter_c")),
+    *(f"shardon._fast.{name}" for name in ("_sse_c", "_tally_c", "_rowqueue_c")),
+    "shardon.httpd._connection_c",
+    "shardon.upstream._connection_c",
+]
+# Compiled from the Python reference: module → its source.
+PY_MODULES = {
+    "shardon._exchange_c": "shardon/_exchange_py.py",
+    "shardon._scheduler_c": "shardon/_scheduler_py.py",
+    "shardon._nodes_c": "shardon/_nodes_py.py",
+}
 
 
 def _truthy(name: str) -> bool:
@@ -59,11 +78,32 @@ def _extensions() -> list[Extension]:
         "linetrace": debug,
     }
     exts = [
-        Extension(f"shardon._fast.{name}", [f"shardon/_fast/{name}.pyx"], extra_compile_args=["-O3"])
-        for name in FAST_MODULES
-        if os.path.exists(f"shardon/_fast/{name}.pyx")
+        Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O3"])
+        for name in PYX_MODULES
+        if os.path.exists(name.replace(".", "/") + ".pyx")
     ]
-    return cythonize(exts, compiler_directives=directives, quiet=True)
+    twins = [Extension(name, [_staged(name, source)], extra_compile_args=["-O3"]) for name, source in PY_MODULES.items()]
+    return [
+        *cythonize(exts, compiler_directives=directives, quiet=True),
+        # The .pxd alone types these: annotations are for mypy and readers, not for Cython.
+        *cythonize(twins, compiler_directives={**directives, "annotation_typing": False}, include_path=["."], quiet=True),
+    ]
+
+
+def _staged(name: str, source: str) -> str:
+    """``source`` copied to ``build/twins/<package path>/<compiled name>.py``, with its ``.pxd`` (and
+    the packages' ``__init__.py`` files, so Cython sees the module's full name)."""
+    parts = name.split(".")
+    folder = os.path.join("build", "twins", *parts[:-1])
+    os.makedirs(folder, exist_ok=True)
+    for depth in range(1, len(parts)):
+        init = os.path.join("build", "twins", *parts[:depth], "__init__.py")
+        if not os.path.exists(init):
+            open(init, "w").close()
+    staged = os.path.join(folder, parts[-1] + ".py")
+    shutil.copyfile(source, staged)
+    shutil.copyfile(os.path.join(*parts[:-1], parts[-1] + ".pxd"), os.path.join(folder, parts[-1] + ".pxd"))
+    return staged
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

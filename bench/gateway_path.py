@@ -44,10 +44,11 @@ import uvloop
 
 from shardon.app import Gateway
 from shardon.config import Config
-from shardon.httpd import Headers, HTTPConnection, NativeServer, Request
+from shardon.httpd import NativeServer
+from shardon.httpd.connection import Headers, HTTPConnection, Request
 from shardon.metrics import Metrics
 from shardon.store import RequestLog
-from shardon.upstream.pool import NodePool, UpstreamConnection
+from shardon.upstream.connection import NodePool, UpstreamConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from log_overhead import thread_cpu

@@ -1,7 +1,7 @@
 """The error tree: each error knows its HTTP status and its OpenAI error type and code.
 
 Every error a client can see is raised as a subclass of :class:`ShardonError` and rendered once, at
-the edge (``app.py``), into OpenAI's shape::
+the exchange's error edge (`shardon.exchange`), into OpenAI's shape::
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 """
@@ -41,6 +41,18 @@ class ProtocolClosed(ConnectionError):
 
     Not a `ShardonError`: nobody is left to answer. The gateway logs the request as 499.
     """
+
+
+# What a write to a client that has gone raises: the native engine's `ProtocolClosed`, plus
+# granian's once that engine is in use (it registers its own, so it is not imported otherwise).
+closed_errors: tuple[type[BaseException], ...] = (ProtocolClosed,)
+
+
+def register_closed_error(error: type[BaseException]) -> None:
+    """Add an engine's "client connection closed" exception to `closed_errors`."""
+    global closed_errors
+    if error not in closed_errors:
+        closed_errors = (*closed_errors, error)
 
 
 class BadRequest(ShardonError):

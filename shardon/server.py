@@ -3,12 +3,11 @@
 The HTTP engine that hosts it is picked by name (``server.engine``) from `ENGINES`:
 
 - ``native`` (default): Shardon's own HTTP/1.1 server (`shardon.httpd`: uvloop protocol, httptools
-  parser) in the event loop's thread. A request costs one loop callback and no thread hop, which
-  is what brings the proxy's per-request overhead near nginx's (bench/README.md).
+  parser) in the event loop's thread. A request costs one loop callback and no thread hop, and a
+  whole request is served by the exchange's callbacks, without a task or a coroutine.
 - ``granian``: Granian's embedded RSGI server. Its Rust runtime thread hands each request to the
-  Python loop across threads (GIL hand-off, wake-up); on this project's 2-core benchmark machine a
-  bare granian app that forwards to the node reaches about 0.7x nginx's requests/s at a full core,
-  below the gateway's target, so it is the choice for HTTP/2 or its other features, not the default.
+  Python loop across threads (GIL hand-off, wake-up), and every request runs as a coroutine: the
+  choice for HTTP/2 or its other features, not the default (bench/README.md has the figures).
 
 Both run the same `Gateway`; the test suite runs its end-to-end tests against both.
 
@@ -76,9 +75,9 @@ class _GranianEngine:
         from granian.rsgi import ProtocolClosed
         from granian.server.embed import Server
 
-        from . import rsgi
+        from .errors import register_closed_error
 
-        rsgi.register_closed_error(ProtocolClosed)
+        register_closed_error(ProtocolClosed)
         gateway.watch_after_s = 0.02
         logging.getLogger("_granian").addFilter(_QuietEmbedded())
         self.server = Server(
@@ -115,7 +114,7 @@ async def _start_embedded_mock(gateway: Gateway) -> object:
 
     mock = MockNode(MockConfig(models=[EMBEDDED_MOCK_MODEL], chunks=16, delay_ms=30, name="embedded-mock"))
     await mock.start("127.0.0.1", 0)
-    gateway.add_node(NodeConfig(id="embedded-mock", url=mock.url, models=[EMBEDDED_MOCK_MODEL], max_concurrent=64))
+    gateway.registry.add(NodeConfig(id="embedded-mock", url=mock.url, models=[EMBEDDED_MOCK_MODEL], max_concurrent=64))
     log.info("no nodes configured: serving model %r from the built-in mock node", EMBEDDED_MOCK_MODEL)
     return mock
 

@@ -1,13 +1,15 @@
-"""The pure-Python twins serve the whole gateway too.
+"""The Python twins serve the whole gateway too.
 
-Every ``shardon._fast`` primitive is tested against both implementations in-process (tests/_fast,
-tests/httpd, tests/upstream). This runs the end-to-end suite once more in a subprocess with
-``SHARDON_NO_EXTENSIONS=1``, so the twins of the wire objects and of the callback path are proven
+Every twin pair is tested against both implementations in-process (tests/_fast, tests/httpd,
+tests/upstream, tests/test_scheduler.py). This runs the end-to-end suite once more in a subprocess
+with ``SHARDON_NO_EXTENSIONS=1``, on both engines and to its end, so the Python exchange, scheduler,
+node registry, connections, SSE readers, queue, bucket, balancer, tallies and row writer are proven
 where they matter: behind real sockets, with the official client, through every outcome.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -18,37 +20,53 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_gateway_suite_passes_on_the_python_twins() -> None:
     if FORCED:
         pytest.skip("this whole run is on the twins already")
-    # The native engine only: granian's run exercises no twin (it has no callback path).
-    env = dict(os.environ, SHARDON_NO_EXTENSIONS="1", SHARDON_TEST_ENGINES="native")
+    env = dict(os.environ, SHARDON_NO_EXTENSIONS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/gateway"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "tests/gateway"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=580,
+        timeout=880,
     )
-    tail = result.stdout[-6000:] + result.stderr[-2000:]
+    summary = (
+        result.stdout[result.stdout.rfind("short test summary") :] if "short test summary" in result.stdout else ""
+    )
+    tail = (summary or result.stdout[-6000:]) + result.stderr[-2000:]
     assert result.returncode == 0, tail
     assert " passed" in result.stdout and "failed" not in result.stdout, tail
 
 
-def test_compiled_wire_and_sse_modules_loaded() -> None:
-    """The hot-path modules are the compiled ones (fails when they were not built)."""
-    import shardon._fast.sse as sse
-    import shardon._fast.wire as wire
+@pytest.mark.parametrize(
+    "selector",
+    [
+        "shardon.exchange",
+        "shardon.scheduler",
+        "shardon.nodes",
+        "shardon.httpd.connection",
+        "shardon.upstream.connection",
+    ],
+)
+def test_compiled_request_path_loaded(selector: str) -> None:
+    """The request path's modules are the compiled ones (fails when they were not built)."""
+    module = importlib.import_module(selector)
+    assert module.COMPILED is not FORCED, f"{selector}'s compiled twin not built (pip install --no-deps -e .)"
+    if selector == "shardon.httpd.connection":
+        from shardon.httpd import NativeServer
 
-    if FORCED:
-        assert not wire.WIRE_COMPILED and not sse.SSE_COMPILED
-        return
-    assert wire.WIRE_COMPILED, "shardon._fast._wire_c not built (pip install --no-deps -e .)"
-    assert sse.SSE_COMPILED, "shardon._fast._sse_c not built (pip install --no-deps -e .)"
+        assert NativeServer(object(), "127.0.0.1", 0).connection_class is module.HTTPConnection  # type: ignore[arg-type]
+
+
+def test_compiled_sse_readers_loaded() -> None:
+    import shardon._fast.sse as sse
     from shardon.receipts import OutputHasher
     from shardon.schemas import UsageStripper
 
-    assert OutputHasher.__module__ == "shardon._fast._sse_c"
-    assert UsageStripper.__module__ == "shardon._fast._sse_c"
+    assert sse.SSE_COMPILED is not FORCED, "shardon._fast._sse_c not built (pip install --no-deps -e .)"
+    expected = "shardon._fast._sse_py" if FORCED else "shardon._fast._sse_c"
+    assert OutputHasher.__module__ == expected
+    assert UsageStripper.__module__ == expected

@@ -1,4 +1,4 @@
-"""Either implementation of a ``shardon._fast`` module pair (``_<stem>_c`` / ``_<stem>_py``), for the tests.
+"""Either implementation of a twin pair (``<module>_c`` / ``<module>_py``), for the tests.
 
 ``twin(stem, "c")`` skips the test, saying why, when the compiled module is not built; the
 "compiled ... loaded" tests are where a missing build fails (unless SHARDON_NO_EXTENSIONS).
@@ -13,10 +13,12 @@ import pytest
 
 
 def twin(stem: str, name: str) -> ModuleType:
-    """``shardon._fast._<stem>_py`` for ``name == "py"``, else the compiled ``_<stem>_c``."""
+    """``<module>_py`` for ``name == "py"``, else the compiled ``<module>_c``; ``stem`` is the module
+    without its suffix (``shardon.httpd._connection``), or a ``shardon._fast`` primitive's (``sse``)."""
+    module = stem if "." in stem else f"shardon._fast._{stem}"
     if name == "py":
-        return importlib.import_module(f"shardon._fast._{stem}_py")
+        return importlib.import_module(f"{module}_py")
     try:
-        return importlib.import_module(f"shardon._fast._{stem}_c")
+        return importlib.import_module(f"{module}_c")
     except ImportError as exc:
-        pytest.skip(f"compiled shardon._fast._{stem}_c not built: {exc}")
+        pytest.skip(f"compiled {module}_c not built (pip install --no-deps -e .): {exc}")

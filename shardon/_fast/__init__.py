@@ -22,13 +22,37 @@ in statically; then the twin is used, with a warning saying why.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-__all__ = ["ROWWRITER_COMPILED", "USING_EXTENSIONS", "FairQueue", "LeastConnBalancer", "RowWriter", "TokenBucket"]
+__all__ = [
+    "ROWWRITER_COMPILED",
+    "USING_EXTENSIONS",
+    "FairQueue",
+    "LeastConnBalancer",
+    "RowWriter",
+    "TokenBucket",
+    "load_twin",
+]
 
 _NO_EXTENSIONS = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
+
+
+def load_twin(stem: str, what: str) -> tuple[ModuleType, bool]:
+    """The module ``<stem>_c`` (compiled) or, when ``SHARDON_NO_EXTENSIONS`` is set or it cannot be
+    imported (then with one RuntimeWarning naming ``what``), its twin ``<stem>_py``; and whether it
+    is the compiled one. The selector of a twin pair outside this package calls this."""
+    if not _NO_EXTENSIONS:
+        try:
+            return importlib.import_module(stem + "_c"), True
+        except ImportError as exc:
+            message = f"shardon: compiled {what} unavailable ({exc}), using the pure-Python twin"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return importlib.import_module(stem + "_py"), False
+
 
 USING_EXTENSIONS: bool
 ROWWRITER_COMPILED: bool

@@ -11,8 +11,8 @@ refused.
 A once-a-second sweep refreshes the cached ``Date`` header, closes keep-alive connections idle
 longer than ``keepalive_timeout_s``, answers 408 to a request head that has taken longer than
 ``header_timeout_s`` (a slow-loris client cannot hold a connection forever), and hands to the
-application a request whose body is still coming after ``_BODY_WAIT_S`` (it was held for the
-callback path, which needs the whole body). No timer is armed per request.
+application a request whose body is still coming after ``_BODY_WAIT_S`` (it was held for
+``on_request``, which takes whole requests only). No timer is armed per request.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .._fast.wire import HTTPConnection
 from ..listener import Listener, listen
+from .connection import HTTPConnection
 
 App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 
 __all__ = ["NativeServer"]
 
 _SWEEP_S = 1.0
-# A request whose body is slow to come is held for the callback path at most this long (then up to
+# A request whose body is slow to come is held for ``on_request`` at most this long (then up to
 # one sweep more) before the application runs and reads the body itself.
 _BODY_WAIT_S = 0.5
 
@@ -66,9 +66,9 @@ class NativeServer:
         self.draining = False
         self.date_header = _date_header()
         self.address = f"{host}:{port}"
-        # The application's callback path for whole requests (shardon/fastpath.py), if it has one:
-        # ``fast_path(request) -> bool`` serves the request itself when it returns True.
-        self.fast_path: Callable[[Any], bool] | None = getattr(app, "fast_path", None)
+        # The application's entry for a whole request, if it has one: ``on_request(request)``
+        # serves it by callbacks when it returns True; otherwise the RSGI coroutine runs.
+        self.on_request: Callable[[Any], bool] | None = getattr(app, "on_request", None)
         self.loop: asyncio.AbstractEventLoop
         self._listeners: list[Listener] = []
         self._stopped: asyncio.Future[None] | None = None

@@ -5,7 +5,7 @@ Every test runs against both implementations (the ``wire`` fixture, tests/httpd/
 as its connection class, and clients on raw non-blocking sockets, so the test writes and reads every
 byte itself (nothing is read from a socket unless the test asks). Each test is bounded by
 ``SCENARIO_TIMEOUT`` and each read by ``READ_TIMEOUT``. The expected behaviour is the one
-``shardon/_fast/_wire_py.py`` specifies in its module docstring.
+``shardon/httpd/_connection_py.py`` specifies in its module docstring.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import email.utils
 import gc
-import importlib
 import json
 import os
 import socket
@@ -26,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from shardon._fast import _wire_py
 from shardon.errors import PayloadTooLarge, ProtocolClosed
 from shardon.httpd import NativeServer
 from tests import aio
@@ -274,30 +272,6 @@ def assert_date(response: Response) -> None:
     assert value is not None, "no date header"
     assert value.endswith(" GMT")
     assert abs(email.utils.parsedate_to_datetime(value).timestamp() - time.time()) < 5
-
-
-# ---------------------------------------------------------------------------------------------- selection
-
-
-def test_compiled_wire_selected() -> None:
-    """Fails when the compiled wire module is not built, unless SHARDON_NO_EXTENSIONS asks for the twin."""
-    from shardon._fast import wire as selector
-
-    if FORCED:
-        assert selector.WIRE_COMPILED is False
-        assert selector.HTTPConnection is _wire_py.HTTPConnection
-        assert selector.UpstreamConnection is _wire_py.UpstreamConnection
-        return
-    try:
-        compiled = importlib.import_module("shardon._fast._wire_c")
-    except ImportError as exc:
-        pytest.fail(f"compiled wire module unavailable (run: pip install --no-deps -e .): {exc}")
-    assert selector.WIRE_COMPILED is True
-    assert selector.HTTPConnection is compiled.HTTPConnection
-    assert selector.UpstreamConnection is compiled.UpstreamConnection
-    assert selector.NodePool is compiled.NodePool
-    default = NativeServer(echo, "127.0.0.1", 0)
-    assert default.connection_class is compiled.HTTPConnection
 
 
 # ---------------------------------------------------------------------------------------------- basics

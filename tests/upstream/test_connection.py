@@ -1,11 +1,11 @@
-"""Conformance of the node-side wire objects: UpstreamConnection, NodePool, client_headers.
+"""Conformance of the upstream connection: UpstreamConnection, NodePool, client_headers.
 
-Every test runs against both implementations (the ``wire`` fixture: ``shardon._fast._wire_c``,
-skipped with the reason only when it cannot be imported, and ``shardon._fast._wire_py``), talking to
+Every test runs against both implementations (the ``wire`` fixture: ``shardon.upstream._connection_c``,
+skipped with the reason only when it cannot be imported, and ``_connection_py``), talking to
 `Node`, a scripted HTTP/1.1 server written here on raw asyncio streams: each request it reads is
 recorded and answered by the next action of its script, byte for byte. Each test runs on a fresh
 uvloop, bounded by ``SCENARIO_TIMEOUT``. The expected behaviour is the one
-``shardon/_fast/_wire_py.py`` specifies in its module docstring.
+``shardon/upstream/_connection_py.py`` specifies in its module docstring.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import socket
 import time
 from collections import deque
@@ -22,8 +21,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from twin_impls import twin
 
-from shardon._fast import _wire_py
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from tests import aio
 from tests.aio import until
@@ -34,13 +33,8 @@ HIGH_WATER = 256 * 1024  # the connection's read high-water mark (``_HIGH_WATER`
 
 @pytest.fixture(params=["c", "py"])
 def wire(request: pytest.FixtureRequest) -> ModuleType:
-    """One implementation of the wire objects (the compiled one still runs under SHARDON_NO_EXTENSIONS)."""
-    if request.param == "py":
-        return _wire_py
-    try:
-        return importlib.import_module("shardon._fast._wire_c")
-    except ImportError as exc:
-        pytest.skip(f"compiled wire module shardon._fast._wire_c unavailable (run: pip install --no-deps -e .): {exc}")
+    """One implementation of the upstream connection (the compiled one runs under SHARDON_NO_EXTENSIONS too)."""
+    return twin("shardon.upstream._connection", str(request.param))
 
 
 on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
@@ -295,7 +289,7 @@ async def test_finish_pools_a_complete_keep_alive_connection(wire: ModuleType) -
 @on_uvloop
 async def test_pool_is_lifo_and_keeps_at_most_max_idle(wire: ModuleType) -> None:
     async with node_and_pool(wire, *[response(b"%d" % i) for i in range(3)], max_idle=2) as (node, pool):
-        conns = [await pool.acquire(fresh=True) for _ in range(3)]
+        conns = [await pool.connect() for _ in range(3)]
         for conn in conns:
             conn.send(request_head())
             await read_all(conn)

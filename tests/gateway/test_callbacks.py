@@ -1,9 +1,9 @@
-"""The callback path (shardon/fastpath.py): which requests it takes, and that it behaves like the
-general path where it hands over or where things go wrong.
+"""The native engine's callback driver of the exchange (`Exchange.serve`): every whole request is
+served from socket callbacks, errors, streams, retries and new connections included, and behaves as
+the coroutine driver does.
 
-These run on the native engine only (granian has no callback path; the rest of tests/gateway runs
-both). ``FastPath.served`` counts the requests the callback path took, so each test can tell which
-path served it.
+These run on the native engine only (the rest of tests/gateway runs both engines).
+``RequestCore.served_by_callbacks`` counts the requests the callbacks took, so each test can tell.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture
 def engine() -> str:
-    """Only the native engine has a callback path (this overrides tests/conftest.py's fixture)."""
+    """Only the native engine serves by callbacks (this overrides tests/conftest.py's fixture)."""
     return "native"
 
 
@@ -41,7 +41,7 @@ def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) 
 
 
 def served(gw: Any) -> int:
-    return int(gw.call(lambda: gw.gateway.fast_path.served))
+    return int(gw.call(lambda: gw.gateway.core.served_by_callbacks))
 
 
 def rows(gw: Any) -> list[dict[str, Any]]:
@@ -65,7 +65,7 @@ def events(stream: bytes) -> list[bytes]:
     return [e for e in stream.split(b"\n\n") if e.startswith(b"data: ")]
 
 
-def test_common_requests_take_the_callback_path(make_mock: Any, make_gateway: Any) -> None:
+def test_whole_requests_are_served_by_callbacks(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["m1", "e1"], chunks=4)
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1", "e1"])])
     before = served(gw)
@@ -75,16 +75,16 @@ def test_common_requests_take_the_callback_path(make_mock: Any, make_gateway: An
     assert post(gw.url, "/v1/completions", {"model": "m1", "prompt": "x", "stream": True})[0] == 200
     assert post(gw.url, "/v1/embeddings", {"model": "e1", "input": "x"})[0] == 200
     assert served(gw) - before == 6
-    # What the general path answers (a 4xx) is left to it.
+    # Errors too, in OpenAI's shape.
     assert post(gw.url, "/v1/chat/completions", CHAT, {"X-Priority": "urgent"})[0] == 400
     assert post(gw.url, "/v1/chat/completions", {"model": "nope", "messages": []})[0] == 404
     assert post(gw.url, "/v1/chat/completions", b"{not json")[0] == 400
-    assert served(gw) - before == 6
+    assert served(gw) - before == 9
     logged = rows(gw)
     assert sorted(r["status"] for r in logged) == [200] * 6 + [400, 400, 404]
 
 
-def test_streams_on_the_callback_path_ask_for_usage_and_hide_it(make_mock: Any, make_gateway: Any) -> None:
+def test_streams_ask_the_node_for_usage_and_hide_it(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["m1"], chunks=5)
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
     before = served(gw)
@@ -115,15 +115,15 @@ def test_client_stream_options_are_the_clients(make_mock: Any, make_gateway: Any
     status, _, body = post(gw.url, "/v1/completions", asked)
     assert status == 200 and b'"usage":{' in body  # asked for: passed through
     assert served(gw) - before == 1
-    # include_usage false: the general path merges Shardon's request into the client's options.
+    # include_usage false: Shardon's request is merged into the client's options.
     declined = {"model": "m1", "prompt": "x", "stream": True, "stream_options": {"include_usage": False}}
     status, _, body = post(gw.url, "/v1/completions", declined)
     assert status == 200 and b"usage" not in body
     assert json.loads(node.stats.last_body)["stream_options"] == {"include_usage": True}
-    assert served(gw) - before == 1
+    assert served(gw) - before == 2
 
 
-def test_new_connections_are_opened_on_the_callback_path(make_mock: Any, make_gateway: Any) -> None:
+def test_new_connections_are_opened_by_callbacks(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["m1"], chunks=2, delay_ms=100)
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"], max_concurrent=16)])
     before = served(gw)
@@ -136,7 +136,7 @@ def test_new_connections_are_opened_on_the_callback_path(make_mock: Any, make_ga
     for t in threads:
         t.join(20)
     assert results == [200] * 8
-    assert served(gw) - before == 8  # none went the general way for want of an idle connection
+    assert served(gw) - before == 8
     assert node.stats.max_in_flight == 8
 
 
@@ -152,15 +152,15 @@ def test_a_refused_connect_is_retried_on_another_node(make_mock: Any, make_gatew
             node_entry(good, "good", ["m1"]),
         ],
     )
-    gw.call(lambda: [gw.gateway._health_changed(n) for n in gw.gateway.registry.nodes.values()])
+    gw.call(lambda: [gw.gateway.registry.record_success(n) for n in gw.gateway.registry.nodes.values()])
     for _ in range(4):
         status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT)
         assert status == 200 and headers["x-shardon-node"] == "good"
     logged = rows(gw)
-    assert any(r["retries"] == 1 for r in logged)  # a first try on the dead node, handed over
+    assert any(r["retries"] == 1 for r in logged)  # a first try on the dead node
 
 
-def test_node_5xx_is_handed_over_and_retried_elsewhere(make_mock: Any, make_gateway: Any) -> None:
+def test_node_5xx_is_retried_elsewhere(make_mock: Any, make_gateway: Any) -> None:
     bad = make_mock(models=["m1"], chunks=2, name="bad")
     bad.node.set_fail("status500")
     good = make_mock(models=["m1"], chunks=2, name="good")

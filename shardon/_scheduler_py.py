@@ -1,0 +1,340 @@
+"""Admission and dispatch: who gets the next free slot on which node.
+
+Each public model has a :class:`Route`: the nodes that serve it and one ``FairQueue`` (priority
+classes, strict; inside a class deficit round robin across tenants weighted by tenant weight; FIFO
+within a tenant). A request takes a slot at once when nobody of its model waits and the least-loaded
+healthy node has room; otherwise it waits as a :class:`Waiter` until
+
+- a slot frees on one of its nodes (:meth:`Scheduler.release` hands it over before returning, so a
+  freed slot never sits idle while an eligible request waits),
+- its deadline passes (``QueueTimeout``, 504), or
+- its client leaves (:meth:`Scheduler.cancel`).
+
+A node's cap is never exceeded: slots are only taken through the balancer, which refuses a node at
+its ``max_concurrent``.
+
+Headroom for quiet tenants
+--------------------------
+Queue order alone cannot protect a quiet tenant: when a noisy tenant holds every slot, the quiet
+tenant's request is first in line but still waits for a whole generation to end. So while more than
+one tenant is active on a route (a request in flight, waiting, or sent within
+``active_window_s``), a tenant at or above its fair share of the route's slots (slots x its weight /
+the active tenants' weights) may not take the last ``headroom_slots`` free slots; its request is
+*held* (FIFO, ahead of its later requests) until more slots free up or the others go quiet. A tenant
+under its share takes a free slot at once. With a single active tenant the rule is off, so the
+scheduler stays work-conserving: the cost is at most ``headroom_slots`` idle slots, and only while a
+quiet tenant is actually using the gateway.
+
+Starvation: priority classes are strict, so a low-priority request waits while higher classes have
+work queued; it is served whenever they leave capacity. The queue deadline bounds every wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from . import errors
+from ._fast import FairQueue, LeastConnBalancer
+from .config import SchedulerConfig
+
+_FIFO_TENANT = "*"
+
+
+class Route:
+    __slots__ = (
+        "candidates",
+        "held",
+        "inflight",
+        "last_seen",
+        "name",
+        "queue",
+        "served_names",
+        "service_ewma",
+        "weights",
+    )
+
+    def __init__(self, name: str, quantum: float) -> None:
+        self.name = name
+        self.candidates: list[int] = []
+        self.served_names: dict[int, str] = {}
+        self.queue = FairQueue(quantum)
+        self.held: deque[Waiter] = deque()
+        self.inflight: dict[str, int] = {}
+        self.last_seen: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.service_ewma = 1.0
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue) + len(self.held)
+
+
+class Waiter:
+    __slots__ = ("cost", "future", "handle", "held", "priority", "route", "tenant", "timer")
+
+    def __init__(self, route: Route, future: asyncio.Future[int], priority: int, tenant: str, cost: float) -> None:
+        self.route = route
+        self.future = future
+        self.priority = priority
+        self.tenant = tenant
+        self.cost = cost
+        self.handle = -1
+        self.held = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, balancer: LeastConnBalancer, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.balancer = balancer
+        self.loop = loop
+        self.routes: dict[str, Route] = {}
+        self._node_routes: dict[int, list[Route]] = {}
+        self._rotation = 0
+        self.fair = config.policy == "fair"
+        self.headroom = config.headroom_slots if self.fair else 0
+        self.window = config.active_window_s
+
+    # -- routing table ----------------------------------------------------------------------
+    def add_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
+        self.balancer.add(index, capacity, weight)
+        routes = self._node_routes.setdefault(index, [])
+        for public, served in models.items():
+            route = self.routes.get(public)
+            if route is None:
+                route = self.routes[public] = Route(public, self.config.quantum_tokens)
+            if index not in route.candidates:
+                route.candidates.append(index)
+            route.served_names[index] = served
+            if route not in routes:
+                routes.append(route)
+        self.dispatch(index)
+
+    def ensure_route(self, model: str) -> Route:
+        """A route for a model that has no node yet (one started on demand)."""
+        route = self.routes.get(model)
+        if route is None:
+            route = self.routes[model] = Route(model, self.config.quantum_tokens)
+        return route
+
+    def remove_node(self, index: int) -> None:
+        for route in self._node_routes.pop(index, []):
+            if index in route.candidates:
+                route.candidates.remove(index)
+            route.served_names.pop(index, None)
+        self.balancer.remove(index)
+
+    def set_healthy(self, index: int, healthy: bool) -> None:
+        self.balancer.set_healthy(index, healthy)
+        if healthy:
+            self.dispatch(index)
+
+    def route(self, model: str) -> Route | None:
+        return self.routes.get(model)
+
+    def has_healthy_node(self, route: Route) -> bool:
+        healthy = self.balancer.healthy
+        return any(healthy(index) for index in route.candidates)
+
+    # -- fairness -----------------------------------------------------------------------------
+    def tenant_key(self, tenant: str) -> str:
+        return tenant if self.fair else _FIFO_TENANT
+
+    def _over_share(self, route: Route, tenant: str) -> bool:
+        """Whether ``tenant`` holds at least its fair share of the route's slots right now."""
+        now = time.monotonic()
+        window = self.window
+        inflight = route.inflight
+        active_weight = 0.0
+        active = 0
+        last_seen = route.last_seen
+        for name in last_seen.keys() | inflight.keys():
+            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window:
+                active += 1
+                active_weight += route.weights.get(name, 1.0)
+        if active <= 1:
+            return False
+        slots = sum(self.balancer.capacity(i) for i in route.candidates if self.balancer.healthy(i))
+        share = slots * route.weights.get(tenant, 1.0) / active_weight
+        return inflight.get(tenant, 0) >= share
+
+    def _restricted(self, route: Route) -> bool:
+        return self.headroom > 0 and self.balancer.free_slots(route.candidates) <= self.headroom
+
+    # -- admission --------------------------------------------------------------------------
+    def admit(self, route: Route, tenant: str, weight: float) -> int:
+        """A slot now (the node's index) if nobody of this model waits and one is free for
+        ``tenant``; -1 if the request must queue. Notes the tenant as active either way."""
+        route.last_seen[tenant] = time.monotonic()
+        route.weights[tenant] = weight
+        if route.held or len(route.queue):
+            return -1
+        balancer = self.balancer
+        index = balancer.pick(route.candidates, None)
+        if index < 0:
+            return -1
+        headroom = self.headroom
+        if headroom and balancer.free_slots(route.candidates) <= headroom and self._over_share(route, tenant):
+            return -1
+        balancer.acquire(index)
+        inflight = route.inflight
+        inflight[tenant] = inflight.get(tenant, 0) + 1
+        return index
+
+    def take(self, route: Route, tenant: str, exclude: list[int] | None) -> int:
+        """A slot for a retry (already admitted once): prefer a node not in ``exclude``; -1 if none."""
+        index = self.balancer.pick(route.candidates, exclude)
+        if index < 0 and exclude:
+            index = self.balancer.pick(route.candidates, None)
+        if index >= 0:
+            self.balancer.acquire(index)
+            route.inflight[tenant] = route.inflight.get(tenant, 0) + 1
+        return index
+
+    def enqueue(self, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float) -> Waiter:
+        if not self.has_healthy_node(route):
+            raise errors.NoCapacity(f"no healthy node serves model '{route.name}'", retry_after=5)
+        queued = route.waiting
+        if queued >= self.config.max_queue_size:
+            raise errors.QueueFull(
+                f"the queue for model '{route.name}' is full ({queued} waiting)",
+                retry_after=self.retry_after(route),
+            )
+        waiter = Waiter(route, self.loop.create_future(), priority, tenant, cost)
+        waiter.handle = route.queue.push(waiter, priority, self.tenant_key(tenant), cost, weight)
+        waiter.timer = self.loop.call_later(timeout, self._expire, waiter, timeout)
+        # A slot may be free for this request (headroom kept for tenants under their share).
+        while self._serve_one(route):
+            pass
+        return waiter
+
+    def retry_after(self, route: Route) -> float:
+        slots = sum(self.balancer.capacity(i) for i in route.candidates) or 1
+        return min(60.0, max(1.0, route.service_ewma * route.waiting / slots))
+
+    def _unlink(self, waiter: Waiter) -> bool:
+        """Take a waiting (queued or held) request out; False if it already got a slot."""
+        if waiter.held:
+            try:
+                waiter.route.held.remove(waiter)
+            except ValueError:
+                return False
+            waiter.held = False
+            return True
+        return waiter.route.queue.remove(waiter.handle)
+
+    def _expire(self, waiter: Waiter, timeout: float) -> None:
+        if self._unlink(waiter) and not waiter.future.done():
+            waiter.future.set_exception(
+                errors.QueueTimeout(f"no capacity for model '{waiter.route.name}' within {timeout:g}s")
+            )
+
+    def cancel(self, waiter: Waiter, exc: BaseException) -> bool:
+        """Take a still-waiting request out (client gone, shutdown); False if it already has a slot."""
+        if self._unlink(waiter):
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+            return True
+        return False
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The waiting coroutine gave up after its future may have been resolved: free that slot."""
+        fut = waiter.future
+        if fut.done():
+            if not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result(), waiter.route, waiter.tenant)
+        else:
+            fut.cancel()
+            if self._unlink(waiter) and waiter.timer is not None:
+                waiter.timer.cancel()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def release(self, index: int, route: Route, tenant: str, service_s: float | None = None) -> None:
+        """Free the slot; ``service_s`` (how long the request held it) feeds ``Retry-After`` estimates."""
+        self.balancer.release(index)
+        if service_s is not None:
+            route.service_ewma += 0.1 * (service_s - route.service_ewma)
+        inflight = route.inflight
+        left = inflight.get(tenant, 0) - 1
+        if left > 0:
+            inflight[tenant] = left
+        else:
+            inflight.pop(tenant, None)
+        routes = self._node_routes.get(index)
+        if routes is not None and (len(routes) > 1 or routes[0].held or len(routes[0].queue)):
+            self.dispatch(index)
+
+    def _give(self, waiter: Waiter, index: int) -> None:
+        self.balancer.acquire(index)
+        route = waiter.route
+        route.inflight[waiter.tenant] = route.inflight.get(waiter.tenant, 0) + 1
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        waiter.future.set_result(index)
+
+    def _serve_one(self, route: Route) -> bool:
+        """Give one free slot of ``route`` to its next eligible waiter; False if none can go now."""
+        if not route.waiting:
+            return False
+        index = self.balancer.pick(route.candidates, None)
+        if index < 0:
+            return False
+        restricted = self.headroom > 0 and self._restricted(route)
+        held = route.held
+        if (
+            held
+            and held[0].priority >= route.queue.top_priority()
+            and (not restricted or not self._over_share(route, held[0].tenant))
+        ):
+            waiter = held.popleft()
+            waiter.held = False
+            self._give(waiter, index)
+            return True
+        queue = route.queue
+        while True:
+            waiter = queue.pop()  # type: ignore[assignment]  # the queue holds Waiters
+            if waiter is None:
+                return False
+            if restricted and self._over_share(route, waiter.tenant):
+                waiter.held = True
+                held.append(waiter)
+                continue
+            self._give(waiter, index)
+            return True
+
+    def dispatch(self, index: int) -> None:
+        """Hand free slots reachable through node ``index`` to waiting requests."""
+        routes = self._node_routes.get(index)
+        if not routes:
+            return
+        n = len(routes)
+        if n == 1:
+            route = routes[0]
+            while self._serve_one(route):
+                pass
+            return
+        candidates = list(routes)
+        while candidates:
+            # The model whose queue holds the highest priority goes first; ties rotate.
+            self._rotation += 1
+            start = self._rotation % len(candidates)
+            ordered = candidates[start:] + candidates[:start]
+            best = max(ordered, key=_top_priority)
+            if best.waiting == 0:
+                return
+            if not self._serve_one(best):
+                candidates.remove(best)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: route.waiting for name, route in self.routes.items()}
+
+
+def _top_priority(route: Route) -> int:
+    top = route.queue.top_priority()
+    if route.held:
+        top = max(top, route.held[0].priority)
+    return top
