@@ -105,12 +105,17 @@ async function show(moved) {
   const route = parseHash();
   const page = PAGES[route.name];
   for (const link of document.querySelectorAll('.side a')) {
-    if (link.dataset.page === route.name) link.setAttribute('aria-current', 'page');
-    else link.removeAttribute('aria-current');
+    if (link.dataset.page === route.name) {
+      link.setAttribute('aria-current', 'page');
+      link.scrollIntoView({block: 'nearest', inline: 'nearest'}); // the phone's tab strip scrolls
+    } else {
+      link.removeAttribute('aria-current');
+    }
   }
   const token = ++mounts;
   current = {token, timer: null, page, handle: null};
   main.dataset.page = route.name;
+  main.dataset.mount = String(token);
   main.dataset.ready = '0';
   main.dataset.refreshed = '0';
   main.replaceChildren();
@@ -147,6 +152,11 @@ async function signOut() {
 }
 
 async function start() {
+  // The skip link moves focus to the page itself (its #main would be taken for a page's address).
+  document.querySelector('.skip').addEventListener('click', (ev) => {
+    ev.preventDefault();
+    main.focus();
+  });
   const session = await api('/ui/session');
   setCsrf(session.csrf);
   document.getElementById('version').textContent = `v${session.version}`;

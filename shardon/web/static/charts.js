@@ -72,7 +72,7 @@ export function lineChart({id, title, t, series, format = f.num}) {
     tip.hidden = false;
   });
   box.addEventListener('mouseleave', () => { cursor.setAttribute('visibility', 'hidden'); tip.hidden = true; });
-  const span = n > 1 ? t[n - 1] - t[0] : 0;
+  const span = n > 1 ? ((t[n - 1] - t[0]) * n) / (n - 1) : 0; // n buckets, the last one ending now
   return h('figure', {class: 'chart', id, role: 'img', 'aria-label': `${title}, over the last ${f.duration(span)}: now ${summary}`},
     h('figcaption', null, title, h('span', {class: 'chart-now'}, series.length === 1 ? format(last(series[0])) : '')),
     box,

@@ -19,6 +19,11 @@ export function num(n) {
   return String(n);
 }
 
+/** A count of things: 1 request, 2 requests, 1.2k requests. */
+export function count(n, word) {
+  return `${num(n)} ${n === 1 ? word : `${word}s`}`;
+}
+
 /** An exact count with thousands separators: 12,345. */
 export function int(n) {
   if (n === null || n === undefined) return DASH;

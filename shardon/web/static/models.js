@@ -7,9 +7,10 @@ import * as f from './format.js';
 
 const STATE_KIND = {ready: 'ok', loading: 'info', unloading: 'warn', unloaded: null, failed: 'bad', unavailable: 'bad'};
 
-function deviceLabel(dev, mode) {
-  if (dev.index === 'cpu' || mode === 'cpu') return 'CPU memory budget';
-  return `GPU ${dev.index}${dev.name ? ` · ${dev.name}` : ''}`;
+function deviceLabel(dev, mode, groups) {
+  const base = dev.index === 'cpu' || mode === 'cpu' ? 'CPU memory budget' : `GPU ${dev.index}${dev.name ? ` · ${dev.name}` : ''}`;
+  const member = Object.entries(groups || {}).filter(([, ds]) => ds.map(String).includes(String(dev.index))).map(([g]) => g);
+  return member.length ? `${base} (group ${member.join(', ')})` : base;
 }
 
 function memoryBar(title, total, models, other, id) {
@@ -22,12 +23,12 @@ function memoryBar(title, total, models, other, id) {
 
 function memoryPanel(gpus) {
   const devices = gpus.devices || [];
-  const rows = devices.map((d) => memoryBar(deviceLabel(d, gpus.mode), d.total_mb, d.reserved_by_models_mb,
+  const rows = devices.map((d) => memoryBar(deviceLabel(d, gpus.mode, gpus.groups), d.total_mb, d.reserved_by_models_mb,
     Math.max(0, d.used_mb - d.reserved_by_models_mb), `memory-${d.index}`));
   const byIndex = Object.fromEntries(devices.map((d) => [String(d.index), d]));
   for (const [group, members] of Object.entries(gpus.groups || {})) {
     const ds = members.map((i) => byIndex[String(i)]).filter(Boolean);
-    if (!ds.length) continue;
+    if (ds.length < 2) continue; // a group of one device is that device's bar
     const total = ds.reduce((a, d) => a + d.total_mb, 0);
     const models = ds.reduce((a, d) => a + d.reserved_by_models_mb, 0);
     const other = ds.reduce((a, d) => a + Math.max(0, d.used_mb - d.reserved_by_models_mb), 0);

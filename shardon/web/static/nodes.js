@@ -22,14 +22,14 @@ function nodeCard(node, recent, ctx) {
   const actions = nodeActions(node, ctx);
   const facts = [
     ['Circuit', h('span', null, badge(state, state === 'closed' ? 'ok' : state === 'open' ? 'bad' : 'warn'),
-      ` ${f.num(node.failures)} consecutive failure${node.failures === 1 ? '' : 's'}`)],
+      ` ${f.count(node.failures, 'consecutive failure')}`)],
     ['Models', h('span', {class: 'chips'}, node.models.map((m) => h('span', {class: 'chip'}, m)))],
     ['Weight', f.num(node.weight)],
     ['Connections', `${f.num(node.idle_connections)} idle`],
   ];
   if (node.load !== undefined) facts.push(['Reported load', String(node.load)]);
   if (recent) {
-    facts.push(['Last 15 min', `${f.num(recent.requests)} requests · ${f.pct(recent.requests ? recent.failed / recent.requests : null)} errors`]);
+    facts.push(['Last 15 min', `${f.count(recent.requests, 'request')} · ${f.pct(recent.requests ? recent.failed / recent.requests : null)} errors`]);
     facts.push(['TTFT', `p50 ${f.ms(recent.ttft_ms.p50)} · p99 ${f.ms(recent.ttft_ms.p99)}`]);
   }
   if (node.last_error) facts.push(['Last error', h('span', {class: 'small'}, node.last_error)]);
