@@ -137,12 +137,12 @@ class Dashboard:
         """Who makes an ``/admin`` call (for the audit log), or Unauthorized/Forbidden.
 
         The admin key when an ``Authorization`` header is sent; otherwise the dashboard's session
-        cookie (``"<who signed in> (ui)"``); otherwise what `KeyStore.authenticate_admin` allows
-        (loopback while no admin key is configured).
+        cookie (``"<who signed in> (ui)"``); otherwise what `KeyStore.authenticate_admin` allows.
+        While no admin key is configured the cookie adds nothing: ``/admin`` is loopback's alone.
         """
         keys = self.gw.keys
         authorization = scope.headers.get("authorization")
-        if authorization is None and self.enabled:
+        if authorization is None and self.enabled and keys.auth.admin_keys:
             _, session = self.session_of(scope)
             if session is not None:
                 if scope.method not in _SAFE_METHODS and not session.csrf_matches(scope.headers.get(CSRF_HEADER)):
@@ -238,6 +238,7 @@ class Dashboard:
         else:
             actor = "loopback"
         self._audit(actor, "ui.sign_in", address)
+        self.sessions.end(cookie_token(scope.headers.get("cookie")))  # signing in again replaces a session
         token, _ = self.sessions.create(actor)
         cookie = set_cookie(token, self.sessions.ttl_s, secure=self._secure(scope))
         self._redirect(proto, "/ui/", [("set-cookie", cookie)])

@@ -154,6 +154,16 @@ def test_signing_out_ends_the_session(keyed: Any) -> None:
     assert session.get("/ui/session").status == 401
     assert session.get("/admin/stats").status == 401
     assert other.get("/admin/stats").status == 200  # one browser signing out ends only its session
+    # Signing in again from a signed-in browser replaces its session.
+    again = request(
+        gw.url,
+        "POST",
+        "/ui/login",
+        f"key={ADMIN}".encode(),
+        {"content-type": "application/x-www-form-urlencoded", "cookie": other.cookie},
+    )
+    assert again.status == 303 and again.cookies[0].split(";")[0] != other.cookie
+    assert other.get("/admin/stats").status == 401
 
 
 def test_sessions_expire(make_mock: Any, make_gateway: Any) -> None:
