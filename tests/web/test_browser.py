@@ -453,6 +453,11 @@ def test_screenshots_of_every_page_light_and_dark_laptop_and_phone(page: Page, s
                 page.js("window.scrollTo(0, 0)")
                 overflow = page.js("return document.documentElement.scrollWidth - window.innerWidth")
                 assert overflow <= 0, f"{name} at {width}x{height} is wider than the screen by {overflow}px"
+                scrolled = page.js(
+                    "return [...document.querySelectorAll('.table-wrap')]"
+                    ".filter(w => w.scrollWidth > w.clientWidth + 1).length"
+                )
+                assert scrolled == 0, f"a table of {name} at {width}x{height} does not fit"
                 page.driver.save_screenshot(str(SCREENSHOTS / f"{name}-{width}x{height}-{scheme}.png"))
             backgrounds[scheme] = page.js("return getComputedStyle(document.body).backgroundColor")
     assert backgrounds["light"] != backgrounds["dark"]  # the system's setting is followed

@@ -72,9 +72,10 @@ export default {
         {label: 'State', cell: (m) => h('div', null, badge(m.state, STATE_KIND[m.state], {class: 'state'}),
           m.error ? h('div', {class: 'small', style: {color: 'var(--bad)'}}, m.error) : null)},
         {label: 'Backend', cell: (m) => m.backend},
-        {label: 'Where', cell: (m) => h('span', {class: 'wrap'}, m.where || '—', m.precision ? h('span', {class: 'muted'}, ` · ${m.precision}`) : null)},
+        {label: 'Where', cell: (m) => h('span', null, m.where ? m.where.split(',').join(', ') : '—', m.precision ? h('span', {class: 'muted'}, ` · ${m.precision}`) : null)},
         {label: 'Memory', num: true, cell: (m) => (m.memory_estimate_mb || m.memory_measured_mb
-          ? h('span', {title: 'estimated / measured'}, `${f.mb(m.memory_estimate_mb)} / ${f.mb(m.memory_measured_mb)}`) : '—')},
+          ? h('div', null, h('div', null, `${f.mb(m.memory_estimate_mb)} est.`),
+            h('div', {class: 'small muted'}, `${f.mb(m.memory_measured_mb)} measured`)) : '—')},
         {label: 'In flight', num: true, cell: (m) => f.num(m.in_flight)},
         {label: 'Queued', num: true, cell: (m) => f.num(m.queued)},
         {label: 'Last used', cell: (m) => f.ago(m.last_used)},
