@@ -62,6 +62,9 @@ class Gateway:
         self.routes[("GET", "/metrics")] = self._metrics
         self._paths = {path for _, path in self.routes}
         self.admin = Admin(self)
+        from .web import Dashboard
+
+        self.ui = Dashboard(self)
         # Set in startup(), on the serving loop.
         self.loop: asyncio.AbstractEventLoop
         self.scheduler: Scheduler
@@ -182,6 +185,9 @@ class Gateway:
             return
         if path.startswith("/admin/"):
             await self.admin.handle(scope, proto)
+            return
+        if path == "/ui" or path.startswith("/ui/"):
+            await self.ui.handle(scope, proto)
             return
         if path in self._paths:
             err: errors.ShardonError = errors.MethodNotAllowed(f"method {scope.method} not allowed on {path}")

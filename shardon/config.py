@@ -142,6 +142,13 @@ class MetricsConfig(_Section):
     enabled: bool = True
 
 
+class UiConfig(_Section):
+    """The dashboard at ``/ui`` (shardon/web): signed in with an admin key, for a session this long."""
+
+    enabled: bool = True
+    session_ttl_s: PositiveFloat = 43200.0
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -158,6 +165,7 @@ class Config(_Section):
     # Set false to run without the SQLite request log (no admin request queries, no key persistence).
     request_log: bool = True
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    ui: UiConfig = msgspec.field(default_factory=UiConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     # Models Shardon starts on demand (llama-cpp-python, llama-server, vllm): from this list and
@@ -180,7 +188,7 @@ class Config(_Section):
         )
 
 
-_SECTIONS = ("server", "scheduler", "upstream", "auth", "store", "metrics", "log")
+_SECTIONS = ("server", "scheduler", "upstream", "auth", "store", "metrics", "log", "ui")
 _VALIDATION_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 

@@ -2010,6 +2010,11 @@ class RequestLog:
             self._reader_local.conn = conn
         return conn
 
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(connection, *args, **kwargs)`` in the reader pool, once every finished request is in
+        SQLite: how other modules (the dashboard's overview) run their own read-only queries."""
+        return await self._read(fn, *args, **kwargs)
+
     async def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         pool = self._readers
         if pool is None:

@@ -914,6 +914,8 @@ class LifecycleManager:
                     "backend": rt.entry.backend,
                     "where": self._where(rt),
                     "memory_mb": (max(plan.memory_mb, rt.measured_mb) if plan is not None else None),
+                    "memory_estimate_mb": plan.memory_mb if plan is not None else None,
+                    "memory_measured_mb": rt.measured_mb or None,
                     "in_flight": 0,
                     "last_used": None,
                     "pid": proc.pid if proc is not None else None,
