@@ -29,6 +29,7 @@ from .rsgi import HTTPProtocol, Scope
 from .scheduler import Scheduler
 from .schemas import PRIORITY_NAMES, models_list
 from .store import RequestLog, RequestRecord
+from .web import Dashboard
 
 JSON = [("content-type", "application/json")]
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
@@ -62,8 +63,6 @@ class Gateway:
         self.routes[("GET", "/metrics")] = self._metrics
         self._paths = {path for _, path in self.routes}
         self.admin = Admin(self)
-        from .web import Dashboard
-
         self.ui = Dashboard(self)
         # Set in startup(), on the serving loop.
         self.loop: asyncio.AbstractEventLoop
