@@ -100,7 +100,7 @@ class Gateway:
         )
         self.core.on_finish = self.on_finish
         self.core.on_idle = self._idle.set
-        self.core.callbacks = config.server.fast_path
+        self.core.callbacks = config.server.callbacks
         self.registry.start()
 
     def _start_lifecycle(self) -> None:

@@ -54,9 +54,10 @@ class ServerConfig(_Section):
     keepalive_timeout_s: PositiveFloat = 75.0
     # ... and a request head must arrive within this (slow clients cannot hold connections).
     header_timeout_s: PositiveFloat = 30.0
-    # Native engine: serve common requests by callbacks alone (shardon/fastpath.py). Off: every
-    # request takes the general path (same behaviour, more CPU per request).
-    fast_path: bool = True
+    # Native engine: serve each whole request from the exchange's socket callbacks (no task, no
+    # coroutine). Off: every request runs as an RSGI coroutine, as on granian (same behaviour, more
+    # CPU per request).
+    callbacks: bool = True
     # Granian engine: requests it hands to Shardon at once (queued ones included). Shardon's own
     # queue limits (scheduler.max_queue_size per model) are what bound admission, so this is
     # large: were it reached, new requests — a quiet tenant's too — would wait unseen in the socket.
