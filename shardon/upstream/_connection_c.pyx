@@ -26,8 +26,18 @@ __all__ = ["NodePool", "UpstreamConnection", "client_header_lines", "client_head
 cdef:
     Py_ssize_t _LARGE_WRITE = 16 * 1024
     Py_ssize_t _HIGH_WATER = 256 * 1024
+    # (the twin says why)
     frozenset _FRAMING = frozenset(
-        {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
+        {
+            b"connection",
+            b"keep-alive",
+            b"transfer-encoding",
+            b"content-length",
+            b"date",
+            b"server",
+            b"x-request-id",
+            b"x-shardon-node",
+        }
     )
     object _HttpParserError = httptools.HttpParserError
     # A node sends the same headers every time: both forms are built once per set, up to a bound.

@@ -31,8 +31,20 @@ from .base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, Up
 __all__ = ["NodePool", "UpstreamConnection", "client_header_lines", "client_headers"]
 
 _LARGE_WRITE = 16 * 1024  # above this, write head and body separately rather than copy them together
-# Hop-by-hop and framing headers of a node's response: the connection's business, not the client's.
-_FRAMING = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
+# Headers of a node's response the client does not get: hop-by-hop and framing ones (the
+# connection's business), and the two Shardon sets itself (a node's own request id included).
+_FRAMING = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-request-id",
+        b"x-shardon-node",
+    }
+)
 _HIGH_WATER = 256 * 1024
 
 
