@@ -305,13 +305,15 @@ class Gateway:
         except errors.ShardonError as err:
             proto.response_bytes(err.status, err.headers(), err.body())
             return
+        # Models started on demand also show their context length and whether they are loaded.
+        extra = self.lifecycle.model_fields if self.lifecycle is not None else dict
         if principal.allowed_models is not None:
             names = sorted(m for m in self.scheduler.routes if m in principal.allowed_models)
-            proto.response_bytes(200, JSON, models_list(names, int(self.started_at)))
+            proto.response_bytes(200, JSON, models_list(names, int(self.started_at), extra()))
             return
         body = self._models_body
         if body is None:
-            body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at))
+            body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at), extra())
         proto.response_bytes(200, JSON, body)
 
     async def _health(self, scope: Scope, proto: HTTPProtocol) -> None:
@@ -518,8 +520,14 @@ class Gateway:
         else:
             priority = self._priority(value, principal.max_priority)
         rec.priority = PRIORITY_NAMES[priority]
+        managed = lifecycle is not None and lifecycle.knows(route.name)
+        if managed:  # the model's max_tokens default and cap (shardon/lifecycle/requests.py)
+            assert lifecycle is not None
+            rec.max_tokens, body = lifecycle.shape_request(route.name, scope.path, req, body)
         prompt_estimate = size // 4
-        estimate = prompt_estimate + (req.max_tokens or req.max_completion_tokens or self.default_max_tokens)
+        estimate = prompt_estimate + (
+            rec.max_tokens or req.max_tokens or req.max_completion_tokens or self.default_max_tokens
+        )
 
         budget = self.queue_timeout
         tok_buckets: list[Any] = []
@@ -541,7 +549,6 @@ class Gateway:
                 # did not ask for it, will not see the extra event.
                 body = with_fields(body, stream_options={"include_usage": True})
                 ex.stripper = UsageStripper()
-        managed = lifecycle is not None and lifecycle.knows(route.name)
         if managed:
             assert lifecycle is not None
             if not route.candidates:  # not loaded: wait for it, queued, up to the deadline
