@@ -73,6 +73,7 @@ class CatalogEntry:
     default_max_tokens: int | None = 512
     max_tokens_cap: int | None = None
     chat: bool = True
+    request_defaults: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs
     source: str = "config"  # config | scan | demo
     # For a demo model: gives the file's path (may write it the first time: see demo.py).
     resolver: Callable[[], str] | None = field(default=None, compare=False, repr=False)
@@ -259,6 +260,12 @@ def estimate_file_memory_mb(path: str, n_ctx: int, slots: int) -> tuple[int, int
 # ---------------------------------------------------------------------------------------- catalog
 
 
+# Fields a model's request_defaults may not set: the request itself, and what Shardon sets otherwise.
+_NOT_DEFAULTABLE = frozenset(
+    {"model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+)
+
+
 def _entry_from_config(m: ModelConfig) -> CatalogEntry:
     if m.backend not in BACKENDS:
         raise ConfigError(f"models[{m.name}].backend: {m.backend!r} is not one of {', '.join(BACKENDS)}")
@@ -276,6 +283,12 @@ def _entry_from_config(m: ModelConfig) -> CatalogEntry:
     if m.default_max_tokens is not None and m.max_tokens_cap is not None and m.default_max_tokens > m.max_tokens_cap:
         raise ConfigError(
             f"models[{m.name}].default_max_tokens: {m.default_max_tokens} is above max_tokens_cap ({m.max_tokens_cap})"
+        )
+    reserved = sorted(set(m.request_defaults) & _NOT_DEFAULTABLE)
+    if reserved:
+        raise ConfigError(
+            f"models[{m.name}].request_defaults: {', '.join(reserved)} cannot be set here"
+            " (max_tokens: use default_max_tokens)"
         )
     precision = m.precision if m.precision.lower() == "auto" else m.precision.upper()
     if precision != "auto" and precision not in files:
@@ -301,6 +314,7 @@ def _entry_from_config(m: ModelConfig) -> CatalogEntry:
         default_max_tokens=m.default_max_tokens,
         max_tokens_cap=m.max_tokens_cap,
         chat=m.chat,
+        request_defaults=tuple(m.request_defaults.items()),
         source="config",
     )
 
@@ -372,6 +386,7 @@ class Catalog:
                         default_max_tokens=demo.default_max_tokens,
                         max_tokens_cap=demo.max_tokens_cap,
                         chat=demo.chat,
+                        request_defaults=demo.request_defaults,
                         source="demo",
                         resolver=resolver,
                     )

@@ -16,6 +16,7 @@ User-facing YAML (``models_dir``, ``models`` and ``gpus`` are top-level keys of 
         default_max_tokens: 512        # max_tokens of a request that gives none (null: the backend's)
         max_tokens_cap: null           # a larger max_tokens is lowered to this (null: no cap)
         chat: true                     # false: a base model, /v1/chat/completions is refused
+        request_defaults: {temperature: 0.2}   # fields a request gets when it does not give them
     gpus:
       groups: {fast: [0, 1], small: [2]}
       reserve_mb: 1024
@@ -25,7 +26,7 @@ User-facing YAML (``models_dir``, ``models`` and ``gpus`` are top-level keys of 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -56,6 +57,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens_cap: PositiveInt | None = None
     # False for a base (completion-only) model: chat requests are refused with a 400.
     chat: bool = True
+    # Top-level fields a chat or completion request gets when it does not give them (sampling
+    # settings the model is meant to run with, e.g. {temperature: 0.2, top_p: 0.9}).
+    request_defaults: dict[str, Any] = {}
     # Optional full command line replacing the backend's own; placeholders: {python} {model_path}
     # {host} {port} {context} {slots} {name} {n_gpu_layers}. Readiness still follows ``backend``.
     command: list[str] | None = None

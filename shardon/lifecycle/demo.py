@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("shardon.lifecycle")
 
@@ -33,6 +34,7 @@ class DemoModel:
     chat: bool  # False: a base model, completions only
     default_max_tokens: int
     max_tokens_cap: int
+    request_defaults: tuple[tuple[str, Any], ...] = ()  # sampling settings it is meant to run with
     file: str | None = None  # the .gguf inside the distribution's files
     modules: tuple[str, ...] = ()  # else: a module whose assemble() writes the file and returns its path
 
@@ -47,6 +49,9 @@ DEMO_MODELS: tuple[DemoModel, ...] = (
         chat=True,
         default_max_tokens=512,
         max_tokens_cap=2048,
+        # The model card's settings: at llama-cpp-python's default temperature (0.8) a model this
+        # small wanders off topic and into other languages.
+        request_defaults=(("temperature", 0.2), ("top_p", 0.9)),
     ),
     DemoModel(
         name="gemma-3-270m-base",

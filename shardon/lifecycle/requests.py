@@ -6,12 +6,16 @@
   an error (the answer then ends with ``finish_reason: "length"``). The value applied is written
   into the forwarded body as ``max_tokens`` (and as ``max_completion_tokens`` when the client used
   that name) and recorded in the request log. A body that already says it is forwarded unchanged.
+- ``request_defaults``: top-level fields (sampling settings such as ``temperature``) that a request
+  gets when it does not give them; a field the client gives is never changed.
 - A base model (``chat: false``) refuses ``/v1/chat/completions`` with a 400.
 
 Embeddings requests are left alone.
 """
 
 from __future__ import annotations
+
+import orjson
 
 from shardon.errors import BadRequest
 from shardon.lifecycle.catalog import CatalogEntry
@@ -44,11 +48,12 @@ def shape_request(entry: CatalogEntry, path: str, req: RoutingFields, body: byte
     if requested is not None and requested < 1:
         raise BadRequest(f"{name} must be at least 1, got {requested}", param=name)
     applied = applied_max_tokens(requested, entry.default_max_tokens, entry.max_tokens_cap)
-    if applied is None:
-        return None, body
     fields: dict[str, object] = {}
-    if req.max_tokens != applied:
+    if applied is not None and req.max_tokens != applied:
         fields["max_tokens"] = applied
-    if req.max_completion_tokens is not None and req.max_completion_tokens != applied:
+    if applied is not None and req.max_completion_tokens is not None and req.max_completion_tokens != applied:
         fields["max_completion_tokens"] = applied
+    if entry.request_defaults:
+        given = orjson.loads(body)  # which fields the client gave (a local model: this parse is cheap)
+        fields.update((name, value) for name, value in entry.request_defaults if name not in given)
     return applied, with_fields(body, **fields) if fields else body

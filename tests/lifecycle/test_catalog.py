@@ -132,6 +132,10 @@ def test_catalog_from_config_and_scan(tmp_path: Path) -> None:
             [ModelConfig(name="a", path="/x", default_max_tokens=600, max_tokens_cap=500)],
             r"models\[a\]\.default_max_tokens: 600 is above max_tokens_cap \(500\)",
         ),
+        (
+            [ModelConfig(name="a", path="/x", request_defaults={"temperature": 0.1, "max_tokens": 9, "model": "b"})],
+            r"models\[a\]\.request_defaults: max_tokens, model cannot be set here",
+        ),
     ],
 )
 def test_catalog_config_errors(models: list[ModelConfig], message: str, tmp_path: Path) -> None:
@@ -156,6 +160,7 @@ models:
     default_max_tokens: 256
     max_tokens_cap: 1024
     chat: false
+    request_defaults: {temperature: 0.2, top_p: 0.9}
 gpus:
   groups: {fast: [0, 1], small: [2]}
   reserve_mb: 1024
@@ -167,6 +172,7 @@ gpus:
     assert (cfg.models[0].default_max_tokens, cfg.models[0].max_tokens_cap, cfg.models[0].chat) == (256, 1024, False)
     entry = Catalog.build(msgspec.structs.replace(cfg, demo=False, models_dir="/nonexistent")).entries["tiny-chat"]
     assert (entry.default_max_tokens, entry.max_tokens_cap, entry.chat) == (256, 1024, False)
+    assert entry.request_defaults == (("temperature", 0.2), ("top_p", 0.9))
     assert cfg.python == sys.executable and cfg.demo is True
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.convert({"models": [{"name": "a", "path": "/x", "typo": 1}]}, LifecycleConfig)

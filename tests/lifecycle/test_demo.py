@@ -65,6 +65,7 @@ def test_the_demo_chat_model_is_the_file_its_package_ships(site: Path, tmp_path:
     assert entry.resolve_files() == {"Q4_1": str(gguf)}
     assert entry.chat is True and entry.context == 4096
     assert (entry.default_max_tokens, entry.max_tokens_cap) == (512, 2048)
+    assert entry.request_defaults == (("temperature", 0.2), ("top_p", 0.9))  # the model card's
     assert entry.args == ()  # the GGUF's own chat template
 
 

@@ -86,6 +86,19 @@ def test_embeddings_are_left_alone() -> None:
     assert applied is None and out == raw
 
 
+def test_request_defaults_fill_only_what_the_client_left_out() -> None:
+    tuned = entry(request_defaults=(("temperature", 0.2), ("top_p", 0.9)))
+    applied, _, out = shape(tuned, {"model": "m", "messages": [], "temperature": 0})
+    assert applied == 64
+    assert orjson.loads(out) == {"model": "m", "messages": [], "temperature": 0, "max_tokens": 64, "top_p": 0.9}
+    raw = b'{"model":"m","messages":[],"temperature":1,"top_p":1,"max_tokens":9}'
+    assert shape_request(tuned, CHAT, routing_decoder.decode(raw), raw) == (9, raw)  # nothing to add: as sent
+    # Without a max_tokens rule the defaults still apply.
+    bare = entry(default_max_tokens=None, max_tokens_cap=None, request_defaults=(("temperature", 0.2),))
+    applied, _, out = shape(bare, {"model": "m", "prompt": "x"}, "/v1/completions")
+    assert applied is None and orjson.loads(out) == {"model": "m", "prompt": "x", "temperature": 0.2}
+
+
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 def test_max_tokens_below_one_is_a_bad_request(field: str) -> None:
     with pytest.raises(BadRequest, match=f"{field} must be at least 1") as info:
@@ -112,7 +125,13 @@ def test_gateway_applies_the_models_max_tokens_and_logs_it(make_gateway: Any, ti
     model = {"path": tiny_gguf, "command": fake_command(), "memory_mb": 100, "context": 1024}
     gw = make_gateway(
         models=[
-            {"name": "chatty", **model, "default_max_tokens": 64, "max_tokens_cap": 128},
+            {
+                "name": "chatty",
+                **model,
+                "default_max_tokens": 64,
+                "max_tokens_cap": 128,
+                "request_defaults": {"seed": 7},
+            },
             {"name": "base", **model, "chat": False},
         ],
         models_dir=str(tmp_path / "empty"),
@@ -139,9 +158,9 @@ def test_gateway_applies_the_models_max_tokens_and_logs_it(make_gateway: Any, ti
         status, headers, answer = _post(gw.url, CHAT, body)
         assert status == 200, answer
         sent[asked] = (headers["x-request-id"], json.loads(answer["received"]))
-    assert sent[None][1] == {"model": "chatty", "messages": messages, "max_tokens": 64}
-    assert sent[100][1] == {"model": "chatty", "messages": messages, "max_tokens": 100}
-    assert sent[4096][1] == {"model": "chatty", "messages": messages, "max_tokens": 128}
+    assert sent[None][1] == {"model": "chatty", "messages": messages, "max_tokens": 64, "seed": 7}
+    assert sent[100][1] == {"model": "chatty", "messages": messages, "max_tokens": 100, "seed": 7}
+    assert sent[4096][1] == {"model": "chatty", "messages": messages, "max_tokens": 128, "seed": 7}
     for asked, applied in ((None, 64), (100, 100), (4096, 128)):
         rid = sent[asked][0]
         row = wait_until(lambda rid=rid: (r := call(gw.url, "GET", f"/admin/requests/{rid}"))[0] == 200 and r[2])
