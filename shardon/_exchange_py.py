@@ -279,8 +279,15 @@ class Exchange:
             priority = min(named, principal.max_priority)
         self.priority = priority
         rec.priority = PRIORITY_NAMES[priority]
+        max_tokens = req.max_tokens or req.max_completion_tokens
+        self.managed = lifecycle is not None and lifecycle.knows(route.name)
+        if self.managed:
+            # A model Shardon runs: its max_tokens default and cap, its request defaults.
+            applied, self.body = lifecycle.shape_request(route.name, rec.endpoint, req, body)
+            rec.max_tokens = applied
+            max_tokens = applied or max_tokens
         self.prompt_estimate = size // 4
-        self.estimate = self.prompt_estimate + (req.max_tokens or req.max_completion_tokens or core.default_max_tokens)
+        self.estimate = self.prompt_estimate + (max_tokens or core.default_max_tokens)
         self.budget = core.queue_timeout
         if stream:
             self.hasher = OutputHasher()  # the receipt's output hash, and the real usage
@@ -290,7 +297,6 @@ class Exchange:
                 # did not ask for it, does not see the extra event.
                 self.inject = True
                 self.stripper = UsageStripper()
-        self.managed = lifecycle is not None and lifecycle.knows(route.name)
         if principal.limited:
             limiter = core.limiter
             now = _monotonic()

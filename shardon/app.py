@@ -206,13 +206,15 @@ class Gateway:
         except errors.ShardonError as err:
             proto.response_bytes(err.status, err.headers(), err.body())
             return
+        # Models started on demand also show their context length and whether they are loaded.
+        extra = self.lifecycle.model_fields if self.lifecycle is not None else dict
         if principal.allowed_models is not None:
             names = sorted(m for m in self.scheduler.routes if m in principal.allowed_models)
-            proto.response_bytes(200, JSON, models_list(names, int(self.started_at)))
+            proto.response_bytes(200, JSON, models_list(names, int(self.started_at), extra()))
             return
         body = self._models_body
         if body is None:
-            body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at))
+            body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at), extra())
         proto.response_bytes(200, JSON, body)
 
     async def _health(self, scope: Scope, proto: HTTPProtocol) -> None:

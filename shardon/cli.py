@@ -1,4 +1,5 @@
-"""Command line → Config, nothing else."""
+"""Command line → Config, then serve; the commands that talk to a running gateway are in
+``commands.py``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, commands
+from .client import Client, GatewayError
 from .config import Config, load_config
 from .errors import ConfigError
+
+_GATEWAY_COMMANDS = {"models": commands.models, "ps": commands.models, "keys": commands.keys, "chat": commands.chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,56 +28,49 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", required=True)
     for name, text in (("models", "list every model and its state"), ("ps", "list running model backends")):
         cmd = sub.add_parser(name, help=f"{text} (asks a running gateway's admin API)")
-        cmd.add_argument("--config", "-c", help="the gateway's config (for its address)")
-        cmd.add_argument("--url", help="gateway URL (default: from the config, http://127.0.0.1:8080)")
-        cmd.add_argument("--admin-key", default=os.environ.get("SHARDON_ADMIN_KEY"), help="or $SHARDON_ADMIN_KEY")
+        _gateway_options(cmd, admin=True)
         cmd.add_argument("--json", action="store_true", help="print the raw JSON")
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (a running gateway's admin API)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print its secret (shown once)")
+    create.add_argument("--tenant", default="default", help="the tenant the key belongs to (default: default)")
+    create.add_argument("--rpm", type=float, help="requests per minute allowed")
+    create.add_argument("--tpm", type=float, help="tokens per minute allowed")
+    create.add_argument("--max-priority", choices=("low", "normal", "high", "critical"))
+    create.add_argument("--models", help="comma-separated models the key may use (default: all)")
+    listing = actions.add_parser("list", help="list the keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id", help="the key's id (key_...)")
+    for cmd in (create, listing, revoke):
+        _gateway_options(cmd, admin=True)
+    for cmd in (create, listing):
+        cmd.add_argument("--json", action="store_true", help="print the raw JSON")
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (/exit to leave)")
+    chat.add_argument("--model", "-m", help="the model (default: the first chat model the gateway lists)")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--max-tokens", type=int, help="max_tokens of each answer (default: the model's)")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
+    _gateway_options(chat, admin=False)
     return parser
 
 
-_COLUMNS = {
-    "models": ("name", "state", "backend", "where", "memory_mb", "in_flight", "queued", "last_used"),
-    "ps": ("name", "state", "pid", "url", "where", "memory_mb", "in_flight", "precision"),
-}
+def _gateway_options(cmd: argparse.ArgumentParser, *, admin: bool) -> None:
+    cmd.add_argument("--config", "-c", help="the gateway's config (for its address)")
+    cmd.add_argument("--url", help="gateway URL (default: from the config, http://127.0.0.1:8080)")
+    if admin:
+        cmd.add_argument("--admin-key", default=os.environ.get("SHARDON_ADMIN_KEY"), help="or $SHARDON_ADMIN_KEY")
+    else:
+        cmd.add_argument("--api-key", default=os.environ.get("SHARDON_API_KEY"), help="or $SHARDON_API_KEY")
 
 
-def _admin_models(args: argparse.Namespace, config: Config) -> int:
-    import json
-    import time
-    import urllib.error
-    import urllib.request
-
-    url = args.url or f"http://{config.server.host}:{config.server.port}"
-    request = urllib.request.Request(url.rstrip("/") + "/admin/models")
-    if args.admin_key:
-        request.add_header("Authorization", f"Bearer {args.admin_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            rows = json.loads(resp.read())["data"]
-    except urllib.error.HTTPError as exc:
-        print(f"shardon: {url} answered {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"shardon: cannot reach {url}: {exc}", file=sys.stderr)
-        return 1
-    if args.command == "ps":
-        rows = [r for r in rows if r.get("state") in ("loading", "ready", "unloading") and r.get("pid")]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    columns = _COLUMNS[args.command]
-
-    def cell(row: dict[str, object], column: str) -> str:
-        value = row.get(column)
-        if column == "last_used" and isinstance(value, int | float):
-            return f"{time.time() - value:.0f}s ago"
-        return "-" if value is None or value == "" else str(value)
-
-    table = [[c.upper() for c in columns]] + [[cell(r, c) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
-    return 0
+def _client(args: argparse.Namespace, config: Config) -> Client:
+    url = args.url
+    if not url:
+        host = config.server.host
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        url = f"http://[{host}]:{config.server.port}" if ":" in host else f"http://{host}:{config.server.port}"
+    key = args.admin_key if hasattr(args, "admin_key") else args.api_key
+    return Client(url, key)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -104,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print("config ok")
         return 0
-    if args.command in ("models", "ps"):
-        return _admin_models(args, config)
+    if args.command in _GATEWAY_COMMANDS:
+        try:
+            client = _client(args, config)
+        except GatewayError as exc:
+            print(f"shardon: {exc}", file=sys.stderr)
+            return 2
+        return _GATEWAY_COMMANDS[args.command](args, client)
     _setup_logging(config)
     from .server import serve
 

@@ -57,10 +57,15 @@ def with_fields(body: bytes, **fields: object) -> bytes:
     return orjson.dumps(obj)
 
 
-def models_list(names: list[str], created: int) -> bytes:
+def models_list(names: list[str], created: int, extra: dict[str, dict[str, object]] | None = None) -> bytes:
+    """The ``/v1/models`` body; ``extra``: more fields for some models (clients ignore unknown ones)."""
+    extra = extra or {}
     return orjson.dumps(
         {
             "object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "shardon"} for n in names],
+            "data": [
+                {"id": n, "object": "model", "created": created, "owned_by": "shardon", **extra.get(n, {})}
+                for n in names
+            ],
         }
     )

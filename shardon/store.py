@@ -130,7 +130,7 @@ Schema (``PRAGMA user_version`` = 3)::
              model TEXT, node_id TEXT, backend TEXT, model_file_sha256 TEXT, priority TEXT,
              stream INTEGER, status INTEGER, error_type TEXT, prompt_tokens INTEGER,
              completion_tokens INTEGER, bytes_in INTEGER, bytes_out INTEGER, retries INTEGER,
-             overflow INTEGER, client_addr TEXT, output_sha256 TEXT)
+             overflow INTEGER, client_addr TEXT, output_sha256 TEXT, max_tokens INTEGER)
       id is the rowid itself (no separate key B-tree)
       index: status WHERE status <> 200 (partial: errors only)
     audit(id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, actor TEXT, action TEXT, target TEXT,
@@ -139,7 +139,9 @@ Schema (``PRAGMA user_version`` = 3)::
           the backlog have small AUTOINCREMENT ids, which sort before them
       index: at
 
-Columns that a newer `RequestRecord` adds are added to an older database with ALTER TABLE at start.
+Columns that a newer `RequestRecord` adds (``max_tokens``) are added to an older database with ALTER
+TABLE at start, and the rows of a backlog an older Shardon left, shorter by those columns, are
+widened with the new fields' defaults when they are written (`_widen_row`).
 
 Why so few indexes: each index costs every row a B-tree insert on the compactor's core (about 0.5 µs
 each here, see bench/README.md), and the log's whole budget is a few percent of the proxy's time per
@@ -356,6 +358,8 @@ class RequestRecord(msgspec.Struct, kw_only=True, gc=False, array_like=True):
     overflow: bool = False
     client_addr: str | None = None
     output_sha256: str | None = None
+    # The max_tokens Shardon applied to a model it started itself (shardon/lifecycle/requests.py).
+    max_tokens: int | None = None
 
 
 REQUEST_COLUMNS: tuple[str, ...] = RequestRecord.__struct_fields__
@@ -377,6 +381,7 @@ _SQL_TYPES = {
     "bytes_out": "INTEGER NOT NULL DEFAULT 0",
     "retries": "INTEGER NOT NULL DEFAULT 0",
     "overflow": "INTEGER NOT NULL DEFAULT 0",
+    "max_tokens": "INTEGER",
 }
 _BOOL_COLUMNS = frozenset({"stream", "overflow"})
 
@@ -418,6 +423,21 @@ def _row_id(packed: bytes) -> str:
     except (msgspec.DecodeError, IndexError, TypeError, KeyError):
         value = None
     return _show_id(value)
+
+
+_record_decoder = msgspec.msgpack.Decoder(RequestRecord)
+_record_encoder = msgspec.msgpack.Encoder()
+
+
+def _widen_row(packed: bytes) -> bytes:
+    """A packed row of an older `RequestRecord` (fewer fields: a backlog an older Shardon left) with
+    the newer fields' defaults added; any other row as it is."""
+    try:
+        if len(msgspec.msgpack.decode(packed)) < len(REQUEST_COLUMNS):
+            return _record_encoder.encode(_record_decoder.decode(packed))
+    except (msgspec.DecodeError, TypeError):
+        pass
+    return packed
 
 
 def _column_sql(name: str) -> str:
@@ -1827,7 +1847,7 @@ class RequestLog:
     def _one_by_one(self, rows: Iterable[bytes], audits: Iterable[tuple[Any, ...]]) -> None:
         for row in rows:
             try:
-                self._transaction([row], ())
+                self._transaction([_widen_row(row)], ())
             except sqlite3.OperationalError:
                 raise
             except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:

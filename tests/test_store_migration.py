@@ -46,6 +46,8 @@ V1_INDEXES = (
     "CREATE INDEX idx_requests_tenant ON requests(tenant, received_at)",
     "CREATE INDEX idx_requests_node ON requests(node_id, received_at)",
 )
+# The request columns of versions 1 to 3 (max_tokens came later: an added column).
+V2_COLUMNS = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
 AUDIT = (
     "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
     "actor TEXT, action TEXT NOT NULL, target TEXT, detail TEXT)",
@@ -54,7 +56,7 @@ AUDIT = (
 
 
 def old_row(text_id: str, t: float, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(REQUEST_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(V2_COLUMNS)
     row.update(
         id=text_id,
         received_at=t,
@@ -104,10 +106,10 @@ def build_old_db(path: Path, version: int, indexes: tuple[str, ...] = V2_INDEXES
         conn.execute(V2_REQUESTS)
         for sql in (*indexes, *AUDIT):
             conn.execute(sql)
-        cols = ", ".join(REQUEST_COLUMNS)
-        marks = ", ".join("?" * len(REQUEST_COLUMNS))
+        cols = ", ".join(V2_COLUMNS)
+        marks = ", ".join("?" * len(V2_COLUMNS))
         conn.executemany(
-            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in REQUEST_COLUMNS) for r in OLD_ROWS]
+            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in V2_COLUMNS) for r in OLD_ROWS]
         )
         conn.execute(
             "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, 'admin', 'key.create', 'k1', '{}')",
@@ -163,7 +165,7 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
         assert same_ms == [request_id_floor(BASE + 2.25), request_id_floor(BASE + 2.25) + 1]
         # every other value is what the old row held
         for r, want in zip(rows, by_time, strict=True):
-            assert r[1:] == tuple(want[c] for c in REQUEST_COLUMNS[1:])
+            assert r[1:] == tuple(want.get(c) for c in REQUEST_COLUMNS[1:])  # an added column: NULL
 
         # reads find the migrated rows by their new (hex) ids and by time
         first = _get_sync(conn, ids[1])
@@ -256,3 +258,41 @@ def test_restart_seeds_ids_past_the_newest_row(tmp_path: Path, monkeypatch: pyte
             got = conn.execute("SELECT id, status FROM requests ORDER BY id").fetchall()
     assert got[:2] == [(request_id_floor(BASE), 200), (future, 200)]  # nothing replaced
     assert len(got) == 3 and got[2][0] > nxt and got[2][1] == 201
+
+
+def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Path) -> None:
+    """``max_tokens`` (added after version 3): the column is added at start, and the rows of a backlog
+    an older Shardon left (packed without it) are written with it NULL."""
+    import msgspec
+
+    from shardon.store import _KIND_ROWS, _segment_name, encode_frame
+
+    path = tmp_path / "log.db"
+    with RequestLog(cfg(path)) as rl:
+        rl.append(RequestRecord(id=request_id_floor(BASE), received_at=BASE, status=200))
+        assert rl.flush()
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # as the older Shardon left it
+        conn.execute("ALTER TABLE requests DROP COLUMN max_tokens")
+        conn.commit()
+    older = [
+        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(V2_COLUMNS)])
+        for r in (
+            RequestRecord(id=request_id_floor(BASE + 1), received_at=BASE + 1, status=200, model="m"),
+            RequestRecord(id=request_id_floor(BASE + 2), received_at=BASE + 2, status=429),
+        )
+    ]
+    backlog = path.with_name(path.name + "-backlog")
+    backlog.mkdir()
+    (backlog / _segment_name(1)).write_bytes(encode_frame(_KIND_ROWS, older))
+    with RequestLog(cfg(path)) as rl:
+        assert rl.recovered == 2 and rl.dropped == 0
+        rl.append(RequestRecord(id=request_id_floor(BASE + 3), received_at=BASE + 3, status=200, max_tokens=512))
+        assert rl.flush()
+        with contextlib.closing(rl.connect_readonly()) as conn:
+            got = conn.execute("SELECT received_at, status, model, max_tokens FROM requests ORDER BY id").fetchall()
+    assert got == [
+        (BASE, 200, None, None),
+        (BASE + 1, 200, "m", None),
+        (BASE + 2, 429, None, None),
+        (BASE + 3, 200, None, 512),
+    ]

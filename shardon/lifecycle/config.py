@@ -13,6 +13,10 @@ User-facing YAML (``models_dir``, ``models`` and ``gpus`` are top-level keys of 
         pinned: false                  # loaded at start, never evicted
         gpu_group: fast                # preferred group (others are tried when it is full)
         memory_mb: null                # override of the estimate from the GGUF header
+        default_max_tokens: 512        # max_tokens of a request that gives none (null: the backend's)
+        max_tokens_cap: null           # a larger max_tokens is lowered to this (null: no cap)
+        chat: true                     # false: a base model, /v1/chat/completions is refused
+        request_defaults: {temperature: 0.2}   # fields a request gets when it does not give them
     gpus:
       groups: {fast: [0, 1], small: [2]}
       reserve_mb: 1024
@@ -22,8 +26,11 @@ User-facing YAML (``models_dir``, ``models`` and ``gpus`` are top-level keys of 
 from __future__ import annotations
 
 import sys
+from typing import Annotated, Any
 
 import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 BACKENDS = ("llama-cpp-python", "llama-server", "vllm")
 
@@ -44,6 +51,15 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     args: list[str] = []
     ready_timeout_s: float = 120
     stall_timeout_s: float = 30
+    # What Shardon sets in a request to this model (shardon/lifecycle/requests.py): a request without
+    # max_tokens gets the default, one above the cap is lowered to the cap.
+    default_max_tokens: PositiveInt | None = 512
+    max_tokens_cap: PositiveInt | None = None
+    # False for a base (completion-only) model: chat requests are refused with a 400.
+    chat: bool = True
+    # Top-level fields a chat or completion request gets when it does not give them (sampling
+    # settings the model is meant to run with, e.g. {temperature: 0.2, top_p: 0.9}).
+    request_defaults: dict[str, Any] = {}
     # Optional full command line replacing the backend's own; placeholders: {python} {model_path}
     # {host} {port} {context} {slots} {name} {n_gpu_layers}. Readiness still follows ``backend``.
     command: list[str] | None = None

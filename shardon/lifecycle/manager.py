@@ -50,6 +50,8 @@ from shardon.lifecycle.placement import (
     Variant,
     plan_placement,
 )
+from shardon.lifecycle.requests import shape_request
+from shardon.schemas import RoutingFields
 
 log = logging.getLogger("shardon.lifecycle")
 
@@ -204,6 +206,21 @@ class LifecycleManager:
 
     def public_models(self) -> list[str]:
         return list(self._public)
+
+    def model_fields(self) -> dict[str, dict[str, Any]]:
+        """What ``/v1/models`` adds to each model's entry: its context length, whether it is loaded,
+        and whether it takes chat requests."""
+        return {
+            name: {"context_length": entry.context, "loaded": name in self._ready, "chat": entry.chat}
+            for name, entry in self._catalog.entries.items()
+        }
+
+    def shape_request(self, model: str, path: str, req: RoutingFields, body: bytes) -> tuple[int | None, bytes]:
+        """(max_tokens applied, body to forward) for a request to ``model`` (see ``requests.py``)."""
+        entry = self._catalog.entries.get(self._catalog.names.get(model, model))
+        if entry is None:
+            return None, body
+        return shape_request(entry, path, req, body)
 
     def ensure_ready(self, model: str) -> asyncio.Future[BackendEndpoint]:
         """A future resolved with the model's endpoint once it is ready (at once when it is). One load

@@ -2,7 +2,8 @@
 
     python fake_backend.py --port P [--mode ok|stall|crash|silent-slow] [--ready-after S] [--ignore-term]
 
-ok: serves GET /v1/models, GET /health, GET /env (its CUDA_VISIBLE_DEVICES), POST /v1/chat/completions.
+ok: serves GET /v1/models, GET /health, GET /env (its CUDA_VISIBLE_DEVICES), POST /v1/chat/completions
+(its answer's ``received`` is the request body as it arrived).
 stall: prints a line, then sleeps without ever listening. crash: prints and exits 3.
 --ready-after: prints a line every 50 ms and starts listening only after S seconds.
 --ignore-term: ignores SIGTERM (to test the SIGKILL after the grace period).
@@ -41,13 +42,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length", "0"))
-        req = json.loads(self.rfile.read(length) or b"{}")
+        raw = self.rfile.read(length)
+        req = json.loads(raw or b"{}")
         self._send(
             200,
             {
                 "object": "chat.completion",
                 "model": req.get("model"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}, "finish_reason": "stop"}],
+                "received": raw.decode(),  # the body as it reached the backend
             },
         )
 

