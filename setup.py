@@ -18,7 +18,17 @@ import warnings
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-FAST_MODULES = ["_queue_c", "_bucket_c", "_balancer_c", "_rowwriter_c", "_wire_c", "_sse_c", "_tally_c", "_rowqueue_c"]
+FAST_MODULES = [
+    "_queue_c",
+    "_bucket_c",
+    "_balancer_c",
+    "_rowwriter_c",
+    "_wire_c",
+    "_sse_c",
+    "_tally_c",
+    "_rowqueue_c",
+    "_accesslog_c",
+]
 
 
 def _truthy(name: str) -> bool:

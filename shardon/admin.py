@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from . import __version__, admin_queries, errors
+from . import __version__, errors
 from .auth import create_key_decoder
-from .receipts import receipt_for
 from .rsgi import HTTPProtocol, Scope
-from .store import format_request_id
+from .store import format_request_id, receipt_for
+from .store import queries as admin_queries
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -217,5 +217,14 @@ class Admin:
                 "backlog_bytes": gw.request_log.backlog_bytes,
                 "written": gw.request_log.written,
                 "dropped": gw.request_log.dropped,
+            }
+        access = gw.access_log
+        if access is not None:
+            body["access_log"] = {
+                "path": str(access.path) if access.path is not None else "stderr",
+                "pending": access.pending,
+                "written": access.written,
+                "dropped": access.dropped,
+                "write_errors": access.write_errors,
             }
         return 200, body

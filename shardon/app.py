@@ -29,7 +29,7 @@ import orjson
 from . import __version__, errors, rsgi
 from ._fast import LeastConnBalancer
 from .auth import KeyStore, Principal, RateLimiter
-from .config import Config, NodeConfig
+from .config import Config, DataPaths, NodeConfig
 from .fastpath import FastPath, FastRequest
 from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
@@ -46,12 +46,11 @@ from .schemas import (
     routing_decoder,
     with_fields,
 )
-from .store import RequestLog, RequestRecord, format_request_id, request_ids
+from .store import AccessLog, RequestLog, RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
 from .upstream.pool import Sweeper, UpstreamConnection, client_headers
 
 log = logging.getLogger("shardon.app")
-access_log = logging.getLogger("shardon.access")
 
 JSON = [("content-type", "application/json")]
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
@@ -142,7 +141,13 @@ class Gateway:
     """The one object that owns all scheduling state; the HTTP engine calls it for every request."""
 
     def __init__(
-        self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None
+        self,
+        config: Config,
+        *,
+        request_log: RequestLog | None = None,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+        paths: DataPaths | None = None,
     ) -> None:
         self.config = config
         self.max_body = config.server.max_body_bytes
@@ -154,13 +159,16 @@ class Gateway:
         self.draining = False
         self.in_flight = 0
         self.started_at = time.time()
+        self.paths = paths if paths is not None else config.data_paths()
         self.request_log = request_log
+        self.access_log = access_log
+        self.records: RequestLog | AccessLog | None = request_log if request_log is not None else access_log
+        """Where a finished request's record goes (``append``): the request log, whose writer also
+        feeds the access log, else the access log alone, else nowhere."""
         self.metrics = metrics or Metrics(enabled=False)
-        self.keys = KeyStore(config.auth, config.tenants, request_log.path if request_log is not None else None)
+        self.keys = KeyStore(config.auth, config.tenants, self.paths.database)
         self.limiter = RateLimiter()
         self.on_finish: list[Callable[[RequestRecord], None]] = []
-        self.access_logging = config.log.access_log
-        """``log.access_log``: one ``shardon.access`` line per request (when that logger takes INFO)."""
         self._idle = asyncio.Event()
         self._models_body: bytes | None = None
         self.routes: dict[tuple[str, str], Handler] = {
@@ -205,10 +213,9 @@ class Gateway:
 
     def _start_lifecycle(self) -> None:
         """Models started on demand: a route each (no node until loaded), and the side thread."""
-        state_dir = self.config.store.resolved_path().parent / "lifecycle"
         manager = LifecycleManager(
             self.config.lifecycle(),
-            state_dir=str(state_dir),
+            state_dir=str(self.paths.lifecycle),
             loop=self.loop,
             on_ready=self._backend_ready,
             on_stopped=self._backend_stopped,
@@ -399,29 +406,11 @@ class Gateway:
         self.in_flight -= 1
         if self.in_flight == 0 and self.draining:
             self._idle.set()
-        if self.request_log is not None:
-            self.request_log.append(rec)
+        if self.records is not None:
+            self.records.append(rec)
         self.metrics.observe_request(rec)
         for hook in self.on_finish:
             hook(rec)
-        if self.access_logging and access_log.isEnabledFor(logging.INFO):
-            self.log_access(rec)
-
-    @staticmethod
-    def log_access(rec: RequestRecord) -> None:
-        """The access-log line of a finished request (logger ``shardon.access``)."""
-        access_log.info(
-            '%s "%s %s" %d model=%s tenant=%s node=%s %.1fms id=%s',
-            rec.client_addr,
-            "POST",
-            rec.endpoint,
-            rec.status,
-            rec.model,
-            rec.tenant,
-            rec.node_id,
-            ((rec.finished_at or rec.received_at) - rec.received_at) * 1000,
-            format_request_id(rec.id),
-        )
 
     def resume(self, job: FastRequest, error: UpstreamError | None) -> None:
         """Finish a callback-path request here: retry after ``error``, or relay a long answer."""

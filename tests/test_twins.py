@@ -25,7 +25,17 @@ def test_gateway_suite_passes_on_the_python_twins() -> None:
     # The native engine only: granian's run exercises no twin (it has no callback path).
     env = dict(os.environ, SHARDON_NO_EXTENSIONS="1", SHARDON_TEST_ENGINES="native")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/gateway"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/gateway",
+            "tests/store/test_access.py",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -80,6 +80,7 @@ cdef class RowQueue:
         Py_ssize_t _capacity  # of _lengths
         bint _armed
         readonly Py_ssize_t batch_max
+        readonly Py_ssize_t limit
         readonly bint closed
 
     def __cinit__(self):
@@ -87,9 +88,11 @@ cdef class RowQueue:
         self._data = NULL
         self._deferred.items = NULL
 
-    def __init__(self, encoder, wake, Py_ssize_t batch_max, refuse, Py_ssize_t defer=64):
+    def __init__(self, encoder, wake, Py_ssize_t batch_max, refuse, Py_ssize_t defer=64, Py_ssize_t limit=0):
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
         held_init(&self._deferred, defer)
         self._encode_into = encoder.encode_into
         self._wake = wake
@@ -105,6 +108,7 @@ cdef class RowQueue:
         self._grow(max(batch_max, 64))
         self._armed = True
         self.batch_max = batch_max
+        self.limit = limit
         self.closed = False
 
     def __dealloc__(self):
@@ -130,6 +134,8 @@ cdef class RowQueue:
 
     cpdef bint append(self, record):
         if self.closed:
+            return False
+        if self.limit and self._count + held_count(&self._deferred) >= self.limit:
             return False
         if held_full(&self._deferred):  # only while another thread's pack is interrupted: see the top
             self._pack_deferred()

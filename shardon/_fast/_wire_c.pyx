@@ -55,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger("shardon.httpd")
 fast_log = logging.getLogger("shardon.fastpath")
-cdef object _access_log = logging.getLogger("shardon.access")
-cdef int _INFO = logging.INFO
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -1131,11 +1129,10 @@ cdef class FastPath:
         object balancer
         object node_routes
         int headroom
-        object request_log
+        object records
         object log_row
         object observe
         list on_finish
-        bint access_logging
         dict node_names
         public long long served
 
@@ -1150,13 +1147,12 @@ cdef class FastPath:
         self.balancer = gateway.scheduler.balancer
         self.node_routes = gateway.scheduler._node_routes
         self.headroom = gateway.scheduler.headroom
-        self.request_log = gateway.request_log
-        # RequestLog.append minus its Python frame: the compiled row queue's own append.
-        self.log_row = None if gateway.request_log is None else gateway.request_log.row_queue.append
+        self.records = gateway.records
+        # Gateway.records.append minus its Python frame: the compiled row queue's own append.
+        self.log_row = None if gateway.records is None else gateway.records.row_queue.append
         # None with metrics off: not even a call to the no-op.
         self.observe = gateway.metrics.observe_request if gateway.metrics.enabled else None
         self.on_finish = gateway.on_finish
-        self.access_logging = gateway.access_logging  # config, loaded once
         self.node_names = {}
         self.served = 0
 
@@ -1211,14 +1207,12 @@ cdef class FastPath:
         if gateway.draining and gateway.in_flight == 0:
             gateway._idle.set()
         if self.log_row is not None and not self.log_row(rec):
-            self.request_log.refused(rec)
+            self.records.refused(rec)
         if self.observe is not None:
             self.observe(rec)
         if self.on_finish:
             for hook in self.on_finish:
                 hook(rec)
-        if self.access_logging and _access_log.isEnabledFor(_INFO):
-            gateway.log_access(rec)
 
     def __call__(self, Request request):
         """Serve ``request`` (True), or leave it to the RSGI application untouched (False)."""
