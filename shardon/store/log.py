@@ -4,7 +4,7 @@
 share, O(1), no I/O) and `audit` to write, `flush` to wait, coroutines to read. Its writer thread
 moves queued rows to the on-disk backlog (`shardon.store.backlog`) and hands each batch to the
 access log when there is one (`shardon.store.access`); its compactor thread moves the backlog into
-SQLite (`shardon.store.schema`) when the gateway is not busy. The threading model, durability and
+SQLite (`shardon.store.compactor`) when the gateway is not busy. The threading model, durability and
 cost model: ``docs/request-log.md``.
 """
 
@@ -533,12 +533,8 @@ class RequestLog:
 
     def _busy(self) -> bool:
         """Whether the gateway is busy (rows arriving faster than ``busy_rows_per_s``, measured over
-        the last tenth of a second or more) and the backlog is under its limit: compaction waits then.
-
-        Why wait rather than run at a low CPU priority: this thread shares the GIL with the event
-        loop, and a low-priority thread holding the GIL while the OS keeps it off the CPU stalls the
-        loop (a priority inversion, measured: hundreds of ms of stream latency). So it runs at the
-        normal priority, and only when it costs requests nothing: in a lull, or on demand.
+        the last tenth of a second or more) and the backlog is under its limit: compaction waits then
+        (why waiting, not a low CPU priority: ``docs/request-log.md``, threading model).
         """
         now = time.monotonic()
         elapsed = now - self._rate_at
