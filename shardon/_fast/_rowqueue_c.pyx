@@ -17,12 +17,11 @@
 #
 # Why rows are packed `defer` at a time: between two requests the kernel's network stack runs on
 # the same core and, it seems, evicts the encoder's code and tables from the CPU caches, so packing
-# one row per request pays those misses on every row (measured under load: the event loop's user
-# time grew 2-3x what the instructions account for; bench/README.md). Packed in a run, the rows
+# one row per request pays those misses on every row (bench/README.md). Packed in a run, the rows
 # after the first find everything in cache. The row is the record as it
 # is when packed: a record must not change once appended (the gateway's do not: they are final).
 #
-# Packing into a reused bytearray at offset 0 costs about 2/3 of `encode` (no bytes object made).
+# Packing into a reused bytearray at offset 0 makes no bytes object (cheaper than `encode`).
 # Before each row its size is set back to the largest row seen (within its memory: no allocation),
 # because msgspec grows a buffer from its current size, and growing one that a smaller row left
 # small makes CPython reallocate it. The data and the lengths are C arrays grown by doubling, so
