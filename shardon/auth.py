@@ -103,6 +103,7 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 create_key_decoder = msgspec.json.Decoder(CreateKey)
 
+
 class KeyStore:
     """Every key, by digest; run-time keys also in the database at ``db_path`` (None: not persisted)."""
 

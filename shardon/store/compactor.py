@@ -43,7 +43,6 @@ def left(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
-
 def show_id(value: object) -> str:
     """A request id for error messages: the client's hex form when it is one, else its repr."""
     return format_request_id(value) if type(value) is int and value >= 0 else repr(value)
@@ -430,4 +429,3 @@ class Compactor:
         self.deleted += removed
         if removed:
             log.info("request log retention: deleted %d rows older than %s days", removed, days)
-

@@ -188,9 +188,7 @@ class RequestLog:
         self.newest_id = newest
         records.request_ids.seed(newest)
         self.audit_ids.seed(newest_audit)
-        self._compactor_thread = threading.Thread(
-            target=self._run_compactor, name="shardon-store-compact", daemon=True
-        )
+        self._compactor_thread = threading.Thread(target=self._run_compactor, name="shardon-store-compact", daemon=True)
         self._thread = threading.Thread(target=self._run_writer, name="shardon-store-writer", daemon=True)
         self._compactor_thread.start()
         self._thread.start()
