@@ -195,8 +195,10 @@ def test_twins_write_the_same_bytes(texts: list[Any], times: list[Any], ints: li
             return
         raise
     assert c.AccessFormatter(REQUEST_COLUMNS, json_format).format(*rows) == py
+    text = py[0].decode()
+    assert text.count("\n") == 2 and text.endswith("\n")  # one line each, whatever the values hold
     if json_format:
-        for line in py[0].decode().splitlines():
+        for line in text.split("\n")[:-1]:  # (not splitlines: it also splits at U+0085, U+2028, ...)
             json.loads(line)
 
 
