@@ -31,9 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shardon.config import StoreConfig
 from shardon.metrics import Metrics
 from shardon.receipts import OutputHasher
-from shardon.store import RequestLog, RequestRecord, StoreConfig
+from shardon.store import RequestLog, RequestRecord
 
 N = 100_000
 PACED_RATE = 20_000
@@ -108,7 +109,7 @@ def main() -> None:
         results["record_build_us"] = (time.perf_counter() - t0) / N * 1e6
 
         # -- 1. append, writer active --
-        rl = RequestLog(StoreConfig(path=os.path.join(tmp, "append.db")))
+        rl = RequestLog(os.path.join(tmp, "append.db"), StoreConfig())
         rl.start()
         try:
             t0 = time.perf_counter()
@@ -133,7 +134,7 @@ def main() -> None:
         for r in records:
             m.observe_request(r)
         results["observe_tight_us"] = (time.perf_counter() - t0) / N * 1e6
-        rl = RequestLog(StoreConfig(path=os.path.join(tmp, "observe.db")))
+        rl = RequestLog(os.path.join(tmp, "observe.db"), StoreConfig())
         rl.start()
         try:
 
@@ -151,7 +152,7 @@ def main() -> None:
         results["metrics_render_bytes"] = len(body)
 
         # -- 3. writer throughput --
-        rl = RequestLog(StoreConfig(path=os.path.join(tmp, "throughput.db")))
+        rl = RequestLog(os.path.join(tmp, "throughput.db"), StoreConfig())
         rl.start()
         try:
             t0 = time.perf_counter()

@@ -16,7 +16,10 @@ end-to-end figure. ``--profile`` prints the top functions (cProfile, which itsel
 with the machine's noise (a shared 2-core VM varies by 30% from minute to minute).
 
     python bench/gateway_path.py [--requests 40000] [--concurrency 64] [--engine native|none]
-                                 [--log] [--no-metrics] [--profile] [--count] [--no-compact]
+                                 [--log] [--access-log] [--no-metrics] [--profile] [--count] [--no-compact]
+
+``--access-log`` adds the access log (to a file in the temporary directory): fed by the request log's
+writer with ``--log``, else by its own queue; its thread's CPU counts with the request log's.
 
 Instruction counts (deterministic, unlike the µs): run it under ``valgrind --tool=callgrind`` with
 ``--repeat 1 --no-compact`` for ``--requests`` N and 2N; the difference of the two totals divided by
@@ -47,7 +50,7 @@ from shardon.config import Config
 from shardon.httpd import NativeServer
 from shardon.httpd.connection import Headers, HTTPConnection, Request
 from shardon.metrics import Metrics
-from shardon.store import RequestLog
+from shardon.store import AccessLog, RequestLog
 from shardon.upstream.connection import NodePool, UpstreamConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,8 +100,9 @@ class AnsweringTransport:
 
 
 def log_threads_cpu() -> float:
-    """CPU seconds of this process's request-log threads (writer ``shardon-store``, compactor ``shardon-store-c``)."""
-    return thread_cpu(os.getpid(), "shardon-store")
+    """CPU seconds of this process's request-log threads (writer ``shardon-store``, compactor
+    ``shardon-store-c``) and access-log thread (``shardon-access``)."""
+    return thread_cpu(os.getpid(), "shardon-store") + thread_cpu(os.getpid(), "shardon-access")
 
 
 def fill_pool(pool: NodePool, count: int) -> None:
@@ -189,16 +193,27 @@ async def run(args: argparse.Namespace) -> float:
         "nodes": [{"id": "n", "url": "http://127.0.0.1:9", "models": ["m1"], "max_concurrent": 4096}],
     }
     config = msgspec.convert(raw, Config)
+    paths = config.data_paths()
+    access_log = None
+    if args.access_log:
+        access_log = AccessLog(tmp / "access.log")
+        access_log.start()
     request_log = None
     if args.log:
-        request_log = RequestLog(config.store)
+        request_log = RequestLog(paths.database, config.store, backlog=paths.backlog, access=access_log)
         request_log.start()
         if args.no_compact:  # stop the compactor: its SQLite work is deferred under load, and not counted
             request_log._cstop = True
             request_log._cwake.set()
-            assert request_log._compactor is not None
-            request_log._compactor.join(10)
-    gateway = Gateway(config, request_log=request_log, metrics=Metrics(enabled=not args.no_metrics))
+            assert request_log._compactor_thread is not None
+            request_log._compactor_thread.join(10)
+    gateway = Gateway(
+        config,
+        request_log=request_log,
+        metrics=Metrics(enabled=not args.no_metrics),
+        access_log=access_log,
+        paths=paths,
+    )
     await gateway.startup()
     await gateway.registry.stop()  # no health checks against the fake node
     gc.collect()
@@ -241,7 +256,7 @@ async def run(args: argparse.Namespace) -> float:
             split = ((time.thread_time() - loop_cpu) / n, (log_threads_cpu() - threads_cpu) / n)
     print(
         f"of the best run, CPU per request: {split[0] * 1e6:.2f} µs in the event loop's thread, "
-        f"{split[1] * 1e6:.2f} µs in the request log's writer and compactor"
+        f"{split[1] * 1e6:.2f} µs in the request log's writer and compactor and the access log's thread"
     )
     if args.count:
         counts = {"call": 0, "c_call": 0}
@@ -269,11 +284,15 @@ async def run(args: argparse.Namespace) -> float:
     if args.no_compact:
         if request_log is not None:
             request_log._flush_to_backlog(10)  # the writer's part, not the compactor's
+        if access_log is not None:
+            access_log.flush(10)
         sys.stdout.flush()
         os._exit(0)
     await gateway.shutdown()
     if request_log is not None:
         await request_log.aclose()
+    if access_log is not None:
+        access_log.close()
     return best
 
 
@@ -284,6 +303,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--engine", choices=("native", "none"), default="native")
     parser.add_argument("--log", action="store_true", help="with the request log (its writer thread runs too)")
+    parser.add_argument("--access-log", action="store_true", help="with the access log (its thread runs too)")
     parser.add_argument("--no-metrics", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--count", action="store_true", help="count Python and C function calls per request")
@@ -298,6 +318,7 @@ def main() -> None:
     print(
         f"gateway path: {best * 1e6:.2f} µs/request (best of {args.repeat}; {args.requests} requests, "
         f"{args.concurrency} concurrent; engine {args.engine}; log {'on' if args.log else 'off'}, "
+        f"access log {'on' if args.access_log else 'off'}, "
         f"metrics {'off' if args.no_metrics else 'on'})"
     )
 

@@ -7,7 +7,10 @@ What it measures, in one run so the ratios share the machine's noise:
    (a) the mock node directly, (b) nginx in front of it (upstream keep-alive, buffering off), and
    (c) Shardon in front of it (its default native engine; with ``--granian`` also (d) Shardon on
    the granian engine, for comparison; with ``--haproxy`` also (e) HAProxy, a second reference
-   proxy in C). Reported: requests/s, latency p50/p99 (wrk), the proxy's
+   proxy in C; with ``--access-log`` also (f) Shardon with its default log settings, the access
+   log on, written to a file (the other Shardon targets run with ``access_log: false``); with
+   ``--nginx-access-log`` also (g) nginx with its access log on, written to a file). Reported:
+   requests/s, latency p50/p99 (wrk), the proxy's
    CPU use (from /proc, user+system, all its processes and threads, the request log's writer
    included) and requests per proxy-CPU-second.
 2. Streaming: ``--streams`` concurrent streams of 64 chunks, 20 ms apart, started at once, through
@@ -25,6 +28,7 @@ Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``; ``haproxy`` for ``--
 
     python bench/proxy.py [--duration 6] [--rounds 3] [--streams 500] [--stream-rounds 3]
                           [--no-log] [--no-metrics] [--only stream|nonstream] [--granian] [--haproxy]
+                          [--access-log] [--nginx-access-log]
 """
 
 from __future__ import annotations
@@ -175,11 +179,11 @@ def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str
 
 NGINX_CONF = """
 worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -409,6 +413,14 @@ def main() -> None:
     parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
     parser.add_argument("--haproxy", action="store_true", help="also run HAProxy, a second reference proxy")
     parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="also run Shardon with its default access log on (to a file), against the same with it off",
+    )
+    parser.add_argument(
+        "--nginx-access-log", action="store_true", help="also run nginx with its access log on (to a file)"
+    )
+    parser.add_argument(
         "--steady",
         type=float,
         default=8.0,
@@ -450,15 +462,28 @@ def main() -> None:
             )
         )
         wait_port(node_port)
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, node_port=node_port, port=nginx_port))
-        nginx = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, "nginx", "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
-        )
+        nginx = start_nginx(tmp, "nginx", nginx_port, node_port, "off")
         procs.append(nginx)
+        nginx_log = None
+        if args.nginx_access_log:
+            nginx_log_port = free_port()
+            nginx_log = start_nginx(tmp, "nginx-log", nginx_log_port, node_port, f"{tmp}/nginx-access.log")
+            procs.append(nginx_log)
+            wait_port(nginx_log_port)
         config = shardon_config(shardon_port, node_port, tmp / "shardon.db", not args.no_log, not args.no_metrics)
         (tmp / "shardon.yaml").write_text(json.dumps(config))
         shardon = start_shardon(tmp / "shardon.yaml")
         procs.append(shardon)
+        shardon_log = None
+        if args.access_log:
+            shardon_log_port = free_port()
+            logged = shardon_config(
+                shardon_log_port, node_port, tmp / "shardon-log.db", not args.no_log, not args.no_metrics, True
+            )
+            (tmp / "shardon-log.yaml").write_text(json.dumps(logged))
+            shardon_log = start_shardon(tmp / "shardon-log.yaml", stderr=tmp / "shardon-log.stderr")
+            procs.append(shardon_log)
+            wait_port(shardon_log_port)
         granian = None
         if args.granian:
             granian_port = free_port()
@@ -494,6 +519,10 @@ def main() -> None:
             targets["granian"] = (granian_port, [granian.pid])
         if haproxy is not None:
             targets["haproxy"] = (haproxy_port, children(haproxy.pid))
+        if nginx_log is not None:
+            targets["nginx+log"] = (nginx_log_port, children(nginx_log.pid))
+        if shardon_log is not None:
+            targets["shardon+log"] = (shardon_log_port, [shardon_log.pid])
         if args.only != "stream":
             nonstreaming(args, targets, script)
         print(f"shardon peak RSS so far {peak_rss_mb(shardon.pid):.1f} MB")
@@ -506,11 +535,21 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def shardon_config(port: int, node_port: int, db: Path, request_log: bool, metrics: bool) -> dict[str, Any]:
-    """Shardon in front of the mock node as every benchmark here runs it (access log off, no demo model)."""
+def start_nginx(tmp: Path, name: str, port: int, node_port: int, access_log: str) -> subprocess.Popen[bytes]:
+    """nginx pinned to the proxy core; ``access_log``: ``off`` or a file (nginx's default format)."""
+    conf = tmp / f"{name}.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, name=name, node_port=node_port, port=port, access_log=access_log))
+    return subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", str(conf), "-g", "daemon off;"])
+
+
+def shardon_config(
+    port: int, node_port: int, db: Path, request_log: bool, metrics: bool, access_log: bool = False
+) -> dict[str, Any]:
+    """Shardon in front of the mock node as every benchmark here runs it (no demo model; the access
+    log off unless ``access_log``, then on as by default, to stderr)."""
     return {
         "server": {"host": "127.0.0.1", "port": port},
-        "log": {"level": "warning", "access_log": False},
+        "log": {"level": "warning", "access_log": access_log},
         "store": {"path": str(db)},
         "request_log": request_log,
         "metrics": {"enabled": metrics},
@@ -520,12 +559,15 @@ def shardon_config(port: int, node_port: int, db: Path, request_log: bool, metri
     }
 
 
-def start_shardon(config_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+def start_shardon(config_path: Path, stderr: Path | None = None) -> subprocess.Popen[bytes]:
+    """Shardon pinned to the proxy core; its stderr (where the access log goes by default) to a file
+    when ``stderr`` is given, as a service manager would take it, else discarded."""
+    with open(stderr or os.devnull, "wb") as out:
+        return subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
+            cwd=ROOT,
+            stderr=out,
+        )
 
 
 def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], script: Path) -> None:
@@ -556,26 +598,38 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
             result["rps_per_cpu_s"] = result["rps"] * args.duration / cpu if pids and cpu else float("nan")
             samples[name].append(result)
         n, sh = samples["nginx"][-1], samples["shardon"][-1]
+        extra = "".join(
+            f", {name} {samples[name][-1]['rps']:.0f}" for name in ("shardon+log", "nginx+log") if name in samples
+        )
         print(
             f"  round {round_no + 1}: nginx {n['rps']:.0f} req/s, shardon {sh['rps']:.0f} req/s "
             f"({sh['rps'] / n['rps']:.2f}x), p99 {sh['p99_ms'] / n['p99_ms']:.2f}x, "
-            f"req/CPU-s {sh['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x, {steal_since(round_start)}"
+            f"req/CPU-s {sh['rps_per_cpu_s'] / n['rps_per_cpu_s']:.2f}x{extra}, {steal_since(round_start)}"
         )
     rows = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in samples.items()}
     for name, result in rows.items():
         print(
-            f"{name:8s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+            f"{name:12s} {result['rps']:>9.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
             f"  proxy CPU {result['cpu_cores']:.2f} cores  {result['rps_per_cpu_s']:>8.0f} req/CPU-s"
             f"  non-2xx {result['non2xx']:.0f}   (medians)"
         )
 
-    def ratio(key: str) -> float:
-        return statistics.median(s[key] / n[key] for s, n in zip(samples["shardon"], samples["nginx"], strict=True))
+    def ratio(key: str, a: str = "shardon", b: str = "nginx") -> float:
+        return statistics.median(x[key] / y[key] for x, y in zip(samples[a], samples[b], strict=True))
 
     print(
         f"shardon/nginx, median of the rounds' ratios: throughput {ratio('rps'):.2f}x (target >= 0.85), "
         f"p99 {ratio('p99_ms'):.2f}x (target <= 1.2), req per CPU-s {ratio('rps_per_cpu_s'):.2f}x (target >= 0.5)"
     )
+    for logged, plain, target in (("shardon+log", "shardon", " (target >= 0.9)"), ("nginx+log", "nginx", "")):
+        if logged in samples:
+            print(
+                f"{logged}/{plain} (access log on / off), median of the rounds' ratios: "
+                f"throughput {ratio('rps', logged, plain):.2f}x{target}, p99 {ratio('p99_ms', logged, plain):.2f}x, "
+                f"req per CPU-s {ratio('rps_per_cpu_s', logged, plain):.2f}x"
+            )
+    if "shardon+log" in samples and "nginx+log" in samples:
+        print(f"shardon+log/nginx+log: throughput {ratio('rps', 'shardon+log', 'nginx+log'):.2f}x")
 
 
 def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]]) -> None:
@@ -631,14 +685,14 @@ def stream_rounds(
     for name, r in streams.items():
         p99s = ", ".join(f"{x['ttft_p99']:.1f}" for x in samples[name])
         print(
-            f"{name:8s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
+            f"{name:12s} ttft p50 {r['ttft_p50']:7.2f} ms p99 {r['ttft_p99']:7.2f} ms"
             f"   gap p50 {r['gap_p50']:6.2f} ms p99 {r['gap_p99']:6.2f} ms   connect p99 {r['connect_p99']:5.2f} ms"
             f"   proxy CPU {r['cpu_cores']:.2f} cores   streams {r['streams']} errors {r['errors']}"
             f"   (ttft p99 per round: {p99s})"
         )
     print(f"({steal_since(phase_start)} of the machine's CPU time over these rounds)")
     d = streams["direct"]
-    for name in [n for n in ("nginx", "haproxy", "shardon", "granian") if n in streams]:
+    for name in [n for n in ("nginx", "nginx+log", "haproxy", "shardon", "shardon+log", "granian") if n in streams]:
         r = streams[name]
         ttft, gap = (paired_median(samples[name], samples["direct"], key) for key in ("ttft_p99", "gap_p99"))
         print(

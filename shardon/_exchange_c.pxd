@@ -35,7 +35,7 @@ cdef class RequestCore:
     cdef public nodes.NodeRegistry registry
     cdef public object lifecycle
     cdef public object metrics
-    cdef public object request_log
+    cdef public object records
     cdef public object log_row
     cdef public object observe
     cdef public list on_finish

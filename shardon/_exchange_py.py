@@ -66,8 +66,9 @@ class RequestCore:
     """What every exchange shares: settings read once, the gateway's services, the in-flight count.
 
     ``on_request`` is the native engine's entry (a whole request, served by callbacks). A finished
-    record goes, in this order, to the request log (``log_row``: the row queue's own append, with
-    ``request_log.refused`` as its fallback), the metrics (``observe``) and the ``on_finish`` hooks.
+    record goes, in this order, to ``records`` (the request log, or the access log alone: ``log_row``
+    is its row queue's own append, ``records.refused`` the fallback), the metrics (``observe``) and
+    the ``on_finish`` hooks.
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class RequestCore:
         scheduler: Any,
         registry: Any,
         lifecycle: Any,
-        request_log: Any,
+        records: Any,
         metrics: Any,
         paths: tuple[str, ...],
     ) -> None:
@@ -98,8 +99,8 @@ class RequestCore:
         self.registry = registry
         self.lifecycle = lifecycle
         self.metrics = metrics
-        self.request_log = request_log
-        self.log_row = None if request_log is None else request_log.row_queue.append
+        self.records = records
+        self.log_row = None if records is None else records.row_queue.append
         self.observe = metrics.observe_request if metrics.enabled else None
         self.on_finish: list[Callable[[RequestRecord], object]] = []
         self.on_idle: Callable[[], object] | None = None
@@ -124,7 +125,7 @@ class RequestCore:
             self.on_idle()
         log_row = self.log_row
         if log_row is not None and not log_row(rec):
-            self.request_log.refused(rec)
+            self.records.refused(rec)
         observe = self.observe
         if observe is not None:
             observe(rec)

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from . import __version__, admin_queries, errors
+from . import __version__, errors
 from .auth import create_key_decoder
-from .receipts import receipt_for
 from .rsgi import HTTPProtocol, Scope
-from .store import format_request_id
+from .store import format_request_id, queries, receipt_for
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -164,11 +163,11 @@ class Admin:
 
     # -- request log ------------------------------------------------------------------------
     async def requests(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        kwargs = admin_queries.parse_requests_query(scope.query_string)
+        kwargs = queries.parse_requests_query(scope.query_string)
         return 200, await self._log().query(**kwargs)
 
     async def request(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        request_id = admin_queries.parse_request_id(args[0])  # the hex id of x-request-id → int
+        request_id = queries.parse_request_id(args[0])  # the hex id of x-request-id → int
         row = await self._log().get(request_id)
         if row is None:
             raise errors.NotFound(f"no request with id '{format_request_id(request_id)}'")
@@ -177,7 +176,7 @@ class Admin:
         return 200, row
 
     async def stats(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        kwargs = admin_queries.parse_stats_query(scope.query_string)
+        kwargs = queries.parse_stats_query(scope.query_string)
         out = await self._log().stats(**kwargs)
         out["in_flight"] = self.gw.in_flight
         out["queued"] = sum(self.gw.scheduler.queue_depths().values())
@@ -185,13 +184,13 @@ class Admin:
 
     async def stats_sub(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         if args[0] == "models":
-            return 200, await self._log().stats_by_model(**admin_queries.parse_stats_by_model_query(scope.query_string))
+            return 200, await self._log().stats_by_model(**queries.parse_stats_by_model_query(scope.query_string))
         if args[0] == "tenants":
-            return 200, await self._log().stats_by_tenant(**admin_queries.parse_usage_query(scope.query_string))
+            return 200, await self._log().stats_by_tenant(**queries.parse_usage_query(scope.query_string))
         raise errors.NotFound(f"no statistics named '{args[0]}'")
 
     async def audit(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        return 200, await self._log().audit_entries(**admin_queries.parse_audit_query(scope.query_string))
+        return 200, await self._log().audit_entries(**queries.parse_audit_query(scope.query_string))
 
     async def status(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         gw = self.gw
@@ -217,5 +216,14 @@ class Admin:
                 "backlog_bytes": gw.request_log.backlog_bytes,
                 "written": gw.request_log.written,
                 "dropped": gw.request_log.dropped,
+            }
+        access = gw.access_log
+        if access is not None:
+            body["access_log"] = {
+                "path": str(access.path) if access.path is not None else "stderr",
+                "pending": access.pending,
+                "written": access.written,
+                "dropped": access.dropped,
+                "write_errors": access.write_errors,
             }
         return 200, body

@@ -20,7 +20,7 @@ from . import __version__, errors, rsgi
 from ._fast import LeastConnBalancer
 from .admin import Admin
 from .auth import KeyStore, RateLimiter
-from .config import Config, NodeConfig
+from .config import Config, DataPaths, NodeConfig
 from .exchange import RequestCore
 from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
@@ -28,7 +28,7 @@ from .nodes import NodeRegistry
 from .rsgi import HTTPProtocol, Scope
 from .scheduler import Scheduler
 from .schemas import PRIORITY_NAMES, models_list
-from .store import RequestLog, RequestRecord
+from .store import AccessLog, RequestLog, RequestRecord
 from .web import Dashboard
 
 JSON = [("content-type", "application/json")]
@@ -42,13 +42,24 @@ class Gateway:
     """The one object that owns all scheduling state; the HTTP engine calls it for every request."""
 
     def __init__(
-        self, config: Config, *, request_log: RequestLog | None = None, metrics: Metrics | None = None
+        self,
+        config: Config,
+        *,
+        request_log: RequestLog | None = None,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+        paths: DataPaths | None = None,
     ) -> None:
         self.config = config
         self.started_at = time.time()
+        self.paths = paths if paths is not None else config.data_paths()
         self.request_log = request_log
+        self.access_log = access_log
+        # Where a finished request's record goes: the request log, whose writer also feeds the
+        # access log, else the access log alone, else nowhere.
+        self.records: RequestLog | AccessLog | None = request_log if request_log is not None else access_log
         self.metrics = metrics or Metrics(enabled=False)
-        self.keys = KeyStore(config.auth, config.tenants, request_log.path if request_log is not None else None)
+        self.keys = KeyStore(config.auth, config.tenants, self.paths.database)
         self.limiter = RateLimiter()
         self.on_finish: list[Callable[[RequestRecord], object]] = []
         # How long a request runs before its client's leaving is watched: at once on the native
@@ -94,7 +105,7 @@ class Gateway:
             scheduler=self.scheduler,
             registry=self.registry,
             lifecycle=self.lifecycle,
-            request_log=self.request_log,
+            records=self.records,
             metrics=self.metrics,
             paths=EXCHANGE_PATHS,
         )
@@ -105,10 +116,9 @@ class Gateway:
 
     def _start_lifecycle(self) -> None:
         """Models started on demand: a route each (no node until loaded), and the side thread."""
-        state_dir = self.config.store.resolved_path().parent / "lifecycle"
         manager = LifecycleManager(
             self.config.lifecycle(),
-            state_dir=str(state_dir),
+            state_dir=str(self.paths.lifecycle),
             loop=self.loop,
             on_ready=self._backend_ready,
             on_stopped=self._backend_stopped,

@@ -2,7 +2,8 @@
 
 - Keys come from the config (``tenants[].keys``, the secret or only its SHA-256) and from the admin
   API at run time. Only SHA-256 digests are kept; run-time keys are persisted (digest only) in
-  Shardon's SQLite database and survive a restart. A secret is shown once, when it is created.
+  Shardon's SQLite database (`shardon.store.keys`, whether the request log is on or not) and
+  survive a restart. A secret is shown once, when it is created.
 - ``/v1/*`` is open while no key was ever configured or created; then every request is the
   ``default`` tenant (or, when ``auth.trust_tenant_header`` is set, the tenant named by that
   header). Once a key exists the gateway stays closed: revoking the last key does not open it.
@@ -17,8 +18,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from . import errors
 from ._fast import TokenBucket
 from .config import AuthConfig, TenantConfig
 from .schemas import PRIORITY_BY_NAME
+from .store.keys import KeyRow, KeyTable
 
 DEFAULT_TENANT = "default"
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -103,22 +103,13 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 create_key_decoder = msgspec.json.Decoder(CreateKey)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    key_sha256 TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    rpm REAL, tpm REAL, max_priority TEXT, models TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-)
-"""
-
 
 class KeyStore:
+    """Every key, by digest; run-time keys also in the database at ``db_path`` (None: not persisted)."""
+
     def __init__(self, auth: AuthConfig, tenants: list[TenantConfig], db_path: Path | None) -> None:
         self.auth = auth
-        self.db_path = db_path
+        self.table = KeyTable(db_path) if db_path is not None else None
         self.tenants: dict[str, Tenant] = {t.name: Tenant(t.name, t.weight, t.rpm, t.tpm) for t in tenants}
         self.tenants.setdefault(DEFAULT_TENANT, Tenant(DEFAULT_TENANT))
         self._by_digest: dict[str, ApiKey] = {}
@@ -127,7 +118,6 @@ class KeyStore:
         self._open_principals: dict[str, Principal] = {}
         self._ever_keyed = False
         self._admin_digests = [digest(k) for k in auth.admin_keys]
-        self._db_lock = threading.Lock()
         for t in tenants:
             for i, k in enumerate(t.keys):
                 sha = k.key_sha256.lower() if k.key_sha256 else digest(k.key or "")
@@ -145,40 +135,24 @@ class KeyStore:
         self._load()
 
     # -- persistence (run-time keys) ---------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        assert self.db_path is not None
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        conn.execute(_SCHEMA)
-        return conn
-
     def _load(self) -> None:
-        if self.db_path is None:
+        if self.table is None:
             return
-        with self._db_lock:
-            conn = self._connect()
-            try:
-                rows = conn.execute(
-                    "SELECT id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at"
-                    " FROM api_keys WHERE revoked_at IS NULL"
-                ).fetchall()
-                if conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]:
-                    self._ever_keyed = True
-            finally:
-                conn.close()
-        for key_id, sha, tenant, rpm, tpm, max_priority, models, created in rows:
-            self._by_digest[sha] = ApiKey(
-                id=key_id,
-                tenant=tenant,
-                key_sha256=sha,
-                rpm=rpm,
-                tpm=tpm,
-                max_priority=max_priority,
-                models=msgspec.json.decode(models) if models else None,
+        rows, ever = self.table.load()
+        self._ever_keyed = self._ever_keyed or ever
+        for row in rows:
+            self._by_digest[row.key_sha256] = ApiKey(
+                id=row.id,
+                tenant=row.tenant,
+                key_sha256=row.key_sha256,
+                rpm=row.rpm,
+                tpm=row.tpm,
+                max_priority=row.max_priority,
+                models=row.models,
                 source="runtime",
-                created_at=created,
+                created_at=row.created_at,
             )
-            self.tenants.setdefault(tenant, Tenant(tenant))
+            self.tenants.setdefault(row.tenant, Tenant(row.tenant))
 
     def create(self, spec: CreateKey) -> tuple[ApiKey, str]:
         """A new key for ``spec.tenant``; returns it and its secret (never stored, shown once)."""
@@ -194,27 +168,12 @@ class KeyStore:
             source="runtime",
             created_at=time.time(),
         )
-        if self.db_path is not None:
-            with self._db_lock:
-                conn = self._connect()
-                try:
-                    with conn:
-                        conn.execute(
-                            "INSERT INTO api_keys (id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (
-                                key.id,
-                                key.key_sha256,
-                                key.tenant,
-                                key.rpm,
-                                key.tpm,
-                                key.max_priority,
-                                msgspec.json.encode(key.models).decode() if key.models is not None else None,
-                                key.created_at,
-                            ),
-                        )
-                finally:
-                    conn.close()
+        if self.table is not None:
+            self.table.insert(
+                KeyRow(
+                    key.id, key.key_sha256, key.tenant, key.rpm, key.tpm, key.max_priority, key.models, key.created_at
+                )
+            )
         self._by_digest[key.key_sha256] = key
         self._ever_keyed = True
         self.tenants.setdefault(key.tenant, Tenant(key.tenant))
@@ -225,14 +184,8 @@ class KeyStore:
             if key.id == key_id:
                 del self._by_digest[sha]  # effective for the very next request
                 self._principals.pop(sha, None)
-                if key.source == "runtime" and self.db_path is not None:
-                    with self._db_lock:
-                        conn = self._connect()
-                        try:
-                            with conn:
-                                conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
-                        finally:
-                            conn.close()
+                if key.source == "runtime" and self.table is not None:
+                    self.table.revoke(key_id)
                 return key
         return None
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -25,7 +26,6 @@ from msgspec import Meta, Struct
 
 from .errors import ConfigError
 from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
-from .store import StoreConfig
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -39,6 +39,66 @@ PriorityName = Literal["low", "normal", "high", "critical"]
 
 class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+class StoreConfig(_Section):
+    """``store:``: the request log (and the database the API keys created at run time live in)."""
+
+    path: str = ""
+    """SQLite file. Empty: ``$XDG_DATA_HOME/shardon/shardon.db`` (``~/.local/share/shardon/shardon.db``)."""
+    retention_days: float = 7
+    """Requests older than this are deleted; 0 or less keeps them forever."""
+    flush_interval_ms: int = 200
+    """How often the writer thread moves what was appended to the on-disk backlog (the process-crash
+    loss window); also how long the compactor sleeps when the writer does not wake it."""
+    batch_max: int = 1000
+    """Most rows per backlog frame and per SQLite transaction; this many waiting rows also wake the
+    writer early."""
+    cleanup_interval_s: float = 3600
+    """How often the retention clean-up runs (it also runs at start)."""
+    writer_cpus: list[int] = msgspec.field(default_factory=list)
+    """CPUs the compactor thread (the one doing the SQLite work) may run on (Linux). Empty: the
+    process's own. On a machine with a core to spare, cores other than the event loop's keep its
+    cache traffic off the request path's core. The writer thread stays put."""
+    busy_rows_per_s: float = 2000
+    """Above this many rows a second appended, the gateway counts as busy and compaction into
+    SQLite waits for a lull. A read, a flush, shutdown, or a backlog over ``max_backlog_mb``
+    compacts at once whatever the rate."""
+    max_backlog_mb: float = 256
+    """The backlog (on disk) past which compaction runs even while the gateway is busy."""
+
+    def __post_init__(self) -> None:
+        if self.flush_interval_ms <= 0:
+            raise ValueError("store.flush_interval_ms must be > 0")
+        if self.batch_max <= 0:
+            raise ValueError("store.batch_max must be > 0")
+        if self.cleanup_interval_s <= 0:
+            raise ValueError("store.cleanup_interval_s must be > 0")
+        if any(cpu < 0 for cpu in self.writer_cpus):
+            raise ValueError("store.writer_cpus must be CPU numbers (>= 0)")
+        if self.busy_rows_per_s < 0:
+            raise ValueError("store.busy_rows_per_s must be >= 0")
+        if self.max_backlog_mb <= 0:
+            raise ValueError("store.max_backlog_mb must be > 0")
+
+
+class DataPaths(NamedTuple):
+    """Where Shardon keeps its state on disk, resolved once at start (`Config.data_paths`) and passed
+    down: the request log gets ``database`` and ``backlog``, the key store ``database``, the model
+    lifecycle ``lifecycle``."""
+
+    database: Path
+    """The SQLite file: the request log, the audit trail, the API keys created at run time."""
+    backlog: Path
+    """The request log's on-disk backlog (``<database file name>-backlog``)."""
+    lifecycle: Path
+    """The model lifecycle's state (``lifecycle/`` next to the database)."""
+
+    @classmethod
+    def for_database(cls, database: str | os.PathLike[str]) -> DataPaths:
+        """The paths that go with a database file."""
+        db = Path(database)
+        return cls(db, db.with_name(db.name + "-backlog"), db.parent / "lifecycle")
 
 
 class ServerConfig(_Section):
@@ -153,7 +213,10 @@ class UiConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
+    # One line per /v1 request, formatted and written off the event loop (shardon/store/access.py).
     access_log: bool = True
+    # Where access lines go: empty for stderr, else a file (appended to, created if missing).
+    access_log_path: str = ""
 
 
 class Config(_Section):
@@ -163,7 +226,8 @@ class Config(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
-    # Set false to run without the SQLite request log (no admin request queries, no key persistence).
+    # Set false to run without the SQLite request log (no admin request queries or stats, no audit
+    # trail). API keys created at run time are still kept in store.path's database.
     request_log: bool = True
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     ui: UiConfig = msgspec.field(default_factory=UiConfig)
@@ -178,6 +242,16 @@ class Config(_Section):
     backend_stop_grace_s: NonNegFloat = 10.0
     # The built-in mock node, used when neither nodes nor models are configured (see README).
     embedded_mock: bool | None = None
+
+    def data_paths(self, environ: Mapping[str, str] | None = None) -> DataPaths:
+        """The paths of Shardon's state, from ``store.path`` (``~`` and ``$VARS`` expanded) or the
+        default under ``$XDG_DATA_HOME`` (``~/.local/share``). `shardon.server.run` calls it once."""
+        environ = os.environ if environ is None else environ
+        if self.store.path:
+            return DataPaths.for_database(Path(os.path.expandvars(self.store.path)).expanduser())
+        base = environ.get("XDG_DATA_HOME") or ""
+        root = Path(base).expanduser() if base else Path.home() / ".local" / "share"
+        return DataPaths.for_database(root / "shardon" / "shardon.db")
 
     def lifecycle(self) -> LifecycleConfig:
         return LifecycleConfig(

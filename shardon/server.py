@@ -30,6 +30,7 @@ from .app import Gateway
 from .config import Config, NodeConfig
 from .metrics import Metrics
 from .store import RequestLog
+from .store.access import access_log_for
 
 log = logging.getLogger("shardon")
 
@@ -130,11 +131,21 @@ async def run(
     if problem:
         log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, problem)
         return 1
+    paths = config.data_paths()  # the one place the data directory is resolved
+    access_log = access_log_for(config)
+    if access_log is not None:
+        access_log.start()
     request_log = None
     if config.request_log:
-        request_log = RequestLog(config.store)
+        request_log = RequestLog(paths.database, config.store, backlog=paths.backlog, access=access_log)
         await asyncio.get_running_loop().run_in_executor(None, request_log.start)
-    gateway = Gateway(config, request_log=request_log, metrics=Metrics(enabled=config.metrics.enabled))
+    gateway = Gateway(
+        config,
+        request_log=request_log,
+        metrics=Metrics(enabled=config.metrics.enabled),
+        access_log=access_log,
+        paths=paths,
+    )
     await gateway.startup()
     mock = None
     if config.embedded_mock or (config.embedded_mock is None and not config.nodes and gateway.lifecycle is None):
@@ -177,6 +188,8 @@ async def run(
         await mock.stop()  # type: ignore[attr-defined]
     if request_log is not None:
         await request_log.aclose()  # flushes every row appended so far
+    if access_log is not None:
+        await asyncio.to_thread(access_log.close)  # after the request log: it hands its last rows over
     return code
 
 

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from shardon.config import load_config
+from shardon.config import Config, DataPaths, StoreConfig, load_config
 from shardon.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DOCUMENTED = """
 server:    {host: 127.0.0.1, port: 8080, max_body_bytes: 1048576}
@@ -112,3 +115,44 @@ def test_shipped_example_configs_are_valid() -> None:
     for path in examples:
         cfg = load_config(path, environ={})
         assert cfg.nodes or cfg.models, path
+
+
+def test_data_paths_resolved_from_store_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One data directory: the database, its backlog and the lifecycle state, from ``store.path``."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    db = tmp_path / "xdg" / "shardon" / "shardon.db"
+    assert Config().data_paths() == DataPaths(db, db.parent / "shardon.db-backlog", db.parent / "lifecycle")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Config().data_paths().database == tmp_path / "home" / ".local" / "share" / "shardon" / "shardon.db"
+    monkeypatch.setenv("LOGS", str(tmp_path / "logs"))
+    paths = load_config(None, {"SHARDON_STORE_PATH": "$LOGS/x.db"}).data_paths()
+    assert paths == DataPaths.for_database(tmp_path / "logs" / "x.db")
+    assert paths.backlog == tmp_path / "logs" / "x.db-backlog" and paths.lifecycle == tmp_path / "logs" / "lifecycle"
+    assert load_config(None, {"SHARDON_STORE_PATH": "~/y.db"}).data_paths().database == tmp_path / "home" / "y.db"
+    assert Config().data_paths({"XDG_DATA_HOME": "/srv"}).database == Path("/srv/shardon/shardon.db")
+
+
+def test_store_config_validation() -> None:
+    c = msgspec.convert({"retention_days": 1.5, "batch_max": 10}, StoreConfig)
+    assert c.retention_days == 1.5 and c.batch_max == 10 and c.flush_interval_ms == 200
+    for raw, field in [
+        ({"retention": 3}, "unknown field"),
+        ({"flush_interval_ms": 0}, "flush_interval_ms"),
+        ({"batch_max": 0}, "batch_max"),
+        ({"cleanup_interval_s": 0}, "cleanup_interval_s"),
+        ({"writer_cpus": [-1]}, "writer_cpus"),
+        ({"busy_rows_per_s": -1}, "busy_rows_per_s"),
+        ({"max_backlog_mb": 0}, "max_backlog_mb"),
+    ]:
+        with pytest.raises(msgspec.ValidationError, match=field):
+            msgspec.convert(raw, StoreConfig)
+    with pytest.raises(ConfigError, match=r"store\.batch_max must be > 0"):
+        load_config(None, {"SHARDON_STORE_BATCH_MAX": "0"})
+
+
+def test_config_does_not_import_the_store() -> None:
+    """The configuration is read before anything starts: it needs none of the request log."""
+    code = "import sys, shardon.config; print(sorted(m for m in sys.modules if m.startswith('shardon.store')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

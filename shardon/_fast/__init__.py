@@ -12,8 +12,8 @@ or ``yes``; if they cannot be imported, the twins are used and a :class:`Runtime
 at import). ``USING_EXTENSIONS`` tells which set is in use.
 
 Modules with their own selectors, same rules: ``shardon._fast.wire`` (the HTTP engine and upstream
-connections), ``.sse`` (SSE readers), ``.tally`` (the metrics' per-request tallies) and ``.rowqueue``
-(the request log's in-memory row queue).
+connections), ``.sse`` (SSE readers), ``.tally`` (the metrics' per-request tallies), ``.rowqueue``
+(the request log's in-memory row queue) and ``.accesslog`` (access lines from packed rows).
 
 `RowWriter` is selected on its own (``ROWWRITER_COMPILED``): besides being built, its compiled form
 needs the SQLite shared library that Python's ``sqlite3`` module uses, which some Python builds link

@@ -17,12 +17,11 @@
 #
 # Why rows are packed `defer` at a time: between two requests the kernel's network stack runs on
 # the same core and, it seems, evicts the encoder's code and tables from the CPU caches, so packing
-# one row per request pays those misses on every row (measured under load: the event loop's user
-# time grew 2-3x what the instructions account for; bench/README.md). Packed in a run, the rows
+# one row per request pays those misses on every row (bench/README.md). Packed in a run, the rows
 # after the first find everything in cache. The row is the record as it
 # is when packed: a record must not change once appended (the gateway's do not: they are final).
 #
-# Packing into a reused bytearray at offset 0 costs about 2/3 of `encode` (no bytes object made).
+# Packing into a reused bytearray at offset 0 makes no bytes object (cheaper than `encode`).
 # Before each row its size is set back to the largest row seen (within its memory: no allocation),
 # because msgspec grows a buffer from its current size, and growing one that a smaller row left
 # small makes CPython reallocate it. The data and the lengths are C arrays grown by doubling, so
@@ -80,6 +79,7 @@ cdef class RowQueue:
         Py_ssize_t _capacity  # of _lengths
         bint _armed
         readonly Py_ssize_t batch_max
+        readonly Py_ssize_t limit
         readonly bint closed
 
     def __cinit__(self):
@@ -87,9 +87,11 @@ cdef class RowQueue:
         self._data = NULL
         self._deferred.items = NULL
 
-    def __init__(self, encoder, wake, Py_ssize_t batch_max, refuse, Py_ssize_t defer=64):
+    def __init__(self, encoder, wake, Py_ssize_t batch_max, refuse, Py_ssize_t defer=64, Py_ssize_t limit=0):
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
         held_init(&self._deferred, defer)
         self._encode_into = encoder.encode_into
         self._wake = wake
@@ -105,6 +107,7 @@ cdef class RowQueue:
         self._grow(max(batch_max, 64))
         self._armed = True
         self.batch_max = batch_max
+        self.limit = limit
         self.closed = False
 
     def __dealloc__(self):
@@ -130,6 +133,8 @@ cdef class RowQueue:
 
     cpdef bint append(self, record):
         if self.closed:
+            return False
+        if self.limit and self._count + held_count(&self._deferred) >= self.limit:
             return False
         if held_full(&self._deferred):  # only while another thread's pack is interrupted: see the top
             self._pack_deferred()

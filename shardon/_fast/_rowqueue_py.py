@@ -10,8 +10,10 @@ takes the packed rows out in batches and writes each batch as one backlog frame 
   rows at once is what makes it cheap (see ``_rowqueue_c.pyx``). It returns False, queueing
   nothing, when the queue is closed; the caller says why (it holds the logger and the counters). A
   record that cannot be packed is dropped from the queue and handed to ``refuse(record)``, which
-  says why and counts it. When ``batch_max`` rows are waiting it calls ``wake()`` once (the
-  writer's event), so a burst does not wait for the flush interval; `take` re-arms that.
+  says why and counts it. With a ``limit``, it also returns False, queueing nothing, while that many
+  rows are waiting (a reader that cannot keep up loses rows, not memory). When ``batch_max`` rows
+  are waiting it calls ``wake()`` once (the writer's event), so a burst does not wait for the
+  flush interval; `take` re-arms that.
 - ``take(max_rows)`` packs what is deferred, then removes the oldest ``max_rows`` rows at most and
   returns them as one frame's makings, ``(payload, lengths, count)``: the packed rows back to back,
   their lengths as little-endian u32s (bytes), and how many; None when empty.
@@ -51,13 +53,22 @@ class RowQueue:
         "_wake",
         "batch_max",
         "closed",
+        "limit",
     )
 
     def __init__(
-        self, encoder: Any, wake: Callable[[], object], batch_max: int, refuse: Callable[[Any], object], defer: int = 64
+        self,
+        encoder: Any,
+        wake: Callable[[], object],
+        batch_max: int,
+        refuse: Callable[[Any], object],
+        defer: int = 64,
+        limit: int = 0,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be >= 1")
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
         if defer < 1:
             raise ValueError("defer must be >= 1")
         self._encode = encoder.encode
@@ -71,10 +82,13 @@ class RowQueue:
         self._pack_lock = threading.Lock()
         self._armed = True  # the next batch_max-th row wakes the writer
         self.batch_max = batch_max
+        self.limit = limit
         self.closed = False
 
     def append(self, record: Any) -> bool:
         if self.closed:
+            return False
+        if self.limit and len(self._rows) + len(self._deferred) >= self.limit:
             return False
         deferred = self._deferred
         deferred.append(record)

@@ -257,3 +257,19 @@ def test_interleaved_appends_and_partial_takes_keep_order(rq_mod: ModuleType) ->
     while (taken := q.take(50)) is not None:
         out += [r.id for r in rows_of(taken)]
     assert out == list(range(n))
+
+
+def test_a_limit_refuses_rows_beyond_it(rq_mod: ModuleType) -> None:
+    """With ``limit``, a reader that cannot keep up loses rows (append returns False), not memory."""
+    refused = Refused()
+    q = rq_mod.RowQueue(ENCODER, Wakes(), 1000, refused, 4, limit=10)
+    assert q.limit == 10
+    assert [q.append(record(i)) for i in range(12)] == [True] * 10 + [False] * 2
+    assert len(q) == 10 and not refused  # refused by append: the caller counts them
+    assert [r.id for r in rows_of(q.take(3))] == [0, 1, 2]
+    assert q.append(record(12)) is True
+    assert [r.id for r in rows_of(q.take(100))] == [*range(3, 10), 12]
+    unlimited = new(rq_mod)
+    assert unlimited.limit == 0 and all(unlimited.append(record(i)) for i in range(2000))
+    with pytest.raises(ValueError):
+        rq_mod.RowQueue(ENCODER, Wakes(), 10, Refused(), 4, limit=-1)

@@ -6,13 +6,11 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import node_entry, wait_until
@@ -250,35 +248,6 @@ def test_embeddings_usage_is_logged_without_an_output_hash(make_mock: Any, make_
     row = one_row(gw, headers["x-request-id"])
     assert row["prompt_tokens"] == json.loads(body)["usage"]["prompt_tokens"] > 0
     assert row["output_sha256"] is None
-
-
-def test_one_access_log_line_per_request_unless_switched_off(
-    make_mock: Any, make_gateway: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="shardon.access")
-    node = make_mock(models=["m1"], chunks=1)
-
-    def access_lines() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "shardon.access"]
-
-    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
-    status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {})  # the callback path
-    assert status == 200
-    served = headers["x-request-id"]
-    status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT.replace(b"m1", b"zz"), {})  # the general path
-    assert status == 404
-    unknown = headers["x-request-id"]
-    lines = wait_until(lambda: access_lines() if len(access_lines()) >= 2 else None, timeout=5)
-    assert len(lines) == 2
-    assert '"POST /v1/chat/completions" 200 model=m1' in lines[0] and "node=n" in lines[0]
-    assert lines[0].endswith(f"id={served}")
-    assert '"POST /v1/chat/completions" 404 model=zz' in lines[1] and lines[1].endswith(f"id={unknown}")
-
-    quiet = make_gateway(nodes=[node_entry(node, "n", ["m1"])], log={"access_log": False})
-    for body in (CHAT, CHAT.replace(b"m1", b"zz")):
-        _, headers, _ = post(quiet.url, "/v1/chat/completions", body, {})
-        one_row(quiet, headers["x-request-id"])  # the request has ended (its row is logged)
-    assert len(access_lines()) == 2  # none more
 
 
 def test_metrics_off_still_serves_and_logs(make_mock: Any, make_gateway: Any) -> None:

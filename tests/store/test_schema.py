@@ -1,29 +1,25 @@
-"""Request log schema version 3: old databases rebuilt with integer ids, and ids seeded at start."""
+"""The database schema (shardon.store.schema): version 3, old databases rebuilt with integer ids."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from store_helpers import BASE, cfg, rec, ro
 
-from shardon import store as store_mod
 from shardon.store import (
     REQUEST_COLUMNS,
-    RequestIds,
     RequestLog,
     RequestRecord,
-    StoreConfig,
-    _get_sync,
-    _query_sync,
     format_request_id,
+    queries,
     request_id_floor,
+    schema,
 )
-
-BASE = 1_700_000_000.0
+from shardon.store.schema import SCHEMA_VERSION
 
 # The requests table as versions 1 and 2 created it (a copy, not derived from shardon.store).
 V2_REQUESTS = (
@@ -35,10 +31,12 @@ V2_REQUESTS = (
     "bytes_out INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0, "
     "overflow INTEGER NOT NULL DEFAULT 0, client_addr TEXT, output_sha256 TEXT)"
 )
+
 V2_INDEXES = (
     "CREATE INDEX idx_requests_received_at ON requests(received_at)",
     "CREATE INDEX idx_requests_errors ON requests(status) WHERE status <> 200",
 )
+
 V1_INDEXES = (
     "CREATE INDEX idx_requests_received_at ON requests(received_at)",
     "CREATE INDEX idx_requests_status ON requests(status, received_at)",
@@ -46,8 +44,7 @@ V1_INDEXES = (
     "CREATE INDEX idx_requests_tenant ON requests(tenant, received_at)",
     "CREATE INDEX idx_requests_node ON requests(node_id, received_at)",
 )
-# The request columns of versions 1 to 3 (max_tokens came later: an added column).
-V2_COLUMNS = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
+
 AUDIT = (
     "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
     "actor TEXT, action TEXT NOT NULL, target TEXT, detail TEXT)",
@@ -56,7 +53,7 @@ AUDIT = (
 
 
 def old_row(text_id: str, t: float, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(V2_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(REQUEST_COLUMNS)
     row.update(
         id=text_id,
         received_at=t,
@@ -106,10 +103,10 @@ def build_old_db(path: Path, version: int, indexes: tuple[str, ...] = V2_INDEXES
         conn.execute(V2_REQUESTS)
         for sql in (*indexes, *AUDIT):
             conn.execute(sql)
-        cols = ", ".join(V2_COLUMNS)
-        marks = ", ".join("?" * len(V2_COLUMNS))
+        cols = ", ".join(REQUEST_COLUMNS)
+        marks = ", ".join("?" * len(REQUEST_COLUMNS))
         conn.executemany(
-            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in V2_COLUMNS) for r in OLD_ROWS]
+            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in REQUEST_COLUMNS) for r in OLD_ROWS]
         )
         conn.execute(
             "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, 'admin', 'key.create', 'k1', '{}')",
@@ -117,10 +114,6 @@ def build_old_db(path: Path, version: int, indexes: tuple[str, ...] = V2_INDEXES
         )
         conn.execute(f"PRAGMA user_version = {version}")
         conn.commit()
-
-
-def cfg(path: Path) -> StoreConfig:
-    return StoreConfig(path=str(path), retention_days=0, flush_interval_ms=20)
 
 
 def table_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -140,8 +133,8 @@ def index_names(conn: sqlite3.Connection) -> set[str]:
 def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, indexes: tuple[str, ...]) -> None:
     path = tmp_path / "old.db"
     build_old_db(path, version, indexes)
-    with RequestLog(cfg(path)) as rl, contextlib.closing(rl.connect_readonly()) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3 == store_mod.SCHEMA_VERSION
+    with RequestLog(path, cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3 == SCHEMA_VERSION
         info = conn.execute("PRAGMA table_info(requests)").fetchall()
         assert [r[1] for r in info] == list(REQUEST_COLUMNS)  # same columns, same order
         assert (info[0][1], info[0][2], info[0][5]) == ("id", "INTEGER", 1)  # the rowid alias
@@ -165,14 +158,14 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
         assert same_ms == [request_id_floor(BASE + 2.25), request_id_floor(BASE + 2.25) + 1]
         # every other value is what the old row held
         for r, want in zip(rows, by_time, strict=True):
-            assert r[1:] == tuple(want.get(c) for c in REQUEST_COLUMNS[1:])  # an added column: NULL
+            assert r[1:] == tuple(want[c] for c in REQUEST_COLUMNS[1:])
 
         # reads find the migrated rows by their new (hex) ids and by time
-        first = _get_sync(conn, ids[1])
+        first = queries.request(conn, ids[1])
         assert first is not None and first["id"] == format_request_id(ids[1]) and first["key_id"] == "k1"
         assert first["receipt"]["request_id"] == format_request_id(ids[1]) and first["stream"] is True
-        assert _query_sync(conn, since=BASE + 1.0)["total"] == 3
-        assert [d["id"] for d in _query_sync(conn)["data"]] == [format_request_id(i) for i in reversed(ids)]
+        assert queries.requests(conn, since=BASE + 1.0)["total"] == 3
+        assert [d["id"] for d in queries.requests(conn)["data"]] == [format_request_id(i) for i in reversed(ids)]
 
         assert rl.newest_id == ids[-1]
         rl.append(RequestRecord(status=200))  # a new row: an id beyond every migrated one
@@ -180,7 +173,7 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
         assert conn.execute("SELECT COUNT(*), max(id) > ? FROM requests", (ids[-1],)).fetchone() == (6, 1)
 
     # a second start changes nothing (the table is v3 now)
-    with RequestLog(cfg(path)) as rl, contextlib.closing(rl.connect_readonly()) as conn:
+    with RequestLog(path, cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
         again = table_rows(conn)
         assert again[:5] == rows and len(again) == 6
 
@@ -191,12 +184,12 @@ def test_migration_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     build_old_db(path, 2)
 
     def fail(conn: sqlite3.Connection, old_columns: Any) -> int:
-        conn.execute(f"ALTER TABLE requests RENAME TO {store_mod._OLD_REQUESTS}")
-        store_mod._create_requests_table(conn)
+        conn.execute(f"ALTER TABLE requests RENAME TO {schema._OLD_REQUESTS}")
+        schema._create_requests_table(conn)
         raise sqlite3.OperationalError("disk full")
 
-    monkeypatch.setattr(store_mod, "_rebuild_with_integer_ids", fail)
-    rl = RequestLog(cfg(path))
+    monkeypatch.setattr(schema, "_rebuild_with_integer_ids", fail)
+    rl = RequestLog(path, cfg())
     with pytest.raises(RuntimeError, match="disk full"):
         rl.start()
     rl.close()
@@ -206,25 +199,25 @@ def test_migration_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert sorted(r[0] for r in conn.execute("SELECT id FROM requests")) == sorted(r["id"] for r in OLD_ROWS)
         assert "idx_requests_received_at" in index_names(conn)
     monkeypatch.undo()
-    with RequestLog(cfg(path)) as rl, contextlib.closing(rl.connect_readonly()) as conn:  # and it migrates later
+    with RequestLog(path, cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:  # and it migrates later
         assert len(table_rows(conn)) == len(OLD_ROWS)
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    with RequestLog(cfg(path)):
+    with RequestLog(path, cfg()):
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA user_version = 4")
         conn.commit()
-    rl = RequestLog(cfg(path))
+    rl = RequestLog(path, cfg())
     with pytest.raises(RuntimeError, match="newer than this Shardon"):
         rl.start()
     rl.close()
 
 
 def test_new_database_has_integer_ids_and_two_indexes(tmp_path: Path) -> None:
-    with RequestLog(cfg(tmp_path / "new.db")) as rl, contextlib.closing(rl.connect_readonly()) as conn:
+    with RequestLog(tmp_path / "new.db", cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
         assert rl.newest_id == 0  # an empty log
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         pk = [(r[1], r[2]) for r in conn.execute("PRAGMA table_info(requests)") if r[5]]
@@ -232,32 +225,24 @@ def test_new_database_has_integer_ids_and_two_indexes(tmp_path: Path) -> None:
         assert index_names(conn) == {"idx_requests_errors", "idx_audit_at"}
 
 
-def test_restart_seeds_ids_past_the_newest_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A log whose newest id is ahead of the clock (it went back, or another host wrote it): new ids exceed it."""
+def test_old_schema_gets_new_columns(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
-    future = request_id_floor(time.time() + 3600)
-    ids = RequestIds()
-    monkeypatch.setattr(store_mod, "request_ids", ids)
-    with RequestLog(cfg(path)) as rl:
-        rl.append(RequestRecord(id=future, received_at=time.time(), status=200))
-        rl.append(RequestRecord(id=request_id_floor(BASE), received_at=BASE, status=200))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, received_at REAL, status INTEGER)")
+        conn.execute("INSERT INTO requests VALUES ('old', 1.0, 200)")
+        conn.commit()
+    with RequestLog(path, cfg()) as rl:
+        rl.append(rec(1))
         assert rl.flush()
-    ids = RequestIds()  # as in a new process
-    monkeypatch.setattr(store_mod, "request_ids", ids)
-    assert ids.next(time.time()) < future  # unseeded, the clock alone would repeat old ids
-    ids = RequestIds()
-    monkeypatch.setattr(store_mod, "request_ids", ids)
-    with RequestLog(cfg(path)) as rl:
-        assert rl.newest_id == future
-        assert ids.last == future
-        nxt = ids.next(time.time())
-        assert nxt > future
-        rl.append(RequestRecord(status=201))  # the default id comes from the seeded counter
-        assert rl.flush()
-        with contextlib.closing(rl.connect_readonly()) as conn:
-            got = conn.execute("SELECT id, status FROM requests ORDER BY id").fetchall()
-    assert got[:2] == [(request_id_floor(BASE), 200), (future, 200)]  # nothing replaced
-    assert len(got) == 3 and got[2][0] > nxt and got[2][1] == 201
+        with ro(rl) as conn:
+            cols = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+            assert set(cols) == set(REQUEST_COLUMNS)
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            old = queries.request(
+                conn, request_id_floor(1.0)
+            )  # rebuilt with an integer id (tests/test_store_migration.py)
+            assert old is not None and old["endpoint"] == "" and old["stream"] is False and old["status"] == 200
 
 
 def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Path) -> None:
@@ -265,26 +250,27 @@ def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Pa
     an older Shardon left (packed without it) are written with it NULL."""
     import msgspec
 
-    from shardon.store import _KIND_ROWS, _segment_name, encode_frame
+    from shardon.store import backlog
 
+    v3_columns = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
     path = tmp_path / "log.db"
-    with RequestLog(cfg(path)) as rl:
+    with RequestLog(path, cfg()) as rl:
         rl.append(RequestRecord(id=request_id_floor(BASE), received_at=BASE, status=200))
         assert rl.flush()
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as the older Shardon left it
         conn.execute("ALTER TABLE requests DROP COLUMN max_tokens")
         conn.commit()
     older = [
-        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(V2_COLUMNS)])
+        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(v3_columns)])
         for r in (
             RequestRecord(id=request_id_floor(BASE + 1), received_at=BASE + 1, status=200, model="m"),
             RequestRecord(id=request_id_floor(BASE + 2), received_at=BASE + 2, status=429),
         )
     ]
-    backlog = path.with_name(path.name + "-backlog")
-    backlog.mkdir()
-    (backlog / _segment_name(1)).write_bytes(encode_frame(_KIND_ROWS, older))
-    with RequestLog(cfg(path)) as rl:
+    directory = path.with_name(path.name + "-backlog")
+    directory.mkdir()
+    (directory / backlog.segment_name(1)).write_bytes(backlog.encode_frame(backlog.KIND_ROWS, older))
+    with RequestLog(path, cfg()) as rl:
         assert rl.recovered == 2 and rl.dropped == 0
         rl.append(RequestRecord(id=request_id_floor(BASE + 3), received_at=BASE + 3, status=200, max_tokens=512))
         assert rl.flush()
