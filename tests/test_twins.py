@@ -36,7 +36,7 @@ def test_gateway_suite_passes_on_the_python_twins() -> None:
             "-rfE",
             "tests/gateway",
             "tests/store/test_access.py",
-        ],  # noqa: E501
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
