@@ -1,10 +1,9 @@
 """Build Shardon's compiled modules: the ``_x_c`` twin of each ``_x_py`` reference.
 
-- ``.pyx`` twins, written in Cython: the ``shardon._fast`` primitives and the two connection
-  modules (``shardon.httpd``, ``shardon.upstream``);
-- twins compiled from their Python reference itself, typed by a ``.pxd`` beside it: the exchange
-  (``shardon/_exchange_py.py`` + ``_exchange_c.pxd`` → ``shardon._exchange_c``), the scheduler and
-  the node registry.
+- ``.pyx`` twins, written in Cython: the ``shardon._fast`` primitives;
+- twins compiled from their Python reference itself, typed by a ``.pxd`` beside it: the request
+  path (``shardon/_exchange_py.py`` + ``_exchange_c.pxd`` → ``shardon._exchange_c``; the scheduler,
+  the node registry, the client and upstream connections).
   The source is copied under ``build/`` with the compiled module's name, which is all Cython needs.
 
 Knobs (environment variables), in the spirit of asyncpg's and uvloop's setup.py:
@@ -29,11 +28,11 @@ from setuptools.command.build_ext import build_ext
 PYX_MODULES = [
     *(f"shardon._fast.{name}" for name in ("_queue_c", "_bucket_c", "_balancer_c", "_rowwriter_c")),
     *(f"shardon._fast.{name}" for name in ("_sse_c", "_tally_c", "_rowqueue_c", "_accesslog_c")),
-    "shardon.httpd._connection_c",
-    "shardon.upstream._connection_c",
 ]
 # Compiled from the Python reference: module → its source.
 PY_MODULES = {
+    "shardon.httpd._connection_c": "shardon/httpd/_connection_py.py",
+    "shardon.upstream._connection_c": "shardon/upstream/_connection_py.py",
     "shardon._exchange_c": "shardon/_exchange_py.py",
     "shardon._scheduler_c": "shardon/_scheduler_py.py",
     "shardon._nodes_c": "shardon/_nodes_py.py",

@@ -1,5 +1,6 @@
-"""The native engine's client connection (pure-Python reference; ``_connection_c.pyx`` is the same
-code in Cython, ``shardon.httpd.connection`` picks one). Modelled on uvicorn's ``httptools_impl.py``.
+"""The native engine's client connection, modelled on uvicorn's ``httptools_impl.py``. This module is
+also the source of its compiled twin (``_connection_c``, typed by ``_connection_c.pxd``);
+``shardon.httpd.connection`` picks one.
 
 - `HTTPConnection` is the asyncio protocol of one client connection. Bytes are fed to httptools as
   they arrive. When a request's head is complete a `Request` is made; when its body is in too
@@ -65,14 +66,18 @@ def _encode_headers(headers: list[tuple[str, str]]) -> bytes:
     return text.encode("latin-1")
 
 
-class Headers(dict[str, str]):
+class Headers(dict):  # (not dict[str, str]: a generic base would not compile)
     """Request headers: lower-cased names → values (repeated headers keep the last; ``get_all``)."""
 
     __slots__ = ("raw",)
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        super().__init__({name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw})
         self.raw = raw
+        self._fill(raw)
+
+    def _fill(self, raw: list[tuple[bytes, bytes]]) -> None:
+        for name, value in raw:
+            self[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def get_all(self, key: str) -> list[str]:
         key_bytes = key.encode("latin-1")
@@ -253,12 +258,13 @@ class ResponseStream:
             drain.set_result(None)
 
 
-class HTTPConnection(asyncio.Protocol):
-    """One client connection of the native engine (``server``: its `NativeServer`)."""
+class HTTPConnection:
+    """One client connection of the native engine (``server``: its `NativeServer`): an asyncio protocol."""
 
     __slots__ = (
         "_headers",
         "_url",
+        "_write",
         "app",
         "client",
         "closed",
@@ -289,6 +295,7 @@ class HTTPConnection(asyncio.Protocol):
         self.app = server.app
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], object] | None = None  # transport.write: it runs per chunk
         self.client = ""
         self.server_addr = ""
         self.current: Request | None = None  # the request being answered
@@ -313,6 +320,7 @@ class HTTPConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self._write = self.transport.write  # type: ignore[union-attr]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = f"{peer[0]}:{peer[1]}"
@@ -598,12 +606,14 @@ class HTTPConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or transport is None:
             return
+        write = self._write
+        assert write is not None
         if not request.chunked:
-            transport.write(data)
+            write(data)
         elif len(data) > _LARGE_WRITE:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:

@@ -1,5 +1,5 @@
-"""Keep-alive HTTP/1.1 connections to the nodes (pure-Python reference; ``_connection_c.pyx`` is
-the same code in Cython, ``shardon.upstream.connection`` picks one).
+"""Keep-alive HTTP/1.1 connections to the nodes. This module is also the source of its compiled twin
+(``_connection_c``, typed by ``_connection_c.pxd``); ``shardon.upstream.connection`` picks one.
 
 `NodePool` keeps one node's idle keep-alive connections (LIFO: the warmest is reused first).
 `UpstreamConnection` is the asyncio protocol of one, one request at a time: a request is `send`;
@@ -46,12 +46,15 @@ _FRAMING = frozenset(
     }
 )
 _HIGH_WATER = 256 * 1024
+_monotonic = time.monotonic
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a node, one request at a time (see the module docstring)."""
+class UpstreamConnection:
+    """One keep-alive connection to a node, one request at a time (see the module docstring): an
+    asyncio protocol."""
 
     __slots__ = (
+        "_feed",
         "_held",
         "_keep_alive",
         "_loop",
@@ -80,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self._feed: Any = self.parser.feed_data  # bound once: it runs per read
         self.closed = False
         self.in_use = False
         self.reused = False
@@ -112,7 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"bad response from node: {exc}", before_first_byte=False))
             self.close()
@@ -140,7 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
                 )
             )
         self.pool._forget(self)
-        self.parser = None  # type: ignore[assignment]  # a cycle through its callbacks (see HTTPConnection)
+        # The parser holds this object's callbacks: a cycle the collector's rare full passes would free.
+        self.parser = self._feed = None  # type: ignore[assignment]
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -184,7 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_exception(self.error)
             return waiter
         self._waiter = waiter
-        self.wait_started = time.monotonic()
+        self.wait_started = _monotonic()
         return waiter
 
     def send(self, head: bytes, body: bytes = b"") -> None:
@@ -342,7 +347,11 @@ class NodePool:
         try:
             # asyncio.timeout, unlike wait_for, does not wrap the connect in a task of its own.
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(self.new_connection, self.host, self.port)
+                _, conn = await self.loop.create_connection(
+                    self.new_connection,  # type: ignore[type-var]  # an asyncio protocol by its methods
+                    self.host,
+                    self.port,
+                )
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:

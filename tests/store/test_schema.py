@@ -37,6 +37,9 @@ V2_INDEXES = (
     "CREATE INDEX idx_requests_errors ON requests(status) WHERE status <> 200",
 )
 
+# The request columns of versions 1 to 3 (max_tokens came later: an added column).
+V3_COLUMNS = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
+
 V1_INDEXES = (
     "CREATE INDEX idx_requests_received_at ON requests(received_at)",
     "CREATE INDEX idx_requests_status ON requests(status, received_at)",
@@ -103,10 +106,10 @@ def build_old_db(path: Path, version: int, indexes: tuple[str, ...] = V2_INDEXES
         conn.execute(V2_REQUESTS)
         for sql in (*indexes, *AUDIT):
             conn.execute(sql)
-        cols = ", ".join(REQUEST_COLUMNS)
-        marks = ", ".join("?" * len(REQUEST_COLUMNS))
+        cols = ", ".join(V3_COLUMNS)
+        marks = ", ".join("?" * len(V3_COLUMNS))
         conn.executemany(
-            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in REQUEST_COLUMNS) for r in OLD_ROWS]
+            f"INSERT INTO requests ({cols}) VALUES ({marks})", [tuple(r[c] for c in V3_COLUMNS) for r in OLD_ROWS]
         )
         conn.execute(
             "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, 'admin', 'key.create', 'k1', '{}')",
@@ -252,7 +255,6 @@ def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Pa
 
     from shardon.store import backlog
 
-    v3_columns = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
     path = tmp_path / "log.db"
     with RequestLog(path, cfg()) as rl:
         rl.append(RequestRecord(id=request_id_floor(BASE), received_at=BASE, status=200))
@@ -261,7 +263,7 @@ def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Pa
         conn.execute("ALTER TABLE requests DROP COLUMN max_tokens")
         conn.commit()
     older = [
-        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(v3_columns)])
+        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(V3_COLUMNS)])
         for r in (
             RequestRecord(id=request_id_floor(BASE + 1), received_at=BASE + 1, status=200, model="m"),
             RequestRecord(id=request_id_floor(BASE + 2), received_at=BASE + 2, status=429),
