@@ -55,7 +55,7 @@ class Admin:
     async def handle(self, scope: Scope, proto: HTTPProtocol) -> None:
         parts = [p for p in scope.path[len("/admin/") :].split("/") if p]
         try:
-            actor = self.gw.keys.authenticate_admin(scope.headers.get("authorization"), scope.client)
+            actor = self.gw.keys.authenticate_admin(scope.headers.get("authorization"), self.gw.client_address(scope))
             if not parts:
                 raise errors.NotFound(f"no route for {scope.method} {scope.path}")
             handler = self.table.get((scope.method, parts[0], len(parts) - 1))

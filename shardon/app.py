@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from . import __version__, errors, rsgi
+from . import __version__, errors, proxies, rsgi
 from ._fast import LeastConnBalancer
 from .auth import KeyStore, Principal, RateLimiter
 from .config import Config, NodeConfig
@@ -151,6 +151,7 @@ class Gateway:
         self.default_max_tokens = config.scheduler.default_max_tokens
         self.max_retries = config.upstream.max_retries
         self.tenant_header = config.auth.tenant_header.lower()
+        self.client_address = proxies.ClientAddress(config.server.trusted_proxies)
         self.draining = False
         self.in_flight = 0
         self.started_at = time.time()
@@ -354,7 +355,7 @@ class Gateway:
             id=self.next_id(now),
             received_at=now,
             endpoint=scope.path,
-            client_addr=scope.client,
+            client_addr=self.client_address(scope),
         )
         self.in_flight += 1
         ex = Exchange(proto, rec)

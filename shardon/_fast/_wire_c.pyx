@@ -1313,7 +1313,7 @@ cdef class FastPath:
             priority=PRIORITY_NAMES[priority],
             stream=stream,
             bytes_in=len(body),
-            client_addr=request.client,
+            client_addr=gateway.client_address(request),
         )
         gateway.in_flight += 1
         cdef FastRequest job = FastRequest.__new__(FastRequest)

@@ -1130,7 +1130,7 @@ class FastPath:
             priority=PRIORITY_NAMES[priority],
             stream=stream,
             bytes_in=len(body),
-            client_addr=request.client,
+            client_addr=gateway.client_address(request),
         )
         gateway.in_flight += 1
         job = FastRequest(gateway, request, rec, route, index, node, principal, req, body, priority)
