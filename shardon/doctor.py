@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -25,6 +26,9 @@ from typing import Any, Literal
 
 from .config import Config, NodeConfig, load_config
 from .errors import ConfigError
+from .lifecycle.catalog import Catalog
+from .lifecycle.config import BACKENDS
+from .lifecycle.gpus import GpuInventory
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -111,36 +115,31 @@ def check_compiled() -> Check:
     )
 
 
-def check_config(path: str | None) -> tuple[Check, Config | None]:
+def check_config(path: str | None) -> tuple[Check, Config | None, Catalog | None]:
     where = path or "(no file: built-in defaults)"
     try:
         config = load_config(path)
-        from .lifecycle.catalog import Catalog
-
         catalog = Catalog.build(config.lifecycle())
     except ConfigError as exc:
         fix = f"correct it (then: shardon check-config --config {path})" if path else "correct it"
-        return Check("config", "fail", f"{where}: {exc}", fix), None
+        return Check("config", "fail", f"{where}: {exc}", fix), None, None
     detail = f"{where}: {len(config.nodes)} node(s), {len(catalog.entries)} model(s) started on demand"
-    return Check("config", "ok", detail), config
+    return Check("config", "ok", detail), config, catalog
 
 
-def load_nvml() -> Any:
-    from .lifecycle.gpus import _load_pynvml
-
-    return _load_pynvml()
+def nvml_module() -> Any:
+    """The NVML module for the GPU check: None lets `GpuInventory` load pynvml (tests give a fake)."""
+    return None
 
 
 def check_gpus(config: Config) -> Check:
-    from .lifecycle.gpus import GpuInventory
-
+    quiet = logging.getLogger("shardon.lifecycle")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # what it would log is in the report
     try:
-        nvml = load_nvml()
-    except ImportError as exc:
-        nvml = _Missing(exc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        inventory = GpuInventory(config.gpus, nvml=nvml)
+        inventory = GpuInventory(config.gpus, nvml=nvml_module())
+    finally:
+        quiet.setLevel(level)
     try:
         groups = config.gpus.groups
         if inventory.mode == "cpu":
@@ -167,16 +166,6 @@ def check_gpus(config: Config) -> Check:
         inventory.close()
 
 
-class _Missing:
-    """An NVML module that is not installed: GpuInventory reports its absence like any NVML error."""
-
-    def __init__(self, exc: ImportError) -> None:
-        self.exc = exc
-
-    def nvmlInit(self) -> None:
-        raise self.exc
-
-
 def backend_available(backend: str) -> str | None:
     """Why ``backend`` cannot be started here, or None."""
     if backend == "llama-cpp-python":
@@ -187,10 +176,8 @@ def backend_available(backend: str) -> str | None:
     return None
 
 
-def check_backends(config: Config) -> list[Check]:
-    from .lifecycle.catalog import Catalog
-
-    entries = list(Catalog.build(config.lifecycle()).entries.values())
+def check_backends(catalog: Catalog) -> list[Check]:
+    entries = list(catalog.entries.values())
     checks: list[Check] = []
     needed: dict[str, list[str]] = {}
     for entry in entries:
@@ -214,8 +201,6 @@ def check_backends(config: Config) -> list[Check]:
                     "put the file there (a container: mount it) or correct the model's path",
                 )
             )
-    from .lifecycle.config import BACKENDS
-
     for backend in BACKENDS:
         why = backend_available(backend)
         users = needed.get(backend)
@@ -321,12 +306,12 @@ def check_nodes(config: Config) -> list[Check]:
 
 def run_checks(config_path: str | None) -> list[Check]:
     checks = [check_python(), check_uvloop(), check_compiled()]
-    config_check, config = check_config(config_path)
+    config_check, config, catalog = check_config(config_path)
     checks.append(config_check)
-    if config is None:
+    if config is None or catalog is None:
         return checks
     checks.append(check_gpus(config))
-    checks.extend(check_backends(config))
+    checks.extend(check_backends(catalog))
     checks.append(check_port(config))
     checks.append(check_data_dir(config))
     checks.extend(check_nodes(config))

@@ -62,10 +62,11 @@ def failed(checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same answer on machines with and without a GPU: NVML is not installed (a test may override)."""
 
-    def missing() -> Any:
-        raise ImportError("No module named 'pynvml'")
+    class Missing:
+        def nvmlInit(self) -> None:
+            raise ImportError("No module named 'pynvml'")
 
-    monkeypatch.setattr(doctor, "load_nvml", missing)
+    monkeypatch.setattr(doctor, "nvml_module", Missing)
 
 
 def test_good_setup(make_mock: Any, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,7 +178,7 @@ def test_gpu_groups_without_nvml(write_config: Callable[..., Path], capsys: Any)
 def test_gpu_groups_naming_an_absent_gpu(
     monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path], capsys: Any
 ) -> None:
-    monkeypatch.setattr(doctor, "load_nvml", FakeNvml)
+    monkeypatch.setattr(doctor, "nvml_module", FakeNvml)
     code, checks = run(capsys, write_config(gpus={"groups": {"fast": [0]}}))
     assert code == 0
     assert "0: Test GPU" in checks["gpus"]["detail"]
