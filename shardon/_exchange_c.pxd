@@ -40,6 +40,7 @@ cdef class RequestCore:
     cdef public object observe
     cdef public list on_finish
     cdef public object on_idle
+    cdef public object client_address
     cdef public Py_ssize_t in_flight
     cdef public bint draining
     cdef public bint callbacks
@@ -47,6 +48,7 @@ cdef class RequestCore:
 
     cpdef bint on_request(self, httpd.Request request) except -1
     cpdef done(self, rec)
+    cpdef str client_of(self, scope)
 
 
 @cython.final

@@ -104,6 +104,8 @@ class RequestCore:
         self.observe = metrics.observe_request if metrics.enabled else None
         self.on_finish: list[Callable[[RequestRecord], object]] = []
         self.on_idle: Callable[[], object] | None = None
+        # ``server.trusted_proxies``' rule (shardon.proxies), when there are trusted proxies.
+        self.client_address: Callable[[Any], str] | None = None
         self.in_flight = 0
         self.draining = False
         self.callbacks = True  # the native engine serves whole requests by callbacks
@@ -115,8 +117,13 @@ class RequestCore:
         if not self.callbacks or request.method != "POST" or request.path not in self.request_lines:
             return False
         self.served_by_callbacks += 1
-        Exchange(self, request.path, request.client).serve(request)
+        Exchange(self, request.path, self.client_of(request)).serve(request)
         return True
+
+    def client_of(self, scope: Any) -> str:
+        """The address a request is attributed to: its TCP peer, or whom a trusted proxy says."""
+        client_address = self.client_address
+        return scope.client if client_address is None else client_address(scope)
 
     def done(self, rec: RequestRecord) -> None:
         """A request has ended: count it out, log it, measure it."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__, errors, rsgi
+from . import __version__, errors, proxies, rsgi
 from ._fast import LeastConnBalancer
 from .admin import Admin
 from .auth import KeyStore, RateLimiter
@@ -51,6 +51,7 @@ class Gateway:
         paths: DataPaths | None = None,
     ) -> None:
         self.config = config
+        self.client_address = proxies.ClientAddress(config.server.trusted_proxies)
         self.started_at = time.time()
         self.paths = paths if paths is not None else config.data_paths()
         self.request_log = request_log
@@ -110,6 +111,8 @@ class Gateway:
             paths=EXCHANGE_PATHS,
         )
         self.core.on_finish = self.on_finish
+        if self.client_address.networks:
+            self.core.client_address = self.client_address
         self.core.on_idle = self._idle.set
         self.core.callbacks = config.server.callbacks
         self.registry.start()

@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", required=True)
+    doctor = sub.add_parser("doctor", help="check this machine and config; say what to fix (exit 1 if anything fails)")
+    doctor.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     for name, text in (("models", "list every model and its state"), ("ps", "list running model backends")):
         cmd = sub.add_parser(name, help=f"{text} (asks a running gateway's admin API)")
         _gateway_options(cmd, admin=True)
@@ -93,6 +96,10 @@ def _setup_logging(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # reports a bad config as one of its checks
+        from .doctor import main as doctor
+
+        return doctor(args.config, args.json)
     try:
         config = _load(args)
     except ConfigError as exc:

@@ -26,6 +26,7 @@ from msgspec import Meta, Struct
 
 from .errors import ConfigError
 from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
+from .proxies import parse_trusted
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -122,6 +123,9 @@ class ServerConfig(_Section):
     # queue limits (scheduler.max_queue_size per model) are what bound admission, so this is
     # large: were it reached, new requests — a quiet tenant's too — would wait unseen in the socket.
     max_concurrent_requests: PositiveInt = 65536
+    # Addresses or networks of the reverse proxies in front of Shardon (nginx): only a request from
+    # one of them is attributed to the client in its X-Forwarded-For / X-Real-IP (shardon/proxies.py).
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class SchedulerConfig(_Section):
@@ -273,6 +277,10 @@ def _field_path(raw: str) -> str:
 
 
 def _validate(cfg: Config) -> None:
+    try:
+        parse_trusted(cfg.server.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"server.trusted_proxies{exc}") from None
     seen: set[str] = set()
     for i, node in enumerate(cfg.nodes):
         where = f"nodes[{i}]"

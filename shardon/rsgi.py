@@ -56,7 +56,7 @@ async def serve(core: RequestCore, scope: Scope, proto: HTTPProtocol, watch_afte
     """Serve one exchange request. The client's leaving is watched once the body is in: at once,
     or (an engine whose notice costs a task) after ``watch_after_s``, so short requests never pay
     for it while generations are still cut."""
-    ex = Exchange(core, scope.path, scope.client)
+    ex = Exchange(core, scope.path, core.client_of(scope))
     watcher = _Watcher(ex, proto, watch_after_s)
     try:
         headers = scope.headers

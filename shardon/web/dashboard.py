@@ -148,7 +148,7 @@ class Dashboard:
                 if scope.method not in _SAFE_METHODS and not session.csrf_matches(scope.headers.get(CSRF_HEADER)):
                     raise errors.Forbidden(f"a dashboard call that changes something needs the {CSRF_HEADER} header")
                 return f"{session.actor} (ui)"
-        return keys.authenticate_admin(authorization, scope.client)
+        return keys.authenticate_admin(authorization, self.gw.client_address(scope))
 
     # -- /ui --------------------------------------------------------------------------------
     async def handle(self, scope: Scope, proto: HTTPProtocol) -> None:
@@ -162,7 +162,7 @@ class Dashboard:
         needs_key = bool(keys.auth.admin_keys)
         if not needs_key:
             try:
-                keys.authenticate_admin(None, scope.client)
+                keys.authenticate_admin(None, self.gw.client_address(scope))
             except errors.ShardonError as err:  # no admin key and not loopback
                 self._error(proto, err)
                 return
@@ -199,7 +199,8 @@ class Dashboard:
                 self._error(proto, errors.Forbidden(f"signing out needs the {CSRF_HEADER} header, from this origin"))
                 return
             self.sessions.end(token)
-            self._audit(session.actor, "ui.sign_out", (scope.client or "").rpartition(":")[0] or None)
+            client = self.gw.client_address(scope)
+            self._audit(session.actor, "ui.sign_out", client.rpartition(":")[0] or client or None)
             headers = [("set-cookie", clear_cookie(secure=self._secure(scope))), *self._no_store()]
             self._send(proto, 204, headers, b"")
         elif path.startswith("/ui/static/") and method in _SAFE_METHODS:
@@ -215,7 +216,7 @@ class Dashboard:
         self._page(proto, 200, self.sign_in_page.render(needs_key=needs_key))
 
     async def _login(self, scope: Scope, proto: HTTPProtocol, needs_key: bool) -> None:
-        client = scope.client or ""
+        client = self.gw.client_address(scope)
         address = client.rpartition(":")[0] or client  # the engines give "host:port"
         body = await proto()
         if not self._same_origin(scope):
