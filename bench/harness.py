@@ -180,14 +180,17 @@ def shardon_config(
     }
 
 
-def start_shardon(config_path: Path, stderr: Path | None = None) -> subprocess.Popen[bytes]:
+def start_shardon(config_path: Path, stderr: Path | None = None, tree: Path = ROOT) -> subprocess.Popen[bytes]:
     """Shardon pinned to the proxy core; its stderr (where the access log goes by default) to a file
-    when ``stderr`` is given, as a service manager would take it, else discarded."""
+    when ``stderr`` is given, as a service manager would take it, else discarded. ``tree``: the
+    checkout to run it from (another commit's, with its extensions built in place: a baseline)."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
     with open(stderr or os.devnull, "wb") as out:
         return subprocess.Popen(
             ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
-            cwd=ROOT,
+            cwd=tree,
             stderr=out,
+            env=env,
         )
 
 

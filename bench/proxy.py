@@ -9,7 +9,9 @@ What it measures, in one run so the ratios share the machine's noise:
    the granian engine, for comparison; with ``--haproxy`` also (e) HAProxy, a second reference
    proxy in C; with ``--access-log`` also (f) Shardon with its default log settings, the access
    log on, written to a file (the other Shardon targets run with ``access_log: false``); with
-   ``--nginx-access-log`` also (g) nginx with its access log on, written to a file). Reported:
+   ``--nginx-access-log`` also (g) nginx with its access log on, written to a file; with
+   ``--baseline TREE`` also (h) Shardon run from another checkout, e.g. an older commit's with its
+   extensions built in place, as ``baseline``: a change's cost measured in the same run). Reported:
    requests/s, latency p50/p99 (wrk), the proxy's
    CPU use (from /proc, user+system, all its processes and threads, the request log's writer
    included) and requests per proxy-CPU-second.
@@ -28,7 +30,7 @@ Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``; ``haproxy`` for ``--
 
     python bench/proxy.py [--duration 6] [--rounds 3] [--streams 500] [--stream-rounds 3]
                           [--no-log] [--no-metrics] [--only stream|nonstream] [--granian] [--haproxy]
-                          [--access-log] [--nginx-access-log]
+                          [--access-log] [--nginx-access-log] [--baseline TREE]
 """
 
 from __future__ import annotations
@@ -127,6 +129,12 @@ def main() -> None:
     parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
     parser.add_argument("--haproxy", action="store_true", help="also run HAProxy, a second reference proxy")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run Shardon from this checkout (its extensions built in place) as 'baseline'",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="also run Shardon with its default access log on (to a file), against the same with it off",
@@ -202,6 +210,17 @@ def main() -> None:
             granian = start_shardon(tmp / "shardon-granian.yaml")
             procs.append(granian)
             wait_port(granian_port)
+        baseline = None
+        if args.baseline is not None:
+            baseline_port = free_port()
+            (tmp / "baseline.yaml").write_text(
+                json.dumps(
+                    shardon_config(baseline_port, node_port, tmp / "baseline.db", not args.no_log, not args.no_metrics)
+                )
+            )
+            baseline = start_shardon(tmp / "baseline.yaml", tree=args.baseline.resolve())
+            procs.append(baseline)
+            wait_port(baseline_port)
         haproxy = None
         if args.haproxy:
             haproxy_port = free_port()
@@ -226,6 +245,8 @@ def main() -> None:
         }
         if granian is not None:
             targets["granian"] = (granian_port, [granian.pid])
+        if baseline is not None:
+            targets["baseline"] = (baseline_port, [baseline.pid])
         if haproxy is not None:
             targets["haproxy"] = (haproxy_port, children(haproxy.pid))
         if nginx_log is not None:
@@ -235,10 +256,13 @@ def main() -> None:
         if args.only != "stream":
             nonstreaming(args, targets, script)
         print(f"shardon peak RSS so far {peak_rss_mb(shardon.pid):.1f} MB")
+        shardons = [("shardon", shardon), *([("baseline", baseline)] if baseline is not None else [])]
         if args.only != "nonstream":
-            reset_peak_rss(shardon.pid)  # the target is about the streaming load: measure its peak alone
+            for _, proc in shardons:  # the target is about the streaming load: measure its peak alone
+                reset_peak_rss(proc.pid)
             streaming(args, targets)
-            print(f"shardon peak RSS under the streaming load {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
+            for name, proc in shardons:
+                print(f"{name} peak RSS under the streaming load {peak_rss_mb(proc.pid):.1f} MB (target <= 60)")
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,6 +335,13 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
             )
     if "shardon+log" in samples and "nginx+log" in samples:
         print(f"shardon+log/nginx+log: throughput {ratio('rps', 'shardon+log', 'nginx+log'):.2f}x")
+    if "baseline" in samples:
+        print(
+            f"baseline/nginx: throughput {ratio('rps', 'baseline'):.2f}x, p99 {ratio('p99_ms', 'baseline'):.2f}x, "
+            f"req per CPU-s {ratio('rps_per_cpu_s', 'baseline'):.2f}x; shardon/baseline: throughput "
+            f"{ratio('rps', 'shardon', 'baseline'):.2f}x, "
+            f"req per CPU-s {ratio('rps_per_cpu_s', 'shardon', 'baseline'):.2f}x"
+        )
 
 
 def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]]) -> None:
@@ -373,7 +404,8 @@ def stream_rounds(
         )
     print(f"({steal_since(phase_start)} of the machine's CPU time over these rounds)")
     d = streams["direct"]
-    for name in [n for n in ("nginx", "nginx+log", "haproxy", "shardon", "shardon+log", "granian") if n in streams]:
+    proxies = ("nginx", "nginx+log", "haproxy", "shardon", "shardon+log", "granian", "baseline")
+    for name in [n for n in proxies if n in streams]:
         r = streams[name]
         ttft, gap = (paired_median(samples[name], samples["direct"], key) for key in ("ttft_p99", "gap_p99"))
         print(
