@@ -53,6 +53,7 @@ cdef class RequestCore:
 
 @cython.final
 cdef class Exchange:
+    cdef public object affinity
     cdef public bytes body
     cdef public double budget
     cdef public object buckets
@@ -73,6 +74,8 @@ cdef class Exchange:
     cdef public list node_headers
     cdef public bytes out_data
     cdef public int out_status
+    cdef public object overflow
+    cdef public bint overflowed
     cdef public object principal
     cdef public int priority
     cdef public Py_ssize_t prompt_estimate
@@ -89,6 +92,7 @@ cdef class Exchange:
     cdef public object timer
     cdef public object tried
     cdef public object usage
+    cdef public str variant
     cdef public object wait
     cdef public scheduling.Waiter waiter
     cdef public double weight
@@ -97,6 +101,7 @@ cdef class Exchange:
     cpdef authorize(self, headers)
     @cython.locals(size=Py_ssize_t, core=RequestCore)
     cpdef prepare(self, headers, bytes body)
+    cdef _routed(self, rules, headers)
     @cython.locals(core=RequestCore, stage=int, index=int)
     cpdef admit(self)
     cdef _took(self, int index)

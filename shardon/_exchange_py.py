@@ -144,6 +144,7 @@ class Exchange:
     """One request, from its head to its record (see the module docstring for the steps)."""
 
     __slots__ = (
+        "affinity",
         "body",
         "buckets",
         "budget",
@@ -164,6 +165,8 @@ class Exchange:
         "node_headers",
         "out_data",
         "out_status",
+        "overflow",
+        "overflowed",
         "principal",
         "priority",
         "prompt_estimate",
@@ -180,6 +183,7 @@ class Exchange:
         "timer",
         "tried",
         "usage",
+        "variant",
         "wait",
         "waiter",
         "weight",
@@ -200,6 +204,10 @@ class Exchange:
         self.tenant = "default"
         self.weight = 1.0
         self.route: Any = None
+        self.variant: str | None = None  # the split's variant (its route is ``route``)
+        self.affinity: Any = None  # the key of the route's policy (shardon.routing.policies)
+        self.overflow: Any = None  # the overflow this request may take (shardon.routing.overflow)
+        self.overflowed = False  # its slot is the overflow endpoint's
         self.req: Any = None
         self.body = b""
         self.priority = 0
@@ -275,6 +283,9 @@ class Exchange:
         allowed = principal.allowed_models
         if allowed is not None and model not in allowed:
             raise errors.Forbidden(f"this API key may not use model '{model}'", param="model")
+        rules = route.rules
+        if rules is not None:
+            route = self._routed(rules, headers)
         value = headers.get("x-priority")
         if value is None:
             priority = min(core.default_priority, principal.max_priority)
@@ -316,6 +327,29 @@ class Exchange:
                 core.metrics.rate_limited(self.tenant, "tokens" if tokens else "requests")
                 raise
 
+    def _routed(self, rules: Any, headers: Any) -> Any:
+        """The model's routing rules (shardon.routing): a split's variant and its route, the key of
+        the route's node policy, the overflow this caller may take. Returns the route to serve."""
+        session = headers.get("x-session-id") or self.req.user
+        split = rules.split
+        if split is not None:
+            variant = split.choose(session)
+            route = self.core.scheduler.routes.get(variant)
+            if route is None:
+                raise errors.ModelNotFound(f"the variant '{variant}' of model '{self.rec.model}' does not exist")
+            self.route = route
+            self.variant = self.rec.variant = variant
+            rules = route.rules
+        route = self.route
+        policy = route.policy
+        if policy is not None:
+            self.affinity = policy.key(session, self.body)
+        if rules is not None:
+            overflow = rules.overflow
+            if overflow is not None and overflow.allows(self.principal):
+                self.overflow = overflow
+        return route
+
     # == admit =======================================================================================
     def admit(self) -> Any:
         """Take admission as far as it goes now: None once a slot is held (``index``), else a future
@@ -342,6 +376,7 @@ class Exchange:
             raise errors.ClientGone()
         route = self.route
         if stage == _RETRYING:
+            self.overflowed = self.rec.overflow = False
             index = core.scheduler.take(route, self.tenant, None if self.fresh else self.tried)
             if index >= 0:
                 self._took(index)
@@ -349,7 +384,7 @@ class Exchange:
             return self._enqueue(3, 0.0, 1.0, core.queue_timeout)
         if stage == _PREPARED and self.limit_wait > 0:
             # Over a rate limit, but served in time once the tokens are there: wait for them.
-            self.rec.overflow = True
+            self.rec.limited = True
             self.budget -= self.limit_wait
             return self._sleep(_LIMITED, self.limit_wait, None)
         if self.managed and stage != _LOADING and not route.candidates:
@@ -358,9 +393,19 @@ class Exchange:
             # In flight from now on: the model is not stopped or evicted under this request.
             self.model_held = True
             core.lifecycle.request_started(route.name)
-        index = core.scheduler.admit(route, self.tenant, self.weight)
+        index = core.scheduler.admit(route, self.tenant, self.weight, self.affinity)
         if index >= 0:
             self._took(index)
+            return None
+        overflow = self.overflow
+        if (
+            overflow is not None
+            and overflow.needed(core.scheduler, route, self.budget)
+            and overflow.take(core.scheduler.balancer)
+        ):
+            # The model's overflow endpoint (shardon.routing.overflow): its slot, its model name.
+            self.overflowed = self.rec.overflow = True
+            self._took(overflow.index)
             return None
         return self._enqueue(self.priority, self.estimate, self.weight, self.budget)
 
@@ -369,7 +414,9 @@ class Exchange:
         self.dispatched = _monotonic()
 
     def _enqueue(self, priority: int, cost: float, weight: float, timeout: float) -> Any:
-        waiter = self.waiter = self.core.scheduler.enqueue(self.route, priority, self.tenant, cost, weight, timeout)
+        waiter = self.waiter = self.core.scheduler.enqueue(
+            self.route, priority, self.tenant, cost, weight, timeout, self.affinity
+        )
         if self.rec.queued_at is None:
             self.rec.queued_at = _clock()
         self.stage = _QUEUED
@@ -556,14 +603,19 @@ class Exchange:
         headers = client_headers(self.node_headers)
         headers.append(("x-request-id", format_request_id(self.rec.id)))
         headers.append(("x-shardon-node", self.node.id))
+        if self.variant is not None:
+            headers.append(("x-shardon-variant", self.variant))
         return headers
 
     def header_lines(self) -> bytes:
         """`headers`, as the HTTP/1.1 header lines a writer of bytes sends."""
-        return client_header_lines(self.node_headers) + b"x-request-id: %016x\r\nx-shardon-node: %s\r\n" % (
+        lines = client_header_lines(self.node_headers) + b"x-request-id: %016x\r\nx-shardon-node: %s\r\n" % (
             self.rec.id,
             self.node.id.encode("latin-1"),
         )
+        if self.variant is not None:
+            lines += b"x-shardon-variant: " + self.variant.encode("latin-1") + b"\r\n"
+        return lines
 
     def failed(self, error: UpstreamError) -> int:
         """The node failed (``error``): after the first byte the stream ends with an SSE error event
@@ -616,6 +668,9 @@ class Exchange:
         index = self.index
         if index >= 0:
             self.index = -1
+            if self.overflowed:
+                self.core.scheduler.balancer.release(index)  # the overflow endpoint's, no route's
+                return
             self.core.scheduler.release(index, self.route, self.tenant, _monotonic() - self.dispatched)
 
     def _drop(self) -> None:
@@ -658,6 +713,8 @@ class Exchange:
                 return None
             headers = exc.headers()
             headers.append(("x-request-id", format_request_id(rec.id)))
+            if self.variant is not None:
+                headers.append(("x-shardon-variant", self.variant))
             return exc.status, headers, exc.body()
         if isinstance(exc, (errors.ClientGone, *errors.closed_errors)) or self.gone:
             rec.status = 499
@@ -717,6 +774,8 @@ class Exchange:
             if rec.queued_at is not None:
                 self.route.queue.refund(core.scheduler.tenant_key(self.tenant), self.priority, -delta)
         rec.finished_at = _clock()
+        if self.overflowed or self.variant is not None:
+            core.metrics.observe_routed(rec)
         core.done(rec)
 
     def finish_with(self, exc: BaseException) -> None:

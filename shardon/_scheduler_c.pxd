@@ -15,7 +15,9 @@ cdef class Route:
     cdef public dict inflight
     cdef public dict last_seen
     cdef public str name
+    cdef public object policy
     cdef public object queue
+    cdef public object rules
     cdef public dict served_names
     cdef public double service_ewma
     cdef public dict weights
@@ -23,6 +25,7 @@ cdef class Route:
 
 @cython.final
 cdef class Waiter:
+    cdef public object affinity
     cdef public double cost
     cdef public object future
     cdef public object handle
@@ -39,6 +42,7 @@ cdef class Scheduler:
     cdef public object balancer
     cdef public object loop
     cdef public dict routes
+    cdef public dict node_weights
     cdef public dict _node_routes
     cdef public Py_ssize_t _rotation
     cdef public bint fair
@@ -50,15 +54,16 @@ cdef class Scheduler:
     cdef bint _over_share(self, Route route, str tenant) except -1
     cdef bint _restricted(self, Route route) except -1
     @cython.locals(index=int, headroom=int, inflight=dict)
-    cpdef int admit(self, Route route, str tenant, double weight) except -2
+    cpdef int admit(self, Route route, str tenant, double weight, affinity=*) except -2
     @cython.locals(index=int)
     cpdef int take(self, Route route, str tenant, exclude) except -2
-    cpdef Waiter enqueue(self, Route route, int priority, str tenant, double cost, double weight, double timeout)
+    cpdef Waiter enqueue(self, Route route, int priority, str tenant, double cost, double weight, double timeout, affinity=*)
     cdef bint _unlink(self, Waiter waiter) except -1
     cpdef bint cancel(self, Waiter waiter, exc) except -1
     cpdef abandon(self, Waiter waiter)
     @cython.locals(left=Py_ssize_t, inflight=dict, routes=list)
     cpdef release(self, int index, Route route, str tenant, service_s=*)
+    @cython.locals(chosen=int)
     cdef _give(self, Waiter waiter, int index)
     @cython.locals(index=int, restricted=bint, waiter=Waiter)
     cdef bint _serve_one(self, Route route) except -1

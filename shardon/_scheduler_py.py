@@ -25,6 +25,10 @@ under its share takes a free slot at once. With a single active tenant the rule 
 scheduler stays work-conserving: the cost is at most ``headroom_slots`` idle slots, and only while a
 quiet tenant is actually using the gateway.
 
+Which node: the balancer's least connections, unless the route has a policy (``Route.policy``,
+`shardon.routing.policies`: round robin, prefix affinity), which picks among the route's
+candidates for the request's affinity key and is told the node it got (``placed``).
+
 Starvation: priority classes are strict, so a low-priority request waits while higher classes have
 work queued; it is served whenever they leave capacity. The queue deadline bounds every wait.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Any
 
 from . import errors
 from ._fast import FairQueue, LeastConnBalancer
@@ -49,7 +54,9 @@ class Route:
         "inflight",
         "last_seen",
         "name",
+        "policy",
         "queue",
+        "rules",
         "served_names",
         "service_ewma",
         "weights",
@@ -65,6 +72,8 @@ class Route:
         self.last_seen: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.service_ewma = 1.0
+        self.policy: Any = None  # the node choice (shardon.routing.policies); None: least connections
+        self.rules: Any = None  # the requests' routing rules (shardon.routing.router.Rules)
 
     @property
     def waiting(self) -> int:
@@ -72,10 +81,13 @@ class Route:
 
 
 class Waiter:
-    __slots__ = ("cost", "future", "handle", "held", "priority", "route", "tenant", "timer")
+    __slots__ = ("affinity", "cost", "future", "handle", "held", "priority", "route", "tenant", "timer")
 
-    def __init__(self, route: Route, future: asyncio.Future[int], priority: int, tenant: str, cost: float) -> None:
+    def __init__(
+        self, route: Route, future: asyncio.Future[int], priority: int, tenant: str, cost: float, affinity: Any
+    ) -> None:
         self.route = route
+        self.affinity = affinity
         self.future = future
         self.priority = priority
         self.tenant = tenant
@@ -91,6 +103,7 @@ class Scheduler:
         self.balancer = balancer
         self.loop = loop
         self.routes: dict[str, Route] = {}
+        self.node_weights: dict[int, float] = {}
         self._node_routes: dict[int, list[Route]] = {}
         self._rotation = 0
         self.fair = config.policy == "fair"
@@ -100,6 +113,7 @@ class Scheduler:
     # -- routing table ----------------------------------------------------------------------
     def add_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
         self.balancer.add(index, capacity, weight)
+        self.node_weights[index] = weight
         routes = self._node_routes.setdefault(index, [])
         for public, served in models.items():
             route = self.routes.get(public)
@@ -125,6 +139,7 @@ class Scheduler:
                 route.candidates.remove(index)
             route.served_names.pop(index, None)
         self.balancer.remove(index)
+        self.node_weights.pop(index, None)
 
     def set_healthy(self, index: int, healthy: bool) -> None:
         self.balancer.set_healthy(index, healthy)
@@ -164,21 +179,28 @@ class Scheduler:
         return self.headroom > 0 and self.balancer.free_slots(route.candidates) <= self.headroom
 
     # -- admission --------------------------------------------------------------------------
-    def admit(self, route: Route, tenant: str, weight: float) -> int:
+    def admit(self, route: Route, tenant: str, weight: float, affinity: Any = None) -> int:
         """A slot now (the node's index) if nobody of this model waits and one is free for
-        ``tenant``; -1 if the request must queue. Notes the tenant as active either way."""
+        ``tenant``; -1 if the request must queue. Notes the tenant as active either way.
+        ``affinity``: the request's key for the route's policy."""
         route.last_seen[tenant] = time.monotonic()
         route.weights[tenant] = weight
         if route.held or len(route.queue):
             return -1
         balancer = self.balancer
-        index = balancer.pick(route.candidates, None)
+        policy = route.policy
+        if policy is None:
+            index = balancer.pick(route.candidates, None)
+        else:
+            index = policy.pick(self, route.candidates, affinity)
         if index < 0:
             return -1
         headroom = self.headroom
         if headroom and balancer.free_slots(route.candidates) <= headroom and self._over_share(route, tenant):
             return -1
         balancer.acquire(index)
+        if policy is not None:
+            policy.placed(affinity, index)
         inflight = route.inflight
         inflight[tenant] = inflight.get(tenant, 0) + 1
         return index
@@ -193,7 +215,9 @@ class Scheduler:
             route.inflight[tenant] = route.inflight.get(tenant, 0) + 1
         return index
 
-    def enqueue(self, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float) -> Waiter:
+    def enqueue(
+        self, route: Route, priority: int, tenant: str, cost: float, weight: float, timeout: float, affinity: Any = None
+    ) -> Waiter:
         if not self.has_healthy_node(route):
             raise errors.NoCapacity(f"no healthy node serves model '{route.name}'", retry_after=5)
         queued = route.waiting
@@ -202,7 +226,7 @@ class Scheduler:
                 f"the queue for model '{route.name}' is full ({queued} waiting)",
                 retry_after=self.retry_after(route),
             )
-        waiter = Waiter(route, self.loop.create_future(), priority, tenant, cost)
+        waiter = Waiter(route, self.loop.create_future(), priority, tenant, cost, affinity)
         waiter.handle = route.queue.push(waiter, priority, self.tenant_key(tenant), cost, weight)
         waiter.timer = self.loop.call_later(timeout, self._expire, waiter, timeout)
         # A slot may be free for this request (headroom kept for tenants under their share).
@@ -269,8 +293,16 @@ class Scheduler:
             self.dispatch(index)
 
     def _give(self, waiter: Waiter, index: int) -> None:
-        self.balancer.acquire(index)
         route = waiter.route
+        policy = route.policy
+        if policy is not None:
+            # The policy's choice among the free nodes (one is free: ``index``).
+            chosen = policy.pick(self, route.candidates, waiter.affinity)
+            if chosen >= 0:
+                index = chosen
+        self.balancer.acquire(index)
+        if policy is not None:
+            policy.placed(waiter.affinity, index)
         route.inflight[waiter.tenant] = route.inflight.get(waiter.tenant, 0) + 1
         if waiter.timer is not None:
             waiter.timer.cancel()

@@ -41,6 +41,7 @@ class Admin:
             ("GET", "status", 0): self.status,
             ("GET", "audit", 0): self.audit,
             ("GET", "models", 0): self.models,
+            ("PATCH", "models", 1): self.route_model,
         }
 
     def register(self, method: str, segment: str, extra: int, handler: AdminHandler) -> None:
@@ -138,7 +139,29 @@ class Admin:
                     "pinned": True,
                 }
             )
+        routed = set(gw.router.routed_names())
+        for row in rows:
+            if row["name"] in routed:
+                row["routing"] = gw.router.describe(row["name"])
         return 200, {"data": rows}
+
+    async def route_model(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        """Change a model's routing: ``{"policy", "split", "sticky", "overflow", "load_bound"}``, each
+        key given replacing the current one (null clears it)."""
+        body = await proto()
+        try:
+            patch = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(patch, dict):
+            raise errors.BadRequest("expected a JSON object: policy, split, sticky, overflow")
+        name = args[0]
+        routing = self.gw.router.update(name, patch)  # a bad field: ValueError, a 400 naming it
+        detail = {k: v for k, v in patch.items() if k != "overflow"}
+        if "overflow" in patch:
+            detail["overflow"] = routing["overflow"]  # (without its key)
+        self._audit(actor, "model.routing", name, detail)
+        return 200, routing
 
     async def model_action(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         lifecycle = self.gw.lifecycle

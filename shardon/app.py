@@ -25,6 +25,7 @@ from .exchange import RequestCore
 from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
 from .nodes import NodeRegistry
+from .routing.router import Router
 from .rsgi import HTTPProtocol, Scope
 from .scheduler import Scheduler
 from .schemas import PRIORITY_NAMES, models_list
@@ -80,6 +81,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop
         self.scheduler: Scheduler
         self.registry: NodeRegistry
+        self.router: Router
         self.core: RequestCore
         self.lifecycle: LifecycleManager | None = None
 
@@ -98,6 +100,8 @@ class Gateway:
         for node_config in config.nodes:
             self.registry.add(node_config)
         self._start_lifecycle()
+        self.router = Router(config.routing, scheduler=self.scheduler, registry=self.registry)
+        self.router.apply()
         self.core = RequestCore(
             config,
             loop=self.loop,

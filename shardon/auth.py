@@ -57,6 +57,7 @@ class ApiKey(msgspec.Struct, kw_only=True):
     tpm: float | None = None
     max_priority: str | None = None
     models: list[str] | None = None
+    overflow: bool = True  # False: never sent to a model's overflow endpoint
     source: str = "config"
     created_at: float = 0.0
 
@@ -70,7 +71,7 @@ class ApiKey(msgspec.Struct, kw_only=True):
 class Principal:
     """The authenticated caller of a request (one per key or open-mode tenant, reused)."""
 
-    __slots__ = ("allowed_models", "key", "limited", "max_priority", "tenant")
+    __slots__ = ("allowed_models", "key", "limited", "max_priority", "overflow", "tenant")
 
     def __init__(self, tenant: Tenant, key: ApiKey | None) -> None:
         self.tenant = tenant
@@ -79,6 +80,8 @@ class Principal:
         self.allowed_models = None if key is None or key.models is None else frozenset(key.models)
         # Whether any rate limit applies: the request path skips the limiter entirely when not.
         self.limited = bool(tenant.rpm or tenant.tpm or (key is not None and (key.rpm or key.tpm)))
+        # Whether its requests may go to a model's overflow endpoint (shardon.routing.overflow).
+        self.overflow = key is None or key.overflow
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -89,6 +92,7 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tpm: float | None = None
     max_priority: str | None = None
     models: list[str] | None = None
+    overflow: bool = True
 
     def __post_init__(self) -> None:
         if not self.tenant:
@@ -130,6 +134,7 @@ class KeyStore:
                     tpm=k.tpm,
                     max_priority=k.max_priority,
                     models=k.models,
+                    overflow=k.overflow,
                 )
         self._ever_keyed = bool(self._by_digest)
         self._load()
@@ -149,6 +154,7 @@ class KeyStore:
                 tpm=row.tpm,
                 max_priority=row.max_priority,
                 models=row.models,
+                overflow=row.overflow,
                 source="runtime",
                 created_at=row.created_at,
             )
@@ -165,13 +171,22 @@ class KeyStore:
             tpm=spec.tpm,
             max_priority=spec.max_priority,
             models=spec.models,
+            overflow=spec.overflow,
             source="runtime",
             created_at=time.time(),
         )
         if self.table is not None:
             self.table.insert(
                 KeyRow(
-                    key.id, key.key_sha256, key.tenant, key.rpm, key.tpm, key.max_priority, key.models, key.created_at
+                    key.id,
+                    key.key_sha256,
+                    key.tenant,
+                    key.rpm,
+                    key.tpm,
+                    key.max_priority,
+                    key.models,
+                    key.created_at,
+                    key.overflow,
                 )
             )
         self._by_digest[key.key_sha256] = key

@@ -27,6 +27,7 @@ from msgspec import Meta, Struct
 from .errors import ConfigError
 from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
 from .proxies import parse_trusted
+from .routing.config import OVERFLOW_NODE_PREFIX, RoutingEntry, parse_routing
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -187,6 +188,8 @@ class KeyConfig(_Section):
     tpm: PositiveFloat | None = None
     max_priority: PriorityName | None = None
     models: list[str] | None = None
+    overflow: bool = True
+    """False: this key's requests never go to a model's overflow endpoint (``routing``)."""
 
 
 class TenantConfig(_Section):
@@ -237,6 +240,8 @@ class Config(_Section):
     ui: UiConfig = msgspec.field(default_factory=UiConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
+    # Per public model name: node policy, weighted split, overflow endpoint (shardon/routing).
+    routing: dict[str, RoutingEntry] = msgspec.field(default_factory=dict)
     # Models Shardon starts on demand (llama-cpp-python, llama-server, vllm): from this list and
     # from the *.gguf files in models_dir; the demo model joins when its package is installed.
     models_dir: str = "~/.local/share/shardon/models"
@@ -286,6 +291,8 @@ def _validate(cfg: Config) -> None:
         where = f"nodes[{i}]"
         if node.id in seen:
             raise ConfigError(f"{where}.id: duplicate node id {node.id!r}")
+        if node.id.startswith(OVERFLOW_NODE_PREFIX):
+            raise ConfigError(f"{where}.id: ids starting {OVERFLOW_NODE_PREFIX!r} name overflow endpoints")
         seen.add(node.id)
         parts = urlsplit(node.url)
         if parts.scheme != "http" or not parts.hostname:
@@ -351,6 +358,11 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
     _env_overrides(raw, environ)
+    if "routing" in raw:
+        try:
+            raw["routing"] = parse_routing(raw["routing"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         cfg = msgspec.convert(raw, Config, str_keys=True)
     except msgspec.ValidationError as exc:

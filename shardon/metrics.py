@@ -10,6 +10,9 @@ Metrics (label values that are None are reported as ``unknown``)::
     shardon_tokens_total{model,tenant,kind}                  counter  kind = prompt | completion
     shardon_rate_limited_total{tenant,kind}                  counter  kind = the limit hit
     shardon_model_events_total{model,event}                  counter  load, unload, evict, fail, ...
+    shardon_variant_requests_total{model,variant}            counter  requests of a split, by variant
+    shardon_overflow_requests_total{model,tenant}            counter  served by the overflow endpoint
+    shardon_overflow_tokens_total{model,tenant,kind}         counter  their tokens (prompt | completion)
     shardon_queue_depth{model,priority}                      gauge
     shardon_inflight{node}                                   gauge
     shardon_node_up{node}                                    gauge    1 healthy, 0 down
@@ -131,6 +134,24 @@ class Metrics:
             "Model lifecycle events (load, unload, evict, fail...).",
             ("model", "event"),
         )
+        self._variants = fam(
+            Counter,
+            "shardon_variant_requests_total",
+            "Requests of a traffic split, by the public model name and the variant they went to.",
+            ("model", "variant"),
+        )
+        self._overflow = fam(
+            Counter,
+            "shardon_overflow_requests_total",
+            "Requests served by the model's overflow endpoint instead of a local node.",
+            ("model", "tenant"),
+        )
+        self._overflow_tokens = fam(
+            Counter,
+            "shardon_overflow_tokens_total",
+            "Tokens of the requests served by the overflow endpoint, by kind (prompt|completion).",
+            ("model", "tenant", "kind"),
+        )
         self._queue_depth = fam(
             Gauge, "shardon_queue_depth", "Requests waiting, by model and priority.", ("model", "priority")
         )
@@ -151,6 +172,19 @@ class Metrics:
 
         (When enabled, the instance attribute set in ``__init__`` calls the collector directly.)
         """
+
+    def observe_routed(self, record: RequestRecord) -> None:
+        """Count a finished request of a split (its variant) or served by an overflow endpoint."""
+        if not self.enabled:
+            return
+        if record.variant is not None:
+            self._variants.child((record.model, record.variant)).inc()
+        if record.overflow:
+            self._overflow.child((record.model, record.tenant)).inc()
+            if record.prompt_tokens:
+                self._overflow_tokens.child((record.model, record.tenant, "prompt")).inc(record.prompt_tokens)
+            if record.completion_tokens:
+                self._overflow_tokens.child((record.model, record.tenant, "completion")).inc(record.completion_tokens)
 
     def set_queue_depth(self, model: str | None, priority: str | None, n: int) -> None:
         if self.enabled:

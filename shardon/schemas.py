@@ -35,6 +35,7 @@ class RoutingFields(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stream_options: StreamOptions | None = None
+    user: str | None = None  # a session, for routing rules that keep one on a node or a variant
 
 
 routing_decoder = msgspec.json.Decoder(RoutingFields)

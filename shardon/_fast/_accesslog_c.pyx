@@ -35,6 +35,8 @@ _FIELDS = (
     "bytes_in",
     "bytes_out",
     "error_type",
+    "variant",
+    "overflow",
 )
 
 cdef enum:
@@ -50,7 +52,9 @@ cdef enum:
     F_BYTES_IN = 9
     F_BYTES_OUT = 10
     F_ERROR = 11
-    N_FIELDS = 12
+    F_VARIANT = 12
+    F_OVERFLOW = 13
+    N_FIELDS = 14
 
 cdef double _MAX_TIME = 253402300800.0  # 10000-01-01T00:00:00Z
 cdef double _MAX_DURATION_MS = 1e12
@@ -325,6 +329,11 @@ cdef void _console_line(Out* o, Cell* cells, const int* at, Clock* clock) noexce
     _console_text(o, cells + at[F_ERROR])
     _raw(o, b" id=", 4)
     _plain(o, buf, _request_id(cells + at[F_ID], buf))
+    if cells[at[F_VARIANT]].kind == CELL_TEXT:
+        _raw(o, b" variant=", 9)
+        _console_text(o, cells + at[F_VARIANT])
+    if cells[at[F_OVERFLOW]].kind == CELL_INT and cells[at[F_OVERFLOW]].i != 0:
+        _raw(o, b" overflow=1", 11)
     _raw(o, b"\n", 1)
 
 
@@ -354,6 +363,11 @@ cdef void _json_line(Out* o, Cell* cells, const int* at, Clock* clock) noexcept 
     _json_text(o, cells + at[F_ERROR])
     _raw(o, b',"request_id":', 14)
     _json_string(o, buf, _request_id(cells + at[F_ID], buf))
+    if cells[at[F_VARIANT]].kind == CELL_TEXT:
+        _raw(o, b',"variant":', 11)
+        _json_text(o, cells + at[F_VARIANT])
+    if cells[at[F_OVERFLOW]].kind == CELL_INT and cells[at[F_OVERFLOW]].i != 0:
+        _raw(o, b',"overflow":true', 16)
     _raw(o, b"}\n", 2)
 
 

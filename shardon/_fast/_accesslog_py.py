@@ -10,19 +10,22 @@ byte-for-byte the same lines), which reads the rows in C without the GIL;
 ``columns`` names the row's fields in order (the request log's columns); the line takes these:
 ``received_at`` (time, ISO 8601 UTC with milliseconds), ``client_addr``, ``endpoint`` (the path),
 ``status``, ``finished_at`` (with ``received_at``: the duration in ms), ``model``, ``node_id``,
-``tenant``, ``bytes_in``, ``bytes_out``, ``error_type`` and ``id`` (16 hex digits, as the
-``x-request-id`` header shows it). The method is POST: the records are of the ``/v1`` POST routes.
+``tenant``, ``bytes_in``, ``bytes_out``, ``error_type``, ``id`` (16 hex digits, as the
+``x-request-id`` header shows it), and only when set ``variant`` (a split's) and ``overflow`` (served
+by the overflow endpoint). The method is POST: the records are of the ``/v1`` POST routes.
 
 - Console (``json=False``)::
 
       2026-12-07T10:11:12.345Z 127.0.0.1 "POST /v1/chat/completions" 200 12.3ms model=m1 node=n1 \
 tenant=team-a in=231 out=612 error=- id=18c2f3a40b400001
 
-  A missing or unusable value is ``-``. In text values, bytes below ``0x21``, ``0x7f``, ``"`` and
+  then `` variant=NAME`` when the row has a variant (text), `` overflow=1`` when its overflow is a
+  non-zero integer. A missing or unusable value is ``-``. In text values, bytes below ``0x21``, ``0x7f``, ``"`` and
   ``\\`` are written ``\\xHH``, so each field is one token and a client's model name cannot forge a
   line.
 - JSON (``json=True``): one object per line, the keys ``time client method path status duration_ms
-  model node tenant bytes_in bytes_out error request_id``; a missing value is ``null``; strings
+  model node tenant bytes_in bytes_out error request_id``, then ``variant`` and ``overflow`` (``true``)
+  on the same terms as the console's; a missing value is ``null``; strings
   escaped as JSON (``\\"``, ``\\\\``, ``\\u00HH`` below ``0x20``), other bytes as they are (UTF-8).
 
 A row that is not a msgpack array of ``len(columns)`` None/bool/int/float/str values (int64 range)
@@ -56,6 +59,8 @@ _FIELDS = (
     "bytes_in",
     "bytes_out",
     "error_type",
+    "variant",
+    "overflow",
 )
 _MAX_TIME = 253402300800.0  # 10000-01-01T00:00:00Z
 _MAX_DURATION_MS = 1e12
@@ -117,6 +122,10 @@ def _text(value: Any) -> bytes | None:
     return value.encode() if type(value) is str else None
 
 
+def _overflowed(value: Any) -> bool:
+    return isinstance(value, int) and value != 0
+
+
 class AccessFormatter:
     """Formats batches of packed rows whose fields are ``columns`` (see the module docstring)."""
 
@@ -174,7 +183,7 @@ class AccessFormatter:
             return b"-" if value is None else value
 
         duration = _duration(row["received_at"], row["finished_at"])
-        return b'%s %s "POST %s" %s %s model=%s node=%s tenant=%s in=%s out=%s error=%s id=%s\n' % (
+        return b'%s %s "POST %s" %s %s model=%s node=%s tenant=%s in=%s out=%s error=%s id=%s%s%s\n' % (
             plain(_time(row["received_at"])),
             text(row["client_addr"]),
             text(row["endpoint"]),
@@ -187,6 +196,8 @@ class AccessFormatter:
             plain(_int(row["bytes_out"])),
             text(row["error_type"]),
             plain(self._request_id(row["id"])),
+            b"" if type(row["variant"]) is not str else b" variant=" + text(row["variant"]),
+            b" overflow=1" if _overflowed(row["overflow"]) else b"",
         )
 
     def _json(self, row: dict[str, Any]) -> bytes:
@@ -198,7 +209,7 @@ class AccessFormatter:
 
         return (
             b'{"time":%s,"client":%s,"method":"POST","path":%s,"status":%s,"duration_ms":%s,"model":%s,'
-            b'"node":%s,"tenant":%s,"bytes_in":%s,"bytes_out":%s,"error":%s,"request_id":%s}\n'
+            b'"node":%s,"tenant":%s,"bytes_in":%s,"bytes_out":%s,"error":%s,"request_id":%s%s%s}\n'
             % (
                 text(_time(row["received_at"])),
                 text(_text(row["client_addr"])),
@@ -212,5 +223,7 @@ class AccessFormatter:
                 number(_int(row["bytes_out"])),
                 text(_text(row["error_type"])),
                 text(self._request_id(row["id"])),
+                b"" if type(row["variant"]) is not str else b',"variant":' + text(_text(row["variant"])),
+                b',"overflow":true' if _overflowed(row["overflow"]) else b"",
             )
         )

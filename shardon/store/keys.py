@@ -34,6 +34,7 @@ class KeyRow(NamedTuple):
     max_priority: str | None
     models: list[str] | None
     created_at: float
+    overflow: bool = True  # False: never sent to an overflow endpoint
 
 
 class KeyTable:
@@ -62,13 +63,23 @@ class KeyTable:
             return [], False
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at"
+                "SELECT id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at, overflow"
                 " FROM api_keys WHERE revoked_at IS NULL"
             ).fetchall()
             ever = bool(conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0])
         keys = [
-            KeyRow(key_id, sha, tenant, rpm, tpm, priority, msgspec.json.decode(models) if models else None, created)
-            for key_id, sha, tenant, rpm, tpm, priority, models, created in rows
+            KeyRow(
+                key_id,
+                sha,
+                tenant,
+                rpm,
+                tpm,
+                priority,
+                msgspec.json.decode(models) if models else None,
+                created,
+                bool(overflow),
+            )
+            for key_id, sha, tenant, rpm, tpm, priority, models, created, overflow in rows
         ]
         return keys, ever
 
@@ -76,9 +87,19 @@ class KeyTable:
         models = msgspec.json.encode(key.models).decode() if key.models is not None else None
         with self._connection() as conn:
             conn.execute(
-                "INSERT INTO api_keys (id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key.id, key.key_sha256, key.tenant, key.rpm, key.tpm, key.max_priority, models, key.created_at),
+                "INSERT INTO api_keys (id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at, overflow)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    key.key_sha256,
+                    key.tenant,
+                    key.rpm,
+                    key.tpm,
+                    key.max_priority,
+                    models,
+                    key.created_at,
+                    int(key.overflow),
+                ),
             )
 
     def revoke(self, key_id: str, at: float | None = None) -> None:

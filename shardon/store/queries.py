@@ -434,11 +434,40 @@ def stats_by_model(
     until: float | None = None,
     tenant: str | None = None,
 ) -> dict[str, Any]:
-    """`stats` per model: ``{"data": [{"model": m, ...stats}, ...]}``, busiest first."""
+    """`stats` per model: ``{"data": [{"model": m, ...stats, "variants", "overflow"}, ...]}``,
+    busiest first. ``variants``: for a traffic split, per variant ``{"total", "completed", "failed",
+    "share"}`` (share of the model's requests); ``overflow``: the requests the overflow endpoint
+    served and their tokens, ``{"requests", "prompt_tokens", "completion_tokens"}``."""
     grouped = _stats_grouped(conn, "model", since, until, tenant=tenant)
-    data = [{"model": m, **s} for m, s in grouped.items()]
+    where, args = _where(since=since, until=until, tenant=tenant)
+    variants: dict[Any, dict[str, Any]] = {}
+    more = " AND variant IS NOT NULL" if where else " WHERE variant IS NOT NULL"
+    sql = (
+        "SELECT model, variant, COUNT(*), SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END) "
+        f"FROM requests{where}{more} GROUP BY model, variant"
+    )
+    for model, variant, n, ok in conn.execute(sql, args):
+        variants.setdefault(model, {})[variant] = {"total": n, "completed": ok, "failed": n - ok}
+    overflow: dict[Any, dict[str, int]] = {}
+    more = " AND overflow = 1" if where else " WHERE overflow = 1"
+    sql = (
+        "SELECT model, COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) "
+        f"FROM requests{where}{more} GROUP BY model"
+    )
+    for model, n, p_tok, c_tok in conn.execute(sql, args):
+        overflow[model] = {"requests": n, "prompt_tokens": p_tok, "completion_tokens": c_tok}
+    data = []
+    for m, s in grouped.items():
+        split = variants.get(m, {})
+        for counts in split.values():
+            counts["share"] = round(counts["total"] / s["total"], 4) if s["total"] else 0.0
+        data.append({"model": m, **s, "variants": split, "overflow": overflow.get(m, _no_overflow())})
     data.sort(key=lambda d: (-d["total"], d["model"] or ""))
     return {"data": data, "since": since, "until": until}
+
+
+def _no_overflow() -> dict[str, int]:
+    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def stats_by_tenant(
@@ -450,18 +479,22 @@ def stats_by_tenant(
     """Usage report: requests and tokens per tenant, and per API key inside each tenant.
 
     ``{"data": [{"tenant", "requests", "completed", "failed", "prompt_tokens", "completion_tokens",
-    "total_tokens", "keys": [{"key_id", ...same counters}]}], "since", "until"}``, busiest first.
+    "total_tokens", "overflow", "keys": [{"key_id", ...same counters}]}], "since", "until"}``,
+    busiest first. ``overflow``: what the requests served by overflow endpoints cost,
+    ``{"requests", "prompt_tokens", "completion_tokens", "total_tokens"}``.
     """
     where, args = _where(since=since, until=until, tenant=tenant)
     sql = (
         "SELECT tenant, key_id, COUNT(*), "
         "SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END), "
-        "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) "
+        "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+        "SUM(overflow), COALESCE(SUM(CASE WHEN overflow THEN prompt_tokens END), 0), "
+        "COALESCE(SUM(CASE WHEN overflow THEN completion_tokens END), 0) "
         f"FROM requests{where} GROUP BY tenant, key_id"
     )
     tenants: dict[Any, dict[str, Any]] = {}
 
-    def counters(n: int, ok: int, p: int, c: int) -> dict[str, int]:
+    def counters(n: int, ok: int, p: int, c: int, on: int, op: int, oc: int) -> dict[str, Any]:
         return {
             "requests": n,
             "completed": ok,
@@ -469,15 +502,21 @@ def stats_by_tenant(
             "prompt_tokens": p,
             "completion_tokens": c,
             "total_tokens": p + c,
+            "overflow": {"requests": on, "prompt_tokens": op, "completion_tokens": oc, "total_tokens": op + oc},
         }
 
-    for t, key_id, n, ok, p, c in conn.execute(sql, args):
+    for t, key_id, n, ok, p, c, on, op, oc in conn.execute(sql, args):
         entry = tenants.get(t)
         if entry is None:
-            entry = tenants[t] = {"tenant": t, **counters(0, 0, 0, 0), "keys": []}
-        for k, v in counters(n, ok, p, c).items():
-            entry[k] += v
-        entry["keys"].append({"key_id": key_id, **counters(n, ok, p, c)})
+            entry = tenants[t] = {"tenant": t, **counters(0, 0, 0, 0, 0, 0, 0), "keys": []}
+        add = counters(n, ok, p, c, on or 0, op, oc)
+        for k, v in add.items():
+            if k == "overflow":
+                for name, amount in v.items():
+                    entry["overflow"][name] += amount
+            else:
+                entry[k] += v
+        entry["keys"].append({"key_id": key_id, **add})
     data = list(tenants.values())
     for entry in data:
         entry["keys"].sort(key=lambda d: (-d["requests"], d["key_id"] or ""))

@@ -108,11 +108,16 @@ class RequestRecord(msgspec.Struct, kw_only=True, gc=False, array_like=True):
     bytes_in: int = 0
     bytes_out: int = 0
     retries: int = 0
-    overflow: bool = False
+    # It waited for a rate limit's tokens before it was admitted.
+    limited: bool = False
     client_addr: str | None = None
     output_sha256: str | None = None
     # The max_tokens Shardon applied to a model it started itself (shardon/lifecycle/requests.py).
     max_tokens: int | None = None
+    # The variant of a split (routing) the request went to; ``model`` is the name it asked for.
+    variant: str | None = None
+    # It was served by the model's overflow endpoint (routing), not by a local node.
+    overflow: bool = False
 
 
 REQUEST_COLUMNS: tuple[str, ...] = RequestRecord.__struct_fields__

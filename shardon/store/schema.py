@@ -34,7 +34,7 @@ __all__ = [
 
 log = logging.getLogger("shardon.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 AUDIT_COLUMNS: tuple[str, ...] = ("id", "at", "actor", "action", "target", "detail")
 
 _SQL_TYPES = {
@@ -52,10 +52,14 @@ _SQL_TYPES = {
     "bytes_in": "INTEGER NOT NULL DEFAULT 0",
     "bytes_out": "INTEGER NOT NULL DEFAULT 0",
     "retries": "INTEGER NOT NULL DEFAULT 0",
-    "overflow": "INTEGER NOT NULL DEFAULT 0",
+    "limited": "INTEGER NOT NULL DEFAULT 0",
     "max_tokens": "INTEGER",
+    "overflow": "INTEGER NOT NULL DEFAULT 0",
 }
-BOOL_COLUMNS = frozenset({"stream", "overflow"})
+BOOL_COLUMNS = frozenset({"stream", "limited", "overflow"})
+# Columns renamed by a version (the old name, the new one, the version that renamed it): before
+# version 4, ``overflow`` meant "waited for a rate limit", now ``limited``.
+_RENAMED = (("overflow", "limited", 4),)
 
 NOT_OK = "status <> 200"
 """The partial index's condition: a query must repeat it word for word for SQLite to use the index."""
@@ -84,7 +88,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tenant TEXT NOT NULL,
     rpm REAL, tpm REAL, max_priority TEXT, models TEXT,
     created_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    overflow INTEGER NOT NULL DEFAULT 1
 )
 """
 
@@ -128,16 +133,30 @@ def _rebuild_with_integer_ids(conn: sqlite3.Connection, old_columns: Sequence[st
     return n
 
 
+def _rename_columns(conn: sqlite3.Connection, have: set[str], version: int) -> bool:
+    """The columns an older version named otherwise, renamed (their values kept); True if any was."""
+    renamed = False
+    for old, new, since in _RENAMED:
+        if version < since and old in have and new not in have:
+            conn.execute(f"ALTER TABLE requests RENAME COLUMN {old} TO {new}")
+            renamed = True
+    return renamed
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     """Create or upgrade the request log's schema (idempotent). ``conn`` is in autocommit mode.
 
-    One transaction: a v1/v2 database is rebuilt with integer ids (`_rebuild_with_integer_ids`),
-    missing columns are added, dropped indexes dropped, ``user_version`` raised to `SCHEMA_VERSION`.
+    One transaction: columns an older version named otherwise are renamed (`_RENAMED`), a v1/v2
+    database is rebuilt with integer ids (`_rebuild_with_integer_ids`), missing columns are added,
+    dropped indexes dropped, ``user_version`` raised to `SCHEMA_VERSION`.
     """
     rebuilt = -1
     conn.execute("BEGIN IMMEDIATE")
     try:
         info = conn.execute("PRAGMA table_info(requests)").fetchall()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if info and _rename_columns(conn, {row[1] for row in info}, version):
+            info = conn.execute("PRAGMA table_info(requests)").fetchall()
         if info and not _has_integer_id(info):
             rebuilt = _rebuild_with_integer_ids(conn, [row[1] for row in info])
         else:
@@ -154,7 +173,6 @@ def create_schema(conn: sqlite3.Connection) -> None:
             conn.execute(f"DROP INDEX IF EXISTS {name}")
         for name, target in _INDEXES:
             conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {target}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -168,8 +186,12 @@ def create_schema(conn: sqlite3.Connection) -> None:
 
 
 def create_keys_table(conn: sqlite3.Connection) -> None:
-    """The API keys created at run time (digests only), for `shardon.store.keys.KeyTable`."""
+    """The API keys created at run time (digests only), for `shardon.store.keys.KeyTable`; a table
+    of an older version gets the columns it lacks (``overflow``: 1, keys may overflow)."""
     conn.execute(_KEYS_TABLE)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+    if "overflow" not in have:
+        conn.execute("ALTER TABLE api_keys ADD COLUMN overflow INTEGER NOT NULL DEFAULT 1")
 
 
 def open_database(path: Path) -> sqlite3.Connection:

@@ -64,6 +64,20 @@ def test_console_line_of_a_success(mod: ModuleType) -> None:
     ]
 
 
+def test_a_variant_and_an_overflow_are_marked(mod: ModuleType) -> None:
+    """Only when set: the variant of a split, the overflow endpoint having served the request."""
+    rows = [served(variant="chat-v2"), served(node_id="overflow:m1", overflow=True), served(variant='a "b"')]
+    got = lines(mod, rows)
+    assert got[0].endswith(" id=18c2f3a40b400001 variant=chat-v2")
+    assert got[1].endswith(" node=overflow:m1 tenant=team-a in=231 out=612 error=- id=18c2f3a40b400001 overflow=1")
+    assert got[2].endswith(" variant=a\\x20\\x22b\\x22")
+    as_json = [json.loads(line) for line in lines(mod, rows, json_format=True)]
+    assert as_json[0]["variant"] == "chat-v2" and "overflow" not in as_json[0]
+    assert as_json[1]["overflow"] is True and "variant" not in as_json[1]
+    assert as_json[2]["variant"] == 'a "b"'
+    assert "variant" not in lines(mod, [served()], json_format=True)[0]
+
+
 def test_console_lines_of_an_error_and_of_a_client_that_left(mod: ModuleType) -> None:
     unknown = served(model="zz", node_id=None, status=404, error_type="model_not_found", bytes_out=0)
     gone = served(endpoint="/v1/completions", status=499, error_type="client_disconnected", finished_at=T0 + 2)

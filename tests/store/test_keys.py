@@ -98,3 +98,23 @@ def test_keys_persist_with_the_request_log_off(make_mock: Any, make_gateway: Any
     gw2 = make_gateway(dict(config))
     assert post(gw2.url, "/v1/chat/completions", CHAT)[0] == 401  # the gateway is keyed now
     assert post(gw2.url, "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {secret}"})[0] == 200
+
+
+def test_a_keys_overflow_setting_is_kept_and_an_older_table_gets_it(tmp_path: Path) -> None:
+    db = tmp_path / "shardon.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # the table before it had the column
+        conn.execute(
+            "CREATE TABLE api_keys (id TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL, "
+            "rpm REAL, tpm REAL, max_priority TEXT, models TEXT, created_at REAL NOT NULL, revoked_at REAL)"
+        )
+        conn.execute("INSERT INTO api_keys (id, key_sha256, tenant, created_at) VALUES ('old', 'x', 't', 1.0)")
+        conn.commit()
+    table = KeyTable(db)
+    table.insert(row("local-only", overflow=False))
+    keys = {k.id: k for k in KeyTable(db).load()[0]}
+    assert keys["old"].overflow is True and keys["local-only"].overflow is False
+    store = KeyStore(AuthConfig(), [], db)
+    key, secret = store.create(CreateKey(tenant="t", overflow=False))
+    assert key.public()["overflow"] is False
+    again = KeyStore(AuthConfig(), [], db)  # after a restart
+    assert again.authenticate(f"Bearer {secret}", None).overflow is False

@@ -201,14 +201,16 @@ def test_stats_percentiles_on_known_data(rlog: RequestLog) -> None:
 
 def test_usage_report_per_tenant_and_key(rlog: RequestLog) -> None:
     rows = [
-        ("a", "ka1", 200, 10, 5),
-        ("a", "ka1", 200, 20, 7),
-        ("a", "ka2", 429, None, None),
-        ("b", "kb1", 200, 1, 1),
-        (None, None, 401, None, None),
+        ("a", "ka1", 200, 10, 5, False),
+        ("a", "ka1", 200, 20, 7, True),
+        ("a", "ka2", 429, None, None, False),
+        ("b", "kb1", 200, 1, 1, False),
+        (None, None, 401, None, None, False),
     ]
-    for i, (tenant, key, status, p, c) in enumerate(rows):
-        rlog.append(rec(i, tenant=tenant, key_id=key, status=status, prompt_tokens=p, completion_tokens=c))
+    for i, (tenant, key, status, p, c, overflow) in enumerate(rows):
+        rlog.append(
+            rec(i, tenant=tenant, key_id=key, status=status, prompt_tokens=p, completion_tokens=c, overflow=overflow)
+        )
     rlog.append(rec(99, tenant="a", key_id="ka1", received_at=BASE - 1000, prompt_tokens=1000))
     assert rlog.flush()
     with ro(rlog) as conn:
@@ -218,8 +220,11 @@ def test_usage_report_per_tenant_and_key(rlog: RequestLog) -> None:
         a = by_tenant["a"]
         assert (a["requests"], a["completed"], a["failed"]) == (3, 2, 1)
         assert (a["prompt_tokens"], a["completion_tokens"], a["total_tokens"]) == (30, 12, 42)
+        # What the overflow endpoint served, and its tokens: the tenant's, and its key's.
+        assert a["overflow"] == {"requests": 1, "prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
         keys = {k["key_id"]: k for k in a["keys"]}
         assert keys["ka1"]["requests"] == 2 and keys["ka1"]["prompt_tokens"] == 30
+        assert keys["ka1"]["overflow"]["total_tokens"] == 27
         assert keys["ka2"] == {
             "key_id": "ka2",
             "requests": 1,
@@ -228,11 +233,33 @@ def test_usage_report_per_tenant_and_key(rlog: RequestLog) -> None:
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "total_tokens": 0,
+            "overflow": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
         assert by_tenant["b"]["total_tokens"] == 2
+        assert by_tenant["b"]["overflow"]["requests"] == 0
         assert by_tenant[None]["requests"] == 1
         only_a = queries.stats_by_tenant(conn, tenant="a")["data"]
         assert len(only_a) == 1 and only_a[0]["prompt_tokens"] == 1030  # no time bound: includes the old row
+
+
+def test_stats_by_model_show_variants_and_overflow(rlog: RequestLog) -> None:
+    rows = [("chat", "chat-v1", 200, False)] * 9 + [("chat", "chat-v2", 200, False), ("chat", "chat-v2", 502, False)]
+    rows += [("m", None, 200, True), ("m", None, 200, False)]
+    for i, (model, variant, status, overflow) in enumerate(rows):
+        rlog.append(
+            rec(i, model=model, variant=variant, status=status, overflow=overflow, prompt_tokens=3, completion_tokens=2)
+        )
+    assert rlog.flush()
+    with ro(rlog) as conn:
+        by_model = {d["model"]: d for d in queries.stats_by_model(conn)["data"]}
+    chat, m = by_model["chat"], by_model["m"]
+    assert chat["variants"] == {
+        "chat-v1": {"total": 9, "completed": 9, "failed": 0, "share": round(9 / 11, 4)},
+        "chat-v2": {"total": 2, "completed": 1, "failed": 1, "share": round(2 / 11, 4)},
+    }
+    assert chat["overflow"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert m["variants"] == {}
+    assert m["overflow"] == {"requests": 1, "prompt_tokens": 3, "completion_tokens": 2}
 
 
 def test_audit_entries(rlog: RequestLog) -> None:

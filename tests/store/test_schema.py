@@ -1,4 +1,5 @@
-"""The database schema (shardon.store.schema): version 3, old databases rebuilt with integer ids."""
+"""The database schema (shardon.store.schema): version 4, old databases rebuilt with integer ids, the
+rate-limit flag of version 3 and older (``overflow``) renamed ``limited``."""
 
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ V2_INDEXES = (
     "CREATE INDEX idx_requests_errors ON requests(status) WHERE status <> 200",
 )
 
-# The request columns of versions 1 to 3 (max_tokens came later: an added column).
-V3_COLUMNS = REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
+# The request columns of versions 1 to 3 (max_tokens came later: an added column), by their old names:
+# version 4 renamed the rate-limit flag ``overflow`` to ``limited`` (and added a new ``overflow``).
+V3_COLUMNS = tuple(
+    "overflow" if c == "limited" else c for c in REQUEST_COLUMNS[: REQUEST_COLUMNS.index("output_sha256") + 1]
+)
 
 V1_INDEXES = (
     "CREATE INDEX idx_requests_received_at ON requests(received_at)",
@@ -56,7 +60,7 @@ AUDIT = (
 
 
 def old_row(text_id: str, t: float, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(REQUEST_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(V3_COLUMNS)
     row.update(
         id=text_id,
         received_at=t,
@@ -119,6 +123,15 @@ def build_old_db(path: Path, version: int, indexes: tuple[str, ...] = V2_INDEXES
         conn.commit()
 
 
+def migrated(old: dict[str, Any]) -> dict[str, Any]:
+    """An old row as version 4 has it: its rate-limit flag ``limited``, the columns added since empty."""
+    row: dict[str, Any] = dict.fromkeys(REQUEST_COLUMNS)
+    row.update((c, v) for c, v in old.items() if c != "overflow")
+    row["limited"] = old["overflow"]
+    row["overflow"] = 0
+    return row
+
+
 def table_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
     cols = ", ".join(REQUEST_COLUMNS)
     return conn.execute(f"SELECT {cols} FROM requests ORDER BY id").fetchall()
@@ -137,7 +150,7 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
     path = tmp_path / "old.db"
     build_old_db(path, version, indexes)
     with RequestLog(path, cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3 == SCHEMA_VERSION
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4 == SCHEMA_VERSION
         info = conn.execute("PRAGMA table_info(requests)").fetchall()
         assert [r[1] for r in info] == list(REQUEST_COLUMNS)  # same columns, same order
         assert (info[0][1], info[0][2], info[0][5]) == ("id", "INTEGER", 1)  # the rowid alias
@@ -161,7 +174,7 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
         assert same_ms == [request_id_floor(BASE + 2.25), request_id_floor(BASE + 2.25) + 1]
         # every other value is what the old row held
         for r, want in zip(rows, by_time, strict=True):
-            assert r[1:] == tuple(want[c] for c in REQUEST_COLUMNS[1:])
+            assert r[1:] == tuple(migrated(want)[c] for c in REQUEST_COLUMNS[1:])
 
         # reads find the migrated rows by their new (hex) ids and by time
         first = queries.request(conn, ids[1])
@@ -175,7 +188,7 @@ def test_old_database_is_rebuilt_with_integer_ids(tmp_path: Path, version: int, 
         assert rl.flush()
         assert conn.execute("SELECT COUNT(*), max(id) > ? FROM requests", (ids[-1],)).fetchone() == (6, 1)
 
-    # a second start changes nothing (the table is v3 now)
+    # a second start changes nothing (the table is v4 now)
     with RequestLog(path, cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
         again = table_rows(conn)
         assert again[:5] == rows and len(again) == 6
@@ -211,7 +224,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with RequestLog(path, cfg()):
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA user_version = 4")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         conn.commit()
     rl = RequestLog(path, cfg())
     with pytest.raises(RuntimeError, match="newer than this Shardon"):
@@ -222,7 +235,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_new_database_has_integer_ids_and_two_indexes(tmp_path: Path) -> None:
     with RequestLog(tmp_path / "new.db", cfg()) as rl, contextlib.closing(rl.connect_readonly()) as conn:
         assert rl.newest_id == 0  # an empty log
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         pk = [(r[1], r[2]) for r in conn.execute("PRAGMA table_info(requests)") if r[5]]
         assert pk == [("id", "INTEGER")]
         assert index_names(conn) == {"idx_requests_errors", "idx_audit_at"}
@@ -284,3 +297,45 @@ def test_a_column_added_since_reaches_an_older_database_and_backlog(tmp_path: Pa
         (BASE + 2, 429, None, None),
         (BASE + 3, 200, None, 512),
     ]
+
+
+def test_version_3_rate_limit_flag_becomes_limited(tmp_path: Path) -> None:
+    """Version 3 called the rate-limit flag ``overflow``: its values move to ``limited`` (the table's and
+    an older backlog's), and the new ``overflow`` (served by an overflow endpoint) starts false."""
+    import msgspec
+
+    from shardon.store import backlog
+
+    path = tmp_path / "log.db"
+    with RequestLog(path, cfg()):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the table as version 3 had it
+        conn.execute("ALTER TABLE requests DROP COLUMN overflow")
+        conn.execute("ALTER TABLE requests DROP COLUMN variant")
+        conn.execute("ALTER TABLE requests DROP COLUMN max_tokens")
+        conn.execute("ALTER TABLE requests RENAME COLUMN limited TO overflow")
+        conn.execute(
+            "INSERT INTO requests (id, received_at, status, overflow) VALUES (?, ?, 200, 1)",
+            (request_id_floor(BASE), BASE),
+        )
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+    # A backlog version 3 left: rows of its 25 fields, the rate-limit flag where `limited` is now.
+    older = [
+        msgspec.msgpack.encode(list(msgspec.msgpack.decode(msgspec.msgpack.encode(r)))[: len(V3_COLUMNS)])
+        for r in (RequestRecord(id=request_id_floor(BASE + 1), received_at=BASE + 1, status=200, limited=True),)
+    ]
+    directory = path.with_name(path.name + "-backlog")
+    directory.mkdir()
+    (directory / backlog.segment_name(1)).write_bytes(backlog.encode_frame(backlog.KIND_ROWS, older))
+    with RequestLog(path, cfg()) as rl:
+        assert rl.recovered == 1
+        rl.append(RequestRecord(id=request_id_floor(BASE + 2), received_at=BASE + 2, variant="v2", overflow=True))
+        assert rl.flush()
+        with contextlib.closing(rl.connect_readonly()) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            assert [r[1] for r in conn.execute("PRAGMA table_info(requests)")] == list(REQUEST_COLUMNS)
+            got = conn.execute("SELECT received_at, limited, variant, overflow FROM requests ORDER BY id").fetchall()
+            rows = queries.requests(conn)["data"]
+    assert got == [(BASE, 1, None, 0), (BASE + 1, 1, None, 0), (BASE + 2, 0, "v2", 1)]
+    assert [(r["limited"], r["overflow"]) for r in rows] == [(False, True), (True, False), (True, False)]
