@@ -99,7 +99,7 @@ cdef class Exchange:
     cdef public object whole
 
     cpdef authorize(self, headers)
-    @cython.locals(size=Py_ssize_t, core=RequestCore)
+    @cython.locals(size=Py_ssize_t, core=RequestCore, route=scheduling.Route)
     cpdef prepare(self, headers, bytes body)
     cdef _routed(self, rules, headers)
     @cython.locals(core=RequestCore, stage=int, index=int)
