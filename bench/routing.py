@@ -146,7 +146,8 @@ class SimNode:
         for i in range(OUTPUT_TOKENS):
             word = f"answer{(len(text) + i) % 97:05d} "
             answer.append(word)
-            event = json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": word}}]})
+            delta = {"index": 0, "delta": {"content": word}}
+            event = json.dumps({"object": "chat.completion.chunk", "choices": [delta]})
             data = f"data: {event}\n\n".encode()
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             await writer.drain()
@@ -362,9 +363,9 @@ def scenario(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         for port in (*node_ports, gw_port):
             wait_port(port)
         time.sleep(0.5)
+        load_args = [str(gw_port), str(args.users), str(args.think), str(args.warmup), str(args.duration)]
         load = subprocess.Popen(
-            [*load_cpu, sys.executable, __file__, "--load", str(gw_port), str(args.users), str(args.think)]
-            + [str(args.warmup), str(args.duration)],
+            [*load_cpu, sys.executable, __file__, "--load", *load_args],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -397,6 +398,22 @@ def scenario(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def hash_cost() -> str:
+    """What prefix affinity's key costs on the request path: ``prefix_hashes`` of chat bodies of a few
+    sizes, microseconds per call (best of 5 runs of 2,000)."""
+    import timeit
+
+    from shardon.routing.policies import prefix_hashes
+
+    out = []
+    for size in (2, 8, 32):
+        text = "x" * (size * 1000)
+        body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": text}]}).encode()
+        best = min(timeit.repeat(lambda body=body: prefix_hashes(body), number=2000, repeat=5)) / 2000
+        out.append(f"{size} KB {best * 1e6:.1f} us")
+    return "prefix key: " + ", ".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--nodes", type=int, default=4)
@@ -424,6 +441,7 @@ def main() -> None:
         f"{args.users} users, think {args.think:g}s, {TURNS} turns a chat, {SYSTEM_PROMPTS} system prompts; "
         f"{args.warmup:g}s warm-up, {args.duration:g}s counted"
     )
+    print(hash_cost())
     rows = {policy: scenario(policy, args) for policy in args.policies.split(",")}
     for r in rows.values():
         print(

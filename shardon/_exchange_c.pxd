@@ -101,7 +101,6 @@ cdef class Exchange:
     cpdef authorize(self, headers)
     @cython.locals(size=Py_ssize_t, core=RequestCore, route=scheduling.Route)
     cpdef prepare(self, headers, bytes body)
-    cdef _routed(self, rules, headers)
     @cython.locals(core=RequestCore, stage=int, index=int)
     cpdef admit(self)
     cdef _took(self, int index)

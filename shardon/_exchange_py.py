@@ -284,8 +284,8 @@ class Exchange:
         if allowed is not None and model not in allowed:
             raise errors.Forbidden(f"this API key may not use model '{model}'", param="model")
         rules = route.rules
-        if rules is not None:
-            route = self._routed(rules, headers)
+        if rules is not None:  # the split's variant, the policy's key, the overflow (shardon.routing)
+            route = rules.apply(self, headers)
         value = headers.get("x-priority")
         if value is None:
             priority = min(core.default_priority, principal.max_priority)
@@ -326,29 +326,6 @@ class Exchange:
             except errors.RateLimited:
                 core.metrics.rate_limited(self.tenant, "tokens" if tokens else "requests")
                 raise
-
-    def _routed(self, rules: Any, headers: Any) -> Any:
-        """The model's routing rules (shardon.routing): a split's variant and its route, the key of
-        the route's node policy, the overflow this caller may take. Returns the route to serve."""
-        session = headers.get("x-session-id") or self.req.user
-        split = rules.split
-        if split is not None:
-            variant = split.choose(session)
-            route = self.core.scheduler.routes.get(variant)
-            if route is None:
-                raise errors.ModelNotFound(f"the variant '{variant}' of model '{self.rec.model}' does not exist")
-            self.route = route
-            self.variant = self.rec.variant = variant
-            rules = route.rules
-        route = self.route
-        policy = route.policy
-        if policy is not None:
-            self.affinity = policy.key(session, self.body)
-        if rules is not None:
-            overflow = rules.overflow
-            if overflow is not None and overflow.allows(self.principal):
-                self.overflow = overflow
-        return route
 
     # == admit =======================================================================================
     def admit(self) -> Any:

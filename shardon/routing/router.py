@@ -33,13 +33,37 @@ _PATCHABLE = ("policy", "split", "sticky", "overflow", "load_bound")
 
 
 class Rules:
-    """What the exchange applies to a request for a route's name (`shardon.routing`)."""
+    """What the exchange applies to a request for a route's name: its split, the overflow it may take."""
 
     __slots__ = ("overflow", "split")
 
     def __init__(self, split: Split | None, overflow: Overflow | None) -> None:
         self.split = split
         self.overflow = overflow
+
+    def apply(self, ex: Any, headers: Any) -> Any:
+        """Route the request of exchange ``ex`` (in `Exchange.prepare`): a split's variant (its route
+        then serves it), the key of the route's node policy, the overflow this caller may take.
+        Returns the route that serves it."""
+        session = headers.get("x-session-id") or ex.req.user
+        rules: Rules | None = self
+        split = self.split
+        if split is not None:
+            variant = split.choose(session)
+            route = ex.core.scheduler.routes.get(variant)
+            if route is None:
+                raise ModelNotFound(f"the variant '{variant}' of model '{ex.rec.model}' does not exist")
+            ex.route = route
+            ex.variant = ex.rec.variant = variant
+            rules = route.rules
+        route = ex.route
+        policy = route.policy
+        if policy is not None:
+            ex.affinity = policy.key(session, ex.body)
+        overflow = None if rules is None else rules.overflow
+        if overflow is not None and overflow.allows(ex.principal):
+            ex.overflow = overflow
+        return route
 
 
 class Router:

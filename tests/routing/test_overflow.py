@@ -133,3 +133,29 @@ def test_every_local_node_down_sends_the_allowed_callers_to_the_endpoint(make_mo
     assert status == 200 and headers["x-shardon-node"] == "overflow:chat"
     status, _, body = post(gw.url, "/v1/chat/completions", chat("down"), {"Authorization": "Bearer kb"})
     assert status == 503, body  # not allowed to overflow: no capacity
+
+
+def test_a_request_the_endpoint_fails_is_retried_locally(make_mock: Any, make_gateway: Any) -> None:
+    local = make_mock(models=["chat"], chunks=1, name="local")
+    remote = make_mock(models=["chat"], max_concurrent=0, name="remote")  # answers every request 503
+    gw = make_gateway(
+        nodes=[node_entry(local, "local", ["chat"], max_concurrent=1)],
+        routing={"chat": {"overflow": {"url": remote.url, "deadline_s": 0.01}}},
+    )
+    blocker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    held = blocker.submit(post, gw.url, "/v1/chat/completions", chat("hold", mock={"ttft_ms": 300}))
+    try:
+        wait_until(lambda: local.stats.in_flight == 1)
+        status, headers, _ = post(gw.url, "/v1/chat/completions", chat("after"))
+    finally:
+        assert held.result(10)[0] == 200
+        blocker.shutdown()
+    assert status == 200 and headers["x-shardon-node"] == "local"
+    assert remote.stats.rejected == 1  # it went there first
+
+    def row() -> Any:
+        _status, _, body = call(gw.url, "GET", f"/admin/requests/{headers['x-request-id']}")
+        return body if _status == 200 else None
+
+    logged = wait_until(row)
+    assert logged["overflow"] is False and logged["retries"] == 1 and logged["node_id"] == "local"
