@@ -15,7 +15,9 @@ least connections:
 
 ``pick`` only chooses; the caller then calls ``acquire`` on the chosen node and ``release`` when the
 request ends. ``set_trial`` makes a node eligible for exactly one more ``acquire`` (a circuit
-breaker's half-open trial): that acquire takes its health away again. Unknown ids are skipped by ``pick`` and ``free_slots``, ignored by ``release`` and
+breaker's half-open trial): that acquire takes its health away again.
+
+Unknown ids are skipped by ``pick`` and ``free_slots``, ignored by ``release`` and
 ``remove``, read as 0 / False by ``inflight``, ``capacity`` and ``healthy``, and rejected (KeyError)
 by ``acquire``, ``set_healthy``, ``set_trial``, ``set_capacity`` and ``set_load``.
 """
