@@ -282,11 +282,12 @@ class Exchange:
         if endpoint.form:
             content_type = headers.get("content-type")
             try:
-                req = self.req = form_routing(body, content_type)
+                req: Any = form_routing(body, content_type)
             except FormError as exc:
                 raise errors.BadRequest(f"invalid form: {exc}") from None
             if not req.model:
                 raise errors.BadRequest("invalid form: missing required field `model`", param="model")
+            self.req = req
             self.content_type = content_type.encode("latin-1")
         else:
             try:
@@ -618,7 +619,7 @@ class Exchange:
         if self.gone:
             raise errors.ClientGone()
         if not error.reused:
-            self.core.registry.record_failure(node, str(error))
+            self.core.registry.record_failure(node, str(error), error.refused)
         if self.streaming:
             # After the first byte there is no silent retry: the client is told in-band.
             rec.status = 502

@@ -60,4 +60,4 @@ cdef class NodeRegistry:
     cdef public object prober
 
     cpdef record_success(self, Node node)
-    cpdef record_failure(self, Node node, str error)
+    cpdef record_failure(self, Node node, str error, bint refused=*)

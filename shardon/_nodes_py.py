@@ -13,7 +13,8 @@ one array read; the registry sets it on every change.
 Circuit breaker, per node:
 
 - closed: ``failure_threshold`` consecutive failed requests (before any byte reached the client,
-  or answered with a 5xx) open it, and so does one failed active probe (`shardon.probes`);
+  or answered with a 5xx) open it, and so does one failed active probe (`shardon.probes`) or one
+  refused connection (nothing listens: the node is down, not busy);
 - open: no request is sent to it, nor probe; after the cool-down it half-opens;
 - half-open: exactly one request is let through, a client's (the balancer's one-acquire trial) or,
   if none comes by the next probe, the probe itself; success closes the circuit, failure opens it
@@ -32,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit
 
 from .config import NodeConfig, UpstreamConfig
 from .probes import Prober
+from .upstream.base import node_tls
 from .upstream.connection import NodePool
 
 log = logging.getLogger("shardon.nodes")
@@ -52,15 +52,6 @@ CLOSED = 0
 OPEN = 1
 HALF_OPEN = 2
 CIRCUIT_NAMES = ("closed", "open", "half_open")
-
-
-def tls_context(config: NodeConfig) -> ssl.SSLContext | None:
-    """The TLS settings of an ``https://`` node: verified against its ``ca_file``, else the system's
-    trust store; None for ``http://``."""
-    if urlsplit(config.url).scheme != "https":
-        return None
-    cafile = os.path.expanduser(config.ca_file) if config.ca_file else None
-    return ssl.create_default_context(cafile=cafile)
 
 
 class Node:
@@ -213,7 +204,7 @@ class NodeRegistry:
     # -- the set of nodes ---------------------------------------------------------------------
     def add(self, config: NodeConfig, *, backend: str | None = None, source: str = "config") -> Node:
         parts = urlsplit(config.url)
-        context = tls_context(config)
+        context = node_tls(config.url, config.ca_file)
         pool = NodePool(
             parts.hostname or "127.0.0.1",
             parts.port or (443 if context is not None else 80),
@@ -289,13 +280,16 @@ class NodeRegistry:
         if node.circuit != CLOSED and node.index in self.by_index:
             self._close(node)
 
-    def record_failure(self, node: Node, error: str) -> None:
-        """A request failed on the node (before its first byte reached the client, or a 5xx)."""
+    def record_failure(self, node: Node, error: str, refused: bool = False) -> None:
+        """A request failed on the node (before its first byte reached the client, or a 5xx);
+        ``refused``: its connection was refused (nothing listens there: out at once)."""
         node.failures += 1
         node.last_error = error
-        if node.index not in self.by_index:
-            return  # removed meanwhile
-        if node.circuit == HALF_OPEN or (node.circuit == CLOSED and node.failures >= self.upstream.failure_threshold):
+        if node.index not in self.by_index or node.circuit == OPEN:
+            return  # removed meanwhile, or out already
+        if refused:
+            self._open(node, error)
+        elif node.circuit == HALF_OPEN or node.failures >= self.upstream.failure_threshold:
             self._open(node, f"{node.failures} consecutive failures: {error}")
 
     def probe_failed(self, node: Node, error: str) -> None:

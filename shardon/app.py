@@ -37,7 +37,7 @@ from .web import Dashboard
 JSON = [("content-type", "application/json")]
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
 _MODEL_PREFIX = "/v1/models/"
-_CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+_CIRCUIT_GAUGE = (0, 2, 1)  # by the registry's closed, open, half-open: 0 closed, 1 half-open, 2 open
 
 
 class Gateway:
@@ -269,6 +269,7 @@ class Gateway:
     async def _metrics(self, scope: Scope, proto: HTTPProtocol) -> None:
         # Gauges are read at scrape time: the request path pays nothing for them.
         metrics = self.metrics
+        now = time.monotonic()
         for name, route in self.scheduler.routes.items():
             counts = [0, 0, 0, 0]
             for priority, _tenant, live in route.queue.snapshot():
@@ -280,7 +281,7 @@ class Gateway:
         for node in self.registry.nodes.values():
             metrics.set_inflight(node.id, self.scheduler.balancer.inflight(node.index))
             metrics.set_node_up(node.id, node.healthy)
-            snap = node.snapshot()
-            metrics.set_node_state(node.id, _CIRCUIT_VALUES[snap["circuit"]], node.draining, snap["load"])
+            load = None if node.load is None else node.load.public(now)
+            metrics.set_node_state(node.id, _CIRCUIT_GAUGE[node.circuit], node.draining, load)
         body, content_type = metrics.render()
         proto.response_bytes(200, [("content-type", content_type)], body)

@@ -362,7 +362,10 @@ class NodePool:
         except SSLError as exc:  # (an OSError: first) the node's certificate, or its TLS
             raise UpstreamConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
         except OSError as exc:
-            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+            raise UpstreamConnectError(
+                f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}",
+                refused=isinstance(exc, ConnectionRefusedError),
+            ) from None
         self._busy.add(conn)
         return conn
 

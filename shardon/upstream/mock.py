@@ -659,7 +659,7 @@ class MockNode:
                 else:
                     self._inject(conn, fail, keep, kind, 2, kind == 0)
                 return
-            if path == b"/health":
+            if path == b"/health" and self.reported.health:
                 if method != b"GET":
                     self._send_error(conn, 405, _error("Method Not Allowed", "invalid_request_error"), keep)
                     return

@@ -15,6 +15,7 @@ deterministic and derived from what was sent, so a test can tell that the bytes 
     POST /v1/images/variations      multipart: b64_json images from the image
     GET  /metrics                   ``MockNode.reported.metrics`` (Prometheus text), 404 while None
     GET  /slots                     ``MockNode.reported.slots`` (llama.cpp's list), 501 while None
+    GET  /health                    a 404 when ``MockNode.reported.health`` is False
 
 Streams send one piece per ``MockConfig.delay_ms``; each answer names the model it was sent.
 """
@@ -37,11 +38,13 @@ Head = list[tuple[bytes, bytes]]
 
 
 class Reported:
-    """What the node's ``/metrics`` and ``/slots`` say (None: it has no such endpoint)."""
+    """What the node's ``/metrics`` and ``/slots`` say (None: it has no such endpoint), and whether
+    it has ``/health`` (False: a 404 there, like llama-cpp-python's server or a hosted API)."""
 
-    __slots__ = ("metrics", "slots")
+    __slots__ = ("health", "metrics", "slots")
 
     def __init__(self) -> None:
+        self.health = True
         self.metrics: str | None = None
         self.slots: list[dict[str, Any]] | None = None
 
