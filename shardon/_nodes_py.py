@@ -203,6 +203,8 @@ class NodeRegistry:
 
     # -- the set of nodes ---------------------------------------------------------------------
     def add(self, config: NodeConfig, *, backend: str | None = None, source: str = "config") -> Node:
+        if config.id in self.nodes:
+            raise ValueError(f"a node with id {config.id!r} exists already")
         parts = urlsplit(config.url)
         context = node_tls(config.url, config.ca_file)
         pool = NodePool(

@@ -117,10 +117,14 @@ class Scheduler:
             if route not in routes:
                 routes.append(route)
 
-    def _leave(self, index: int) -> None:
-        """Node ``index`` serves no model any more; a model left without a node (one no lifecycle
-        keeps, nobody waiting for) is gone from the table."""
-        for route in self._node_routes.pop(index, []):
+    def _leave(self, index: int, keep: dict[str, str]) -> None:
+        """Node ``index`` no longer serves the models not in ``keep``; a model left without a node
+        (one no lifecycle keeps, nobody waiting for) is gone from the table."""
+        routes = self._node_routes.get(index, [])
+        for route in list(routes):
+            if route.name in keep:
+                continue
+            routes.remove(route)
             if index in route.candidates:
                 route.candidates.remove(index)
             route.served_names.pop(index, None)
@@ -138,12 +142,13 @@ class Scheduler:
     def update_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
         """A node's capacity, weight or models changed at run time (its requests in flight stay)."""
         self.balancer.add(index, capacity, weight)  # a known node: capacity and weight only
-        self._leave(index)
+        self._leave(index, models)
         self._join(index, models)
         self.dispatch(index)
 
     def remove_node(self, index: int) -> None:
-        self._leave(index)
+        self._leave(index, {})
+        self._node_routes.pop(index, None)
         self._recovering.discard(index)
         self.balancer.remove(index)
 

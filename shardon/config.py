@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -319,6 +320,10 @@ def validate_node(node: NodeConfig, where: str) -> None:
             raise ConfigError(f"{where}.ca_file: only for an https:// node")
         if not os.path.isfile(os.path.expanduser(node.ca_file)):
             raise ConfigError(f"{where}.ca_file: no such file {node.ca_file!r}")
+        try:
+            ssl.create_default_context(cafile=os.path.expanduser(node.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{where}.ca_file: not a PEM certificate file ({exc})") from None
 
 
 def _validate(cfg: Config) -> None:

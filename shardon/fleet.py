@@ -109,6 +109,10 @@ class Fleet:
         except ConfigError as exc:
             where, _, why = str(exc).partition(": ")
             raise errors.BadRequest(f"invalid {where}: {why}", param=where.removeprefix("node.")) from None
+        if config.id.startswith("lifecycle:"):
+            raise errors.BadRequest(
+                "invalid node.id: ids starting with 'lifecycle:' are the model lifecycle's", param="id"
+            )
         if config.id in self.registry.nodes:
             raise errors.Conflict(f"a node with id '{config.id}' exists already", param="id")
         node = self.registry.add(config, source="admin")

@@ -125,9 +125,10 @@ def config_error(tmp_path: Path, text: str) -> str:
     return str(err.value)
 
 
-def test_node_config_is_checked(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+def test_node_config_is_checked(tmp_path: Path, certificates: dict[str, Path]) -> None:
+    ca = certificates["ca"]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
     ok = tmp_path / "ok.yaml"
     ok.write_text(
         f"nodes: [{{id: a, url: 'https://api.example.com', models: [m], ca_file: '{ca}', labels: {{zone: eu}}}}]"
@@ -139,6 +140,9 @@ def test_node_config_is_checked(tmp_path: Path) -> None:
     )
     assert config_error(tmp_path, f"nodes: [{{id: a, url: 'http://h:1', models: [m], ca_file: '{ca}'}}]").startswith(
         "nodes[0].ca_file"
+    )
+    assert config_error(tmp_path, f"nodes: [{{id: a, url: 'https://h', models: [m], ca_file: '{junk}'}}]").startswith(
+        "nodes[0].ca_file: not a PEM certificate file"
     )
     assert config_error(tmp_path, "nodes: [{id: a, url: 'http://h:1/v1', models: [m]}]").startswith("nodes[0].url")
     assert config_error(tmp_path, "nodes: [{id: 'a/b', url: 'http://h:1', models: [m]}]").startswith("nodes[0].id")
