@@ -28,7 +28,7 @@ import msgspec
 from . import errors
 from ._fast.sse import OutputHasher, UsageStripper, hash_response
 from .endpoints import FORM, GENERATIVE, JSON_BODY
-from .multipart import FormError, replace_field
+from .multipart import replace_field
 from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, answer_usage, form_routing, routing_decoder, with_fields
 from .store import RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
@@ -281,12 +281,7 @@ class Exchange:
             raise errors.PayloadTooLarge(f"request body exceeds {endpoint.max_body} bytes")
         if endpoint.form:
             content_type = headers.get("content-type")
-            try:
-                req: Any = form_routing(body, content_type)
-            except FormError as exc:
-                raise errors.BadRequest(f"invalid form: {exc}") from None
-            if not req.model:
-                raise errors.BadRequest("invalid form: missing required field `model`", param="model")
+            req: Any = form_routing(body, content_type)  # (400 for a bad form or no model)
             self.req = req
             self.content_type = content_type.encode("latin-1")
         else:

@@ -12,6 +12,7 @@ import orjson
 
 # The usage stripper runs once per stream chunk: compiled, with its pure-Python twin (shardon/_fast).
 from ._fast.sse import UsageStripper
+from .errors import BadRequest
 from .multipart import FormError, boundary_of, form_fields
 
 __all__ = [
@@ -60,13 +61,20 @@ _FORM_FIELDS = frozenset({"model", "stream"})
 
 
 def form_routing(body: bytes, content_type: str | None) -> FormRouting:
-    """The routing fields of a form: its ``model`` (empty when missing) and ``stream`` ("true")."""
-    boundary = boundary_of(content_type)
-    fields = form_fields(body, boundary, _FORM_FIELDS)
-    stream = fields.get("stream", "false").strip().lower()
-    if stream not in ("true", "false", "1", "0"):
-        raise FormError(f"stream must be true or false, got {fields['stream']!r}")
-    return FormRouting(model=fields.get("model", "").strip(), boundary=boundary, stream=stream in ("true", "1"))
+    """The routing fields of a form: its ``model`` and ``stream`` ("true"); BadRequest for a body
+    that is not the form its Content-Type says, or has no model."""
+    try:
+        boundary = boundary_of(content_type)
+        fields = form_fields(body, boundary, _FORM_FIELDS)
+        stream = fields.get("stream", "false").strip().lower()
+        if stream not in ("true", "false", "1", "0"):
+            raise FormError(f"stream must be true or false, got {fields['stream']!r}")
+    except FormError as exc:
+        raise BadRequest(f"invalid form: {exc}") from None
+    model = fields.get("model", "").strip()
+    if not model:
+        raise BadRequest("invalid form: missing required field `model`", param="model")
+    return FormRouting(model=model, boundary=boundary, stream=stream in ("true", "1"))
 
 
 class _Usage(msgspec.Struct):

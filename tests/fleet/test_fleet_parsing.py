@@ -8,7 +8,7 @@ import pytest
 
 from shardon.config import load_config
 from shardon.endpoints import ENDPOINTS, LARGE_BODIES, body_limits
-from shardon.errors import ConfigError
+from shardon.errors import BadRequest, ConfigError
 from shardon.multipart import FormError, boundary_of, form_data, form_fields, replace_field
 from shardon.nodeload import parse_metrics, parse_slots
 from shardon.schemas import answer_usage, form_routing
@@ -55,9 +55,13 @@ def test_form_routing_fields() -> None:
     req = form_routing(FORM, "multipart/form-data; boundary=b0undary")
     assert (req.model, req.stream, req.boundary) == ("whisper-1", True, b"b0undary")
     without = FORM.replace(b'name="model"', b'name="prompt"').replace(b'name="stream"', b'name="other"')
-    assert form_routing(without, "multipart/form-data; boundary=b0undary").model == ""
-    with pytest.raises(FormError):
+    with pytest.raises(BadRequest) as missing:
+        form_routing(without, "multipart/form-data; boundary=b0undary")
+    assert missing.value.param == "model"
+    with pytest.raises(BadRequest, match="stream must be true or false"):
         form_routing(FORM.replace(b"true", b"perhaps"), "multipart/form-data; boundary=b0undary")
+    with pytest.raises(BadRequest, match="multipart/form-data"):
+        form_routing(FORM, "application/json")
 
 
 def test_answer_usage_of_any_endpoint() -> None:
