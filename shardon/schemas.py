@@ -108,6 +108,7 @@ def answer_usage(body: bytes) -> dict[str, int | None] | None:
         prompt = usage.total_tokens  # rerank, moderations: what was read
     return {"prompt_tokens": prompt, "completion_tokens": completion}
 
+
 PRIORITY_BY_NAME: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 PRIORITY_NAMES: tuple[str, ...] = ("low", "normal", "high", "critical")
 

@@ -45,7 +45,7 @@ def test_a_killed_node_leaves_rotation_within_one_probe_interval(
     killed = time.monotonic()
     state = wait_circuit(gw, "doomed", "open", timeout=10)
     # No request was made: the probe found it, within one interval (and its timeout).
-    assert time.monotonic() - killed < interval + timeout + 1.0
+    assert time.monotonic() - killed < interval + timeout + 2.0  # (slack for a loaded machine)
     assert state["healthy"] is False and "health check" in state["last_error"]
     for _ in range(4):
         status, headers, _ = chat(gw.url)
