@@ -36,6 +36,7 @@ def test_gateway_suite_passes_on_the_python_twins() -> None:
             "-rfE",
             "tests/gateway",
             "tests/routing",
+            "tests/fleet",
             "tests/store/test_access.py",
         ],
         cwd=ROOT,

@@ -1,6 +1,6 @@
 """The database's schema: tables, indexes, migrations, and how its connections are opened.
 
-One place for every table in Shardon's SQLite file (requests, audit, api_keys) and for the
+One place for every table in Shardon's SQLite file (requests, audit, api_keys, nodes) and for the
 connection settings (WAL, busy timeout), so the request log, its readers and the key table open
 the same database the same way. The schema and why it has so few indexes:
 ``docs/request-log.md`` (schema).
@@ -27,6 +27,7 @@ __all__ = [
     "WRITER_PRAGMAS",
     "connect_readonly",
     "create_keys_table",
+    "create_nodes_table",
     "create_schema",
     "open_database",
     "open_writer",
@@ -90,6 +91,19 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at REAL NOT NULL,
     revoked_at REAL,
     overflow INTEGER NOT NULL DEFAULT 1
+)
+"""
+
+
+# The nodes registered through the admin API: the node's config (its api_key included: Shardon sends
+# it to the node) as JSON, and whether it was draining.
+_NODES_TABLE = """
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    draining INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
 )
 """
 
@@ -192,6 +206,11 @@ def create_keys_table(conn: sqlite3.Connection) -> None:
     have = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
     if "overflow" not in have:
         conn.execute("ALTER TABLE api_keys ADD COLUMN overflow INTEGER NOT NULL DEFAULT 1")
+
+
+def create_nodes_table(conn: sqlite3.Connection) -> None:
+    """The nodes registered at run time, for `shardon.store.nodes.NodeTable`."""
+    conn.execute(_NODES_TABLE)
 
 
 def open_database(path: Path) -> sqlite3.Connection:
