@@ -29,7 +29,7 @@ from .endpoints import ENDPOINTS
 from .errors import ConfigError
 from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
 from .proxies import parse_trusted
-from .routing.config import OVERFLOW_NODE_PREFIX, RoutingEntry, parse_routing
+from .routing.config import OVERFLOW_NODE_PREFIX, OverflowConfig, RoutingEntry, overflow_node_id, parse_routing
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -307,6 +307,8 @@ def validate_node(node: NodeConfig, where: str) -> None:
     and those registered through the admin API."""
     if not node.id or "/" in node.id or node.id != node.id.strip():
         raise ConfigError(f"{where}.id: a node id is a non-empty name without '/' or surrounding spaces")
+    if node.id.startswith(OVERFLOW_NODE_PREFIX):
+        raise ConfigError(f"{where}.id: ids starting {OVERFLOW_NODE_PREFIX!r} name overflow endpoints (routing)")
     parts = urlsplit(node.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.url: expected http://host:port or https://host[:port], got {node.url!r}")
@@ -331,6 +333,28 @@ def validate_node(node: NodeConfig, where: str) -> None:
             raise ConfigError(f"{where}.ca_file: not a PEM certificate file ({exc})") from None
 
 
+def overflow_node(model: str, overflow: OverflowConfig) -> NodeConfig:
+    """The node that stands for ``model``'s overflow endpoint (shardon.routing): no route's candidate
+    (no models), its load not polled (a hosted endpoint reports none)."""
+    return NodeConfig(
+        id=overflow_node_id(model),
+        url=overflow.url,
+        models={},
+        max_concurrent=overflow.max_concurrent,
+        api_key=overflow.api_key,
+        ca_file=overflow.ca_file,
+        report_load=False,
+    )
+
+
+def validate_overflow(model: str, overflow: OverflowConfig) -> None:
+    """An overflow endpoint's URL and CA file, checked as a node's (ConfigError naming
+    ``routing.<model>.overflow.<field>``)."""
+    node = overflow_node(model, overflow)
+    served = overflow.model or model
+    validate_node(msgspec.structs.replace(node, id="overflow", models={model: served}), f"routing.{model}.overflow")
+
+
 def _validate(cfg: Config) -> None:
     try:
         parse_trusted(cfg.server.trusted_proxies)
@@ -344,10 +368,11 @@ def _validate(cfg: Config) -> None:
         where = f"nodes[{i}]"
         if node.id in seen:
             raise ConfigError(f"{where}.id: duplicate node id {node.id!r}")
-        if node.id.startswith(OVERFLOW_NODE_PREFIX):
-            raise ConfigError(f"{where}.id: ids starting {OVERFLOW_NODE_PREFIX!r} name overflow endpoints")
         seen.add(node.id)
         validate_node(node, where)
+    for name, entry in cfg.routing.items():
+        if entry.overflow is not None:
+            validate_overflow(name, entry.overflow)
 
 
 def _validate_tenants(cfg: Config) -> None:

@@ -135,6 +135,8 @@ class Fleet:
                 raise errors.BadRequest("invalid change: a node must serve at least one model", param="models")
             if node.source == "lifecycle":
                 raise errors.Conflict(f"node '{node.id}' runs a model Shardon starts: its models are the lifecycle's")
+            if node.source == "routing":
+                raise errors.Conflict(f"node '{node.id}' is an overflow endpoint: it serves no model (see routing)")
         if fields:
             self.registry.update(node, msgspec.structs.replace(node.config, **fields))
         if patch.drain is not None and patch.drain != node.draining:

@@ -56,9 +56,10 @@ class FormRouting(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stream_options: StreamOptions | None = None
+    user: str | None = None
 
 
-_FORM_FIELDS = frozenset({"model", "stream"})
+_FORM_FIELDS = frozenset({"model", "stream", "user"})
 
 
 def form_routing(body: bytes, content_type: str | None) -> FormRouting:
@@ -75,7 +76,8 @@ def form_routing(body: bytes, content_type: str | None) -> FormRouting:
     model = fields.get("model", "").strip()
     if not model:
         raise BadRequest("invalid form: missing required field `model`", param="model")
-    return FormRouting(model=model, boundary=boundary, stream=stream in ("true", "1"))
+    user = fields.get("user") or None
+    return FormRouting(model=model, boundary=boundary, stream=stream in ("true", "1"), user=user)
 
 
 class _Usage(msgspec.Struct):

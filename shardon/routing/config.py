@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -34,6 +33,8 @@ class OverflowConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
     url: str
     """An OpenAI-compatible endpoint: ``http(s)://host[:port]`` (its ``/v1/...`` paths are used)."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed an ``https://`` endpoint's certificate (a private CA)."""
     api_key: str | None = None
     """Sent as ``Authorization: Bearer``; never shown by the admin API."""
     model: str | None = None
@@ -63,8 +64,9 @@ class RoutingEntry(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def overflow_node_id(model: str) -> str:
-    """The id of the node that stands for ``model``'s overflow endpoint (``x-shardon-node``)."""
-    return OVERFLOW_NODE_PREFIX + model
+    """The id of the node that stands for ``model``'s overflow endpoint (``x-shardon-node``; a node
+    id has no ``/``)."""
+    return OVERFLOW_NODE_PREFIX + model.replace("/", "_")
 
 
 def _name(where: str, value: str) -> None:
@@ -95,16 +97,9 @@ def parse_entry(name: str, raw: Any) -> RoutingEntry:
     if entry.sticky is not None and entry.split is None:
         raise ValueError(f"{where}.sticky: only a split has variants to keep")
     overflow = entry.overflow
-    if overflow is not None:
-        parts = urlsplit(overflow.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}.overflow.url: expected http(s)://host[:port], got {overflow.url!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError(f"{where}.overflow.url: bad port in {overflow.url!r}") from None
-        if overflow.model is not None and not overflow.model:
-            raise ValueError(f"{where}.overflow.model: must not be empty")
+    if overflow is not None and overflow.model is not None and not overflow.model:
+        raise ValueError(f"{where}.overflow.model: must not be empty")
+    # (The endpoint's URL and CA file are a node's: shardon.config.validate_node checks them.)
     return entry
 
 

@@ -45,8 +45,7 @@ def eligible(balancer: Any, node: int) -> bool:
 
 def node_load(balancer: Any, node: int) -> float:
     """Requests on ``node``: Shardon's in flight, and what the node reports beyond them."""
-    load = getattr(balancer, "load", None)
-    return balancer.inflight(node) + (load(node) if load is not None else 0.0)
+    return float(balancer.inflight(node) + balancer.load(node))
 
 
 class Affinity:

@@ -20,9 +20,9 @@ from typing import Any
 
 import msgspec
 
-from ..config import NodeConfig
-from ..errors import ModelNotFound
-from .config import RoutingEntry, check_variants, overflow_node_id, parse_entry
+from ..config import overflow_node, validate_overflow
+from ..errors import ConfigError, ModelNotFound
+from .config import RoutingEntry, check_variants, parse_entry
 from .overflow import Overflow
 from .policies import PrefixAffinity, RoundRobin
 from .split import Split
@@ -64,6 +64,10 @@ class Rules:
         if overflow is not None and overflow.allows(ex.principal):
             ex.overflow = overflow
         return route
+
+
+def _same_endpoint(a: Any, b: Any) -> bool:
+    return bool(a.url == b.url and a.api_key == b.api_key and a.ca_file == b.ca_file)
 
 
 class Router:
@@ -136,29 +140,29 @@ class Router:
         return split
 
     def _sync_overflow_nodes(self) -> None:
-        """An endpoint node per entry with an overflow; a changed one replaced, a dropped one removed."""
+        """An endpoint node per entry with an overflow. A change that keeps the endpoint (its URL,
+        key and CA file) is made in place; a new endpoint replaces the node, and a dropped overflow
+        removes it (requests running there are cut: before their first byte they retry locally)."""
         registry = self.registry
         for name in list(self._overflows):
-            config, _ = self._overflows[name]
+            config, rule = self._overflows[name]
             entry = self.entries.get(name)
-            if entry is None or entry.overflow != config:
+            new = None if entry is None else entry.overflow
+            if new == config:
+                continue
+            node = registry.nodes.get(rule.node_id)
+            if new is not None and node is not None and _same_endpoint(new, config):
+                registry.update(node, overflow_node(name, new))
+                self._overflows[name] = (new, Overflow(name, new, node.id, node.index))
+            else:
                 del self._overflows[name]
-                registry.remove(overflow_node_id(name))
+                registry.remove(rule.node_id)
         for name, entry in self.entries.items():
             config = entry.overflow
             if config is None or name in self._overflows:
                 continue
-            node_id = overflow_node_id(name)
-            node = registry.add(
-                NodeConfig(
-                    id=node_id,
-                    url=config.url,
-                    models={},
-                    max_concurrent=config.max_concurrent,
-                    api_key=config.api_key,
-                )
-            )
-            self._overflows[name] = (config, Overflow(name, config, node_id, node.index))
+            node = registry.add(overflow_node(name, config), source="routing")
+            self._overflows[name] = (config, Overflow(name, config, node.id, node.index))
 
     def _serve_overflow(self, route: Any, overflow: Overflow | None) -> None:
         """The route's requests sent to ``overflow``'s node name the model as the endpoint knows it."""
@@ -187,6 +191,11 @@ class Router:
         if "split" in patch and patch["split"] is None and "sticky" not in patch:
             merged.pop("sticky", None)  # a split's own setting goes with it
         entry = parse_entry(name, merged)
+        if entry.overflow is not None:
+            try:
+                validate_overflow(name, entry.overflow)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         if entry.split is None and name not in self.scheduler.routes:
             raise ModelNotFound(f"no model named '{name}'")
         entries = dict(self.entries)

@@ -71,6 +71,17 @@ def test_policy_split_and_overflow_change_at_run_time(make_mock: Any, make_gatew
     status, _, state = call(gw.url, "GET", "/admin/status", key=ADMIN)
     assert "overflow:chat" in {n["id"] for n in state["nodes"]}
 
+    # A change that keeps the endpoint is made in place; a new endpoint replaces the node.
+    index = lambda: gw.call(lambda: gw.gateway.registry.nodes["overflow:chat"].index)  # noqa: E731
+    before = index()
+    status, _, body = call(
+        gw.url, "PATCH", "/admin/models/chat", {"overflow": {**overflow, "tenants": ["t", "u"]}}, ADMIN
+    )
+    assert status == 200 and body["overflow"]["tenants"] == ["t", "u"] and index() == before
+    other = make_mock(models=["chat"], name="remote-2")
+    status, _, body = call(gw.url, "PATCH", "/admin/models/chat", {"overflow": {**overflow, "url": other.url}}, ADMIN)
+    assert status == 200 and body["overflow"]["url"] == other.url and index() != before
+
     status, _, body = call(gw.url, "PATCH", "/admin/models/chat", {"overflow": None}, ADMIN)
     assert status == 200 and body["overflow"] is None
     status, _, state = call(gw.url, "GET", "/admin/status", key=ADMIN)
@@ -81,7 +92,7 @@ def test_policy_split_and_overflow_change_at_run_time(make_mock: Any, make_gatew
     def audited() -> Any:
         _status, _, entries = call(gw.url, "GET", "/admin/audit", key=ADMIN)
         changes = [e for e in entries["data"] if e["action"] == "model.routing"]
-        return changes if len(changes) == 5 else None
+        return changes if len(changes) == 7 else None
 
     changes = wait_until(audited)
     assert {c["target"] for c in changes} == {"chat", "chat-v1"}

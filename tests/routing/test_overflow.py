@@ -159,3 +159,32 @@ def test_a_request_the_endpoint_fails_is_retried_locally(make_mock: Any, make_ga
 
     logged = wait_until(row)
     assert logged["overflow"] is False and logged["retries"] == 1 and logged["node_id"] == "local"
+
+
+def test_the_endpoint_may_be_https_with_its_own_key_ca_and_model_name(
+    make_mock: Any, make_tls_mock: Any, make_gateway: Any, certificates: dict[str, Path]
+) -> None:
+    local = make_mock(models=["chat"], name="local")
+    hosted = make_tls_mock(models=["hosted-chat"], chunks=2, require_api_key="sk-hosted", name="hosted")
+    overflow = {"url": hosted.url, "api_key": "sk-hosted", "model": "hosted-chat", "ca_file": str(certificates["ca"])}
+    gw = make_gateway(
+        nodes=[node_entry(local, "local", ["chat"])],
+        routing={"chat": {"overflow": overflow}},
+        auth={"admin_keys": ["sk-admin"]},
+    )
+    local.stop()
+    wait_until(lambda: not gw.call(lambda: gw.gateway.registry.nodes["local"].healthy))
+    status, headers, body = post(gw.url, "/v1/chat/completions", chat("over TLS"))
+    assert status == 200, body
+    assert headers["x-shardon-node"] == "overflow:chat"
+    assert json.loads(body)["choices"][0]["message"]["content"] == "tok0 tok1 "
+    assert hosted.stats.per_path["/v1/chat/completions"] == 1
+    # The endpoint is a node of the registry, shown (never its key) but no route's candidate.
+    status, _, nodes = call(gw.url, "GET", "/admin/nodes", key="sk-admin")
+    shown = next(n for n in nodes["data"] if n["id"] == "overflow:chat")
+    assert shown["source"] == "routing" and shown["tls"] is True and shown["models"] == []
+    assert "sk-hosted" not in json.dumps(nodes)
+    status, _, _ = call(gw.url, "DELETE", "/admin/nodes/overflow:chat", key="sk-admin")
+    assert status == 409  # routing's own: changed through PATCH /admin/models/chat
+    status, _, _ = call(gw.url, "PATCH", "/admin/nodes/overflow:chat", {"models": ["chat"]}, key="sk-admin")
+    assert status == 409  # nor does it become a node of the model

@@ -161,6 +161,19 @@ def test_prefix_affinity_moves_past_the_load_bound_and_remembers(impl: ModuleTyp
     run(impl, balancer_impl, {0: (8, 1.0), 1: (8, 1.0)}, scenario)
 
 
+def test_the_load_a_node_reports_counts_toward_its_bound(impl: ModuleType, balancer_impl: ModuleType) -> None:
+    async def scenario(s: Any) -> None:
+        route = s.route("m")
+        route.policy = policy = PrefixAffinity(load_bound=1.25)
+        body = chat(SYSTEM, "reported load " * 30)
+        home = s.admit(route, "t", 1.0, policy.key(None, body))
+        s.release(home, route, "t")
+        s.set_load(home, 3.0)  # other clients keep it busy (vLLM's num_requests_running)
+        assert s.admit(route, "t", 1.0, policy.key(None, body)) == 1 - home
+
+    run(impl, balancer_impl, {0: (8, 1.0), 1: (8, 1.0)}, scenario)
+
+
 def test_prefix_affinity_bound_keeps_the_spread_even(impl: ModuleType, balancer_impl: ModuleType) -> None:
     """Every request with the same prefix: the bound spreads them; max over mean stays within it."""
 

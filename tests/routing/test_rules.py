@@ -15,7 +15,7 @@ import pytest
 from shardon._fast import LeastConnBalancer
 from shardon.config import SchedulerConfig, load_config
 from shardon.errors import ConfigError
-from shardon.routing.config import OverflowConfig, parse_entry
+from shardon.routing.config import OverflowConfig, overflow_node_id, parse_entry
 from shardon.routing.overflow import Overflow, estimated_wait
 from shardon.routing.split import Split
 from shardon.scheduler import Scheduler
@@ -143,7 +143,13 @@ def test_the_documented_routing_section_loads(tmp_path: Path) -> None:
         ({"chat": {"split": {"chat": 1}}}, "routing.chat.split.chat: a variant cannot be the split's own name"),
         ({"chat": {"sticky": "session"}}, "routing.chat.sticky: only a split has variants to keep"),
         ({"chat": {"sticky": "user"}}, "routing.chat.sticky: Invalid enum value 'user'"),
-        ({"chat": {"overflow": {"url": "ftp://x"}}}, "routing.chat.overflow.url: expected http(s)://host[:port]"),
+        ({"chat": {"overflow": {"url": "ftp://x"}}}, "routing.chat.overflow.url: expected http://host:port or https"),
+        ({"chat": {"overflow": {"url": "https://x/v1"}}}, "routing.chat.overflow.url: the node's base URL"),
+        ({"chat": {"overflow": {"url": "http://x", "ca_file": "/ca.pem"}}}, "routing.chat.overflow.ca_file: only for"),
+        (
+            {"chat": {"overflow": {"url": "https://x", "ca_file": "/no/ca.pem"}}},
+            "routing.chat.overflow.ca_file: no such",
+        ),
         ({"chat": {"overflow": {"url": "http://x:99999"}}}, "routing.chat.overflow.url: bad port"),
         ({"chat": {"overflow": {}}}, "routing.chat.overflow: Object missing required field `url`"),
         ({"chat": {"overflow": {"url": "http://x", "key": "k"}}}, "routing.chat.overflow: Object contains unknown"),
@@ -171,6 +177,7 @@ def test_overflow_node_ids_are_reserved(tmp_path: Path) -> None:
     path.write_text('nodes: [{id: "overflow:chat", url: "http://127.0.0.1:1", models: [m]}]')
     with pytest.raises(ConfigError, match=r"nodes\[0\]\.id: ids starting 'overflow:'"):
         load_config(path, environ={})
+    assert overflow_node_id("org/model") == "overflow:org_model"  # a node id has no "/"
 
 
 def test_a_bad_routing_config_exits_non_zero(tmp_path: Path) -> None:
