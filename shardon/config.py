@@ -64,12 +64,14 @@ class ServerConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    # "fair": priority classes, then DRR across tenants with headroom kept for tenants under their
-    # share; "fifo": one line in arrival order (priority classes still apply), for comparison.
+    # "fair": priority classes, then fair queueing across tenants with headroom kept for tenants
+    # under their share; "fifo": one line in arrival order (priority classes still apply), for
+    # comparison.
     max_queue_size: NonNegInt = 1000
     queue_timeout_s: PositiveFloat = 30.0
     default_priority: PriorityName = "normal"
-    # Base DRR quantum, in estimated tokens; a tenant's quantum is this times its weight.
+    # Estimated tokens (times the tenant's weight) a tenant back from idle may be served ahead of
+    # the tenants already waiting; refunds of over-estimates never put a tenant further ahead.
     quantum_tokens: PositiveFloat = 1024.0
     # Estimated completion tokens when a request gives no max_tokens.
     default_max_tokens: PositiveInt = 256

@@ -1,9 +1,10 @@
 """Admission and dispatch: who gets the next free slot on which node.
 
 Each public model has a :class:`Route`: the nodes that serve it and one ``FairQueue`` (priority
-classes, strict; inside a class deficit round robin across tenants weighted by tenant weight; FIFO
-within a tenant). A request takes a slot at once when nobody of its model waits and the least-loaded
-healthy node has room; otherwise it waits as a :class:`Waiter` until
+classes, strict; inside a class start-time fair queueing across tenants weighted by tenant weight,
+so a tenant that was idle goes first; FIFO within a tenant). A request takes a slot at once when
+nobody of its model waits and the least-loaded healthy node has room; otherwise it waits as a
+:class:`Waiter` until
 
 - a slot frees on one of its nodes (:meth:`Scheduler.release` hands it over before returning, so a
   freed slot never sits idle while an eligible request waits),

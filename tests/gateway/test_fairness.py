@@ -1,0 +1,155 @@
+"""A quiet tenant's lone request is dispatched within one service time of a flood's, on a real gateway.
+
+The scenario of issue 17, part 1, as a new user would set it up: one node, tenants ``team-a`` and
+``team-b`` with their own keys, ``team-a`` floods the model with short requests (``max_tokens: 2``;
+the gateway's estimate of each is larger than its real usage, so every one of them is refunded
+when it ends), and once the flood waits in the queue ``team-b`` sends one request. It must be the
+next request dispatched: at most one of the flood's goes between its arrival and its dispatch.
+
+The dispatch order is read from the request log's rows (``GET /admin/requests``), on both engines
+and over both implementations of the fair queue (``queue_impl``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from tests.conftest import node_entry, wait_until
+from tests.gateway.test_auth import call
+from tests.gateway.test_forwarding import post
+from tests.twin_impls import twin
+
+SERVICE_MS = 60  # how long the node takes for each request
+
+
+@pytest.fixture(params=["c", "py"])
+def queue_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The gateway's routes use this implementation of FairQueue (set before the gateway starts)."""
+    monkeypatch.setattr("shardon.scheduler.FairQueue", twin("queue", request.param).FairQueue)
+    return str(request.param)
+
+
+def _body(text: str, ms: int = SERVICE_MS) -> bytes:
+    return json.dumps(
+        {
+            "model": "m1",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 2,
+            "mock": {"ttft_ms": ms},
+        }
+    ).encode()
+
+
+def _send(port: int, body: bytes, key: str, priority: str) -> socket.socket:
+    """A request written on a raw socket; its answer is read (or the socket closed) later."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {key}\r\nX-Priority: {priority}\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def _waiting(gw: Any) -> int:
+    return int(gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting))
+
+
+def _rows(gw: Any, tenant: str) -> list[dict[str, Any]]:
+    status, _, body = call(gw.url, "GET", f"/admin/requests?tenant={tenant}&limit=1000")
+    assert status == 200, body
+    return list(body["data"])
+
+
+def _gateway(make_mock: Any, make_gateway: Any, max_concurrent: int, **scheduler: Any) -> tuple[Any, Any]:
+    node = make_mock(models=["m1"], chunks=16)
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=max_concurrent)],
+        tenants=[
+            {"name": "team-a", "keys": [{"key": "sk-team-a"}]},
+            {"name": "team-b", "keys": [{"key": "sk-team-b"}]},
+        ],
+        scheduler={"queue_timeout_s": 60, "max_queue_size": 1000, **scheduler},
+        log={"access_log": False},
+    )
+    return node, gw
+
+
+def _flood_then_quiet(
+    gw: Any, node: Any, flood: int, flood_priorities: list[str], max_concurrent: int, quiet: bytes, priority: str
+) -> None:
+    """team-a's flood waits in the queue (a few of its requests served and refunded already), then
+    team-b sends one request and reads its answer; then the flood's clients leave."""
+    socks = []
+    try:
+        for i in range(flood):
+            socks.append(_send(gw.port, _body(f"flood {i}"), "sk-team-a", flood_priorities[i % len(flood_priorities)]))
+        wait_until(lambda: node.stats.completed >= 3 and _waiting(gw) >= flood - 3 - 2 * max_concurrent, timeout=30)
+        headers = {"Authorization": "Bearer sk-team-b", "X-Priority": priority}
+        assert post(gw.url, "/v1/chat/completions", quiet, headers)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()  # the rest of the flood leaves the queue
+
+
+def _flood_ahead(gw: Any, flood: int) -> tuple[int, float]:
+    """How many flood requests were dispatched while team-b's request waited, and its wait in ms."""
+    quiet = wait_until(lambda: _rows(gw, "team-b"), timeout=10)[0]
+    # Every flood request has its row (served, or 499 when its client left), so the ones dispatched
+    # while the quiet request waited are all there.
+    rows = wait_until(lambda: (rows := _rows(gw, "team-a")) and len(rows) == flood and rows, timeout=30)
+    ahead = [
+        r
+        for r in rows
+        if r["dispatched_at"] is not None and quiet["received_at"] < r["dispatched_at"] < quiet["dispatched_at"]
+    ]
+    return len(ahead), (quiet["dispatched_at"] - quiet["received_at"]) * 1000
+
+
+# (flood's priorities, in turn; the quiet request's priority)
+PRIORITIES = {
+    "same": (["normal"], "normal"),
+    "mixed": (["low", "normal", "high"], "high"),
+}
+# (the node's max_concurrent, scheduler settings): the defaults, and with no slot held back for
+# quiet tenants, so that the queue's order alone must put the lone request first.
+SLOTS = {
+    "1": (1, {}),
+    "2": (2, {}),
+    "2-no-headroom": (2, {"headroom_slots": 0}),
+}
+
+
+@pytest.mark.parametrize("flood", [40, 400])
+@pytest.mark.parametrize("slots", list(SLOTS))
+@pytest.mark.parametrize("priorities", list(PRIORITIES))
+def test_lone_request_is_not_queued_behind_a_flood(
+    make_mock: Any, make_gateway: Any, queue_impl: str, flood: int, slots: str, priorities: str
+) -> None:
+    flood_priorities, quiet_priority = PRIORITIES[priorities]
+    max_concurrent, scheduler = SLOTS[slots]
+    node, gw = _gateway(make_mock, make_gateway, max_concurrent, **scheduler)
+    _flood_then_quiet(gw, node, flood, flood_priorities, max_concurrent, _body("quiet"), quiet_priority)
+    ahead, waited_ms = _flood_ahead(gw, flood)
+    # Next in line: it waits for the request in progress to end (one service time), not for the
+    # flood's backlog. At most one flood request may slip in while it is being admitted.
+    assert ahead <= 1, (ahead, waited_ms)
+    assert waited_ms < SERVICE_MS * 2 + 500, (ahead, waited_ms)
+
+
+def test_lone_request_costlier_than_a_quantum_is_not_queued_behind_a_flood(
+    make_mock: Any, make_gateway: Any, queue_impl: str
+) -> None:
+    # The quiet request may generate 8,000 tokens (its estimated cost is eight quanta), the
+    # flood's 2 each: it still goes next.
+    node, gw = _gateway(make_mock, make_gateway, 1)
+    big = json.loads(_body("quiet"))
+    big["max_tokens"] = 8000
+    _flood_then_quiet(gw, node, 200, ["normal"], 1, json.dumps(big).encode(), "normal")
+    ahead, waited_ms = _flood_ahead(gw, 200)
+    assert ahead <= 1, (ahead, waited_ms)
