@@ -18,13 +18,17 @@ Headroom for quiet tenants
 --------------------------
 Queue order alone cannot protect a quiet tenant: when a noisy tenant holds every slot, the quiet
 tenant's request is first in line but still waits for a whole generation to end. So while more than
-one tenant is active on a route (a request in flight, waiting, or sent within
-``active_window_s``), a tenant at or above its fair share of the route's slots (slots x its weight /
-the active tenants' weights) may not take the last ``headroom_slots`` free slots; its request is
-*held* (FIFO, ahead of its later requests) until more slots free up or the others go quiet. A tenant
-under its share takes a free slot at once. With a single active tenant the rule is off, so the
-scheduler stays work-conserving: the cost is at most ``headroom_slots`` idle slots, and only while a
-quiet tenant is actually using the gateway.
+one tenant is active on a route (a request in flight, waiting, or sent within ``active_window_s``), a
+tenant at or above its fair share of the route's slots (slots x its weight / the active tenants'
+weights) may not take the last ``route.headroom`` free slots; its request is *held* (FIFO, ahead of
+its later requests) until more slots free up or the others go quiet. A tenant under its share takes
+a free slot at once, so no tenant is ever held below its share, and with a single active tenant the
+rule is off.
+
+``headroom_slots`` fixes the number; ``"auto"`` (the default) sizes it per route every ``_TICK_S``
+from the light tenants' recent demand (requests in flight or waiting, averaged): the fewest slots
+that keep the chance of a light tenant's request finding none free under ``headroom_wait_target``
+(:meth:`Scheduler._size_headroom`; docs/scheduling.md has the model and the measurements).
 
 Starvation: priority classes are strict, so a low-priority request waits while higher classes have
 work queued; it is served whenever they leave capacity. The queue deadline bounds every wait.
@@ -33,6 +37,7 @@ work queued; it is served whenever they leave capacity. The queue deadline bound
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 
@@ -41,11 +46,18 @@ from ._fast import FairQueue, LeastConnBalancer
 from .config import SchedulerConfig
 
 _FIFO_TENANT = "*"
+# Adaptive headroom: demand is sampled every _TICK_S and averaged over about _DEMAND_TAU_S.
+_TICK_S = 0.5
+_DEMAND_TAU_S = 20.0
+_ALPHA = 1.0 - math.exp(-_TICK_S / _DEMAND_TAU_S)
 
 
 class Route:
     __slots__ = (
+        "busy",
         "candidates",
+        "demand",
+        "headroom",
         "held",
         "inflight",
         "last_seen",
@@ -56,7 +68,7 @@ class Route:
         "weights",
     )
 
-    def __init__(self, name: str, quantum: float) -> None:
+    def __init__(self, name: str, quantum: float, headroom: int) -> None:
         self.name = name
         self.candidates: list[int] = []
         self.served_names: dict[int, str] = {}
@@ -66,6 +78,10 @@ class Route:
         self.last_seen: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.service_ewma = 1.0
+        # Free slots a tenant at or over its share must leave (fixed, or set by Scheduler._estimate).
+        self.headroom = headroom
+        self.demand: dict[str, float] = {}  # tenant -> its requests in flight or waiting, averaged
+        self.busy = 0.0  # requests in flight, averaged (from the first sample; 0 while idle)
 
     @property
     def waiting(self) -> int:
@@ -95,8 +111,13 @@ class Scheduler:
         self._node_routes: dict[int, list[Route]] = {}
         self._rotation = 0
         self.fair = config.policy == "fair"
-        self.headroom = config.headroom_slots if self.fair else 0
+        slots = config.headroom_slots
+        self.adaptive = self.fair and slots == "auto"
+        # A new route's headroom; with "auto", re-estimated for each route every _TICK_S.
+        self.headroom = 0 if not self.fair else 1 if slots == "auto" else int(slots)
+        self.wait_target = config.headroom_wait_target
         self.window = config.active_window_s
+        self._timer = loop.call_later(_TICK_S, self._tick) if self.adaptive else None
 
     # -- routing table ----------------------------------------------------------------------
     def add_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
@@ -105,7 +126,7 @@ class Scheduler:
         for public, served in models.items():
             route = self.routes.get(public)
             if route is None:
-                route = self.routes[public] = Route(public, self.config.quantum_tokens)
+                route = self.routes[public] = Route(public, self.config.quantum_tokens, self.headroom)
             if index not in route.candidates:
                 route.candidates.append(index)
             route.served_names[index] = served
@@ -117,7 +138,7 @@ class Scheduler:
         """A route for a model that has no node yet (one started on demand)."""
         route = self.routes.get(model)
         if route is None:
-            route = self.routes[model] = Route(model, self.config.quantum_tokens)
+            route = self.routes[model] = Route(model, self.config.quantum_tokens, self.headroom)
         return route
 
     def remove_node(self, index: int) -> None:
@@ -147,26 +168,94 @@ class Scheduler:
         route.last_seen[tenant] = time.monotonic()
         route.weights[tenant] = weight
 
-    def _over_share(self, route: Route, tenant: str) -> bool:
-        """Whether ``tenant`` holds at least its fair share of the route's slots right now."""
-        now = time.monotonic()
+    def _active(self, route: Route, now: float) -> list[str]:
+        """Tenants with a request in flight, or one seen within ``active_window_s``."""
         window = self.window
         inflight = route.inflight
-        active_weight = 0.0
-        active = 0
         last_seen = route.last_seen
-        for name in last_seen.keys() | inflight.keys():
-            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window:
-                active += 1
-                active_weight += route.weights.get(name, 1.0)
-        if active <= 1:
+        return [
+            name
+            for name in last_seen.keys() | inflight.keys()
+            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window
+        ]
+
+    def _slots(self, route: Route) -> int:
+        balancer = self.balancer
+        return sum(balancer.capacity(i) for i in route.candidates if balancer.healthy(i))
+
+    def _over_share(self, route: Route, tenant: str) -> bool:
+        """Whether ``tenant`` holds at least its fair share of the route's slots right now."""
+        active = self._active(route, time.monotonic())
+        if len(active) <= 1:
             return False
-        slots = sum(self.balancer.capacity(i) for i in route.candidates if self.balancer.healthy(i))
-        share = slots * route.weights.get(tenant, 1.0) / active_weight
-        return inflight.get(tenant, 0) >= share
+        weights = route.weights
+        share = self._slots(route) * weights.get(tenant, 1.0) / sum(weights.get(name, 1.0) for name in active)
+        return route.inflight.get(tenant, 0) >= share
 
     def _restricted(self, route: Route) -> bool:
-        return self.headroom > 0 and self.balancer.free_slots(route.candidates) <= self.headroom
+        headroom = route.headroom
+        return headroom > 0 and self.balancer.free_slots(route.candidates) <= headroom
+
+    # -- adaptive headroom ------------------------------------------------------------------------
+    def _tick(self) -> None:
+        self._timer = self.loop.call_later(_TICK_S, self._tick)
+        now = time.monotonic()
+        for route in self.routes.values():
+            if route.inflight or route.demand or route.waiting:
+                self._estimate(route, now)
+            else:
+                route.busy = 0.0  # idle: the average starts again from the next sample
+
+    def _estimate(self, route: Route, now: float) -> None:
+        """Average each tenant's demand (requests in flight or waiting), then size the headroom."""
+        waiting: dict[str, int] = {}
+        for _priority, name, live in route.queue.snapshot():
+            waiting[name] = waiting.get(name, 0) + live
+        for waiter in route.held:
+            waiting[waiter.tenant] = waiting.get(waiter.tenant, 0) + 1
+        inflight = route.inflight
+        demand = route.demand
+        for name in demand.keys() | inflight.keys() | waiting.keys():
+            sample = inflight.get(name, 0) + waiting.get(name, 0)
+            level = demand.get(name, 0.0)
+            level += _ALPHA * (sample - level)
+            if sample == 0 and level < 0.01:
+                demand.pop(name, None)
+            else:
+                demand[name] = level
+        busy = sum(inflight.values())
+        route.busy = busy if not route.busy else route.busy + _ALPHA * (busy - route.busy)
+        route.headroom = self._size_headroom(route, now)
+
+    def _size_headroom(self, route: Route, now: float) -> int:
+        """The fewest free slots that keep a light tenant's chance of finding none under the target.
+
+        Light tenants are the active ones under their fair share of the slots, on average and now.
+        While r slots are kept free, their requests take them at rate lambda and any request that
+        ends (rate mu) gives one back, so the slots in use by them are a birth-death chain with
+        rho = lambda / mu = (their demand) / (requests in flight) by Little's law, and a light
+        request finds none free with probability rho^r (1 - rho) / (1 - rho^(r + 1)).
+        """
+        active = self._active(route, now)
+        if len(active) <= 1:
+            return 1  # the rule is off; kept at 1 so a second tenant is covered at once
+        slots = self._slots(route)
+        weights = route.weights
+        total = sum(weights.get(name, 1.0) for name in active)
+        demand = route.demand
+        inflight = route.inflight
+        light = 0.0
+        for name in active:
+            level = demand.get(name, 0.0)
+            share = slots * weights.get(name, 1.0) / total
+            if level < share and inflight.get(name, 0) < share:
+                light += level
+        rho = light / max(route.busy, 1.0)
+        target = self.wait_target
+        headroom = 1
+        while headroom < slots and _none_free(rho, headroom) > target:
+            headroom += 1
+        return headroom
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, route: Route, tenant: str, weight: float) -> int:
@@ -179,7 +268,7 @@ class Scheduler:
         index = balancer.pick(route.candidates, None)
         if index < 0:
             return -1
-        headroom = self.headroom
+        headroom = route.headroom
         if headroom and balancer.free_slots(route.candidates) <= headroom and self._over_share(route, tenant):
             return -1
         balancer.acquire(index)
@@ -194,7 +283,7 @@ class Scheduler:
         index = self.balancer.pick(route.candidates, None)
         if index < 0:
             return -1
-        if self.headroom and self._restricted(route) and self._over_share(route, tenant):
+        if self._restricted(route) and self._over_share(route, tenant):
             return -1
         self.balancer.acquire(index)
         route.inflight[tenant] = route.inflight.get(tenant, 0) + 1
@@ -300,7 +389,7 @@ class Scheduler:
         index = self.balancer.pick(route.candidates, None)
         if index < 0:
             return False
-        restricted = self.headroom > 0 and self._restricted(route)
+        restricted = self._restricted(route)
         held = route.held
         if (
             held
@@ -351,6 +440,13 @@ class Scheduler:
 
     def queue_depths(self) -> dict[str, int]:
         return {name: route.waiting for name, route in self.routes.items()}
+
+
+def _none_free(rho: float, slots: int) -> float:
+    """P(all ``slots`` taken) in a birth-death chain of ``slots`` places with ratio ``rho``."""
+    if rho >= 1.0:
+        return 1.0
+    return rho**slots * (1.0 - rho) / (1.0 - rho ** (slots + 1))
 
 
 def _top_priority(route: Route) -> int:

@@ -1130,7 +1130,6 @@ cdef class FastPath:
         object scheduler
         object balancer
         object node_routes
-        int headroom
         object request_log
         object log_row
         object observe
@@ -1149,7 +1148,6 @@ cdef class FastPath:
         self.scheduler = gateway.scheduler
         self.balancer = gateway.scheduler.balancer
         self.node_routes = gateway.scheduler._node_routes
-        self.headroom = gateway.scheduler.headroom
         self.request_log = gateway.request_log
         # RequestLog.append minus its Python frame: the compiled row queue's own append.
         self.log_row = None if gateway.request_log is None else gateway.request_log.row_queue.append
@@ -1181,7 +1179,7 @@ cdef class FastPath:
         cdef int index = balancer.pick(candidates, None)
         if index < 0:
             return -1
-        cdef int headroom = self.headroom
+        cdef int headroom = route.headroom
         if headroom and balancer.free_slots(candidates) <= headroom and self.scheduler._over_share(route, tenant):
             return -1
         balancer.acquire(index)

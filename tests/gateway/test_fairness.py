@@ -12,6 +12,7 @@ and over both implementations of the fair queue (``queue_impl``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 from typing import Any
@@ -60,6 +61,11 @@ def _waiting(gw: Any) -> int:
     return int(gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting))
 
 
+def _seen(gw: Any) -> int:
+    """Requests of the model waiting or in flight in the gateway."""
+    return int(gw.call(lambda: (route := gw.gateway.scheduler.routes["m1"]).waiting + sum(route.inflight.values())))
+
+
 def _rows(gw: Any, tenant: str) -> list[dict[str, Any]]:
     status, _, body = call(gw.url, "GET", f"/admin/requests?tenant={tenant}&limit=1000")
     assert status == 200, body
@@ -80,16 +86,16 @@ def _gateway(make_mock: Any, make_gateway: Any, max_concurrent: int, **scheduler
     return node, gw
 
 
-def _flood_then_quiet(
-    gw: Any, node: Any, flood: int, flood_priorities: list[str], max_concurrent: int, quiet: bytes, priority: str
-) -> None:
+def _flood_then_quiet(gw: Any, node: Any, flood: int, flood_priorities: list[str], quiet: bytes, priority: str) -> None:
     """team-a's flood waits in the queue (a few of its requests served and refunded already), then
     team-b sends one request and reads its answer; then the flood's clients leave."""
     socks = []
     try:
         for i in range(flood):
             socks.append(_send(gw.port, _body(f"flood {i}"), "sk-team-a", flood_priorities[i % len(flood_priorities)]))
-        wait_until(lambda: node.stats.completed >= 3 and _waiting(gw) >= flood - 3 - 2 * max_concurrent, timeout=30)
+        # Wait until every flood request has reached the gateway (so each gets its row), a few
+        # of them have been served (and refunded) and the rest wait in the queue.
+        wait_until(lambda: node.stats.completed >= 3 and _seen(gw) + node.stats.completed >= flood, timeout=30)
         headers = {"Authorization": "Bearer sk-team-b", "X-Priority": priority}
         assert post(gw.url, "/v1/chat/completions", quiet, headers)[0] == 200
     finally:
@@ -134,7 +140,7 @@ def test_lone_request_is_not_queued_behind_a_flood(
     flood_priorities, quiet_priority = PRIORITIES[priorities]
     max_concurrent, scheduler = SLOTS[slots]
     node, gw = _gateway(make_mock, make_gateway, max_concurrent, **scheduler)
-    _flood_then_quiet(gw, node, flood, flood_priorities, max_concurrent, _body("quiet"), quiet_priority)
+    _flood_then_quiet(gw, node, flood, flood_priorities, _body("quiet"), quiet_priority)
     ahead, waited_ms = _flood_ahead(gw, flood)
     # Next in line: it waits for the request in progress to end (one service time), not for the
     # flood's backlog. At most one flood request may slip in while it is being admitted.
@@ -150,6 +156,43 @@ def test_lone_request_costlier_than_a_quantum_is_not_queued_behind_a_flood(
     node, gw = _gateway(make_mock, make_gateway, 1)
     big = json.loads(_body("quiet"))
     big["max_tokens"] = 8000
-    _flood_then_quiet(gw, node, 200, ["normal"], 1, json.dumps(big).encode(), "normal")
+    _flood_then_quiet(gw, node, 200, ["normal"], json.dumps(big).encode(), "normal")
     ahead, waited_ms = _flood_ahead(gw, 200)
     assert ahead <= 1, (ahead, waited_ms)
+
+
+def test_adaptive_headroom_keeps_a_slot_for_the_quiet_tenants_next_request(make_mock: Any, make_gateway: Any) -> None:
+    # A quiet tenant with a request in flight is likely to send another before a noisy generation
+    # ends: the headroom grows to two slots, and its next two requests both start at once (with
+    # one slot kept, the second would wait for a noisy generation to end).
+    node = make_mock(models=["m1"], chunks=1)
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=8)],
+        tenants=[
+            {"name": "team-a", "keys": [{"key": "sk-team-a"}]},
+            {"name": "team-b", "keys": [{"key": "sk-team-b"}]},
+        ],
+        scheduler={"queue_timeout_s": 60},
+        log={"access_log": False},
+    )
+    route = lambda: gw.gateway.scheduler.routes["m1"]  # noqa: E731
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    quiet = {"Authorization": "Bearer sk-team-b"}
+    long_quiet = pool.submit(post, gw.url, "/v1/chat/completions", _body("long", 6000), quiet)
+    wait_until(lambda: node.stats.in_flight == 1)
+    socks = [_send(gw.port, _body(f"flood {i}", 3000), "sk-team-a", "normal") for i in range(20)]
+    try:
+        wait_until(lambda: gw.call(lambda: route().headroom) == 2, timeout=10)
+        # The noisy tenant's generations end and it gets one fewer slot back: two stay free.
+        wait_until(lambda: gw.call(lambda: route().inflight.get("team-a")) == 5, timeout=10)
+        assert gw.call(lambda: gw.gateway.scheduler.balancer.free_slots(route().candidates)) == 2
+        both = [pool.submit(post, gw.url, "/v1/chat/completions", _body(f"quiet {i}", 100), quiet) for i in range(2)]
+        assert [f.result(10)[0] for f in both] == [200, 200]
+        rows = wait_until(lambda: (rows := _rows(gw, "team-b")) and len(rows) == 2 and rows, timeout=10)
+        waits = [(r["dispatched_at"] - r["received_at"]) * 1000 for r in rows]
+        assert max(waits) < 1000, waits  # not behind a 3 s generation
+        assert long_quiet.result(10)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        pool.shutdown()
