@@ -59,6 +59,7 @@ class Route:
         "demand",
         "headroom",
         "held",
+        "held_by",
         "inflight",
         "last_seen",
         "name",
@@ -74,6 +75,7 @@ class Route:
         self.served_names: dict[int, str] = {}
         self.queue = FairQueue(quantum)
         self.held: deque[Waiter] = deque()
+        self.held_by: dict[str, int] = {}  # tenant -> its requests in held
         self.inflight: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.weights: dict[str, float] = {}
@@ -211,8 +213,8 @@ class Scheduler:
         waiting: dict[str, int] = {}
         for _priority, name, live in route.queue.snapshot():
             waiting[name] = waiting.get(name, 0) + live
-        for waiter in route.held:
-            waiting[waiter.tenant] = waiting.get(waiter.tenant, 0) + 1
+        for name, count in route.held_by.items():
+            waiting[name] = waiting.get(name, 0) + count
         inflight = route.inflight
         demand = route.demand
         for name in demand.keys() | inflight.keys() | waiting.keys():
@@ -327,6 +329,7 @@ class Scheduler:
                 waiter.route.held.remove(waiter)
             except ValueError:
                 return False
+            _count_out(waiter.route.held_by, waiter.tenant)
             waiter.held = False
             return True
         return waiter.route.queue.remove(waiter.handle)
@@ -398,6 +401,7 @@ class Scheduler:
         ):
             waiter = held.popleft()
             waiter.held = False
+            _count_out(route.held_by, waiter.tenant)
             self._give(waiter, index)
             return True
         queue = route.queue
@@ -408,6 +412,8 @@ class Scheduler:
             if restricted and self._over_share(route, waiter.tenant):
                 waiter.held = True
                 held.append(waiter)
+                held_by = route.held_by
+                held_by[waiter.tenant] = held_by.get(waiter.tenant, 0) + 1
                 continue
             self._give(waiter, index)
             return True
@@ -440,6 +446,14 @@ class Scheduler:
 
     def queue_depths(self) -> dict[str, int]:
         return {name: route.waiting for name, route in self.routes.items()}
+
+
+def _count_out(counts: dict[str, int], name: str) -> None:
+    left = counts.get(name, 0) - 1
+    if left > 0:
+        counts[name] = left
+    else:
+        counts.pop(name, None)
 
 
 def _none_free(rho: float, slots: int) -> float:

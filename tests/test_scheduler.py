@@ -228,6 +228,9 @@ def test_adaptive_headroom_holds_the_noisy_tenant_back_and_serves_the_quiet_one_
             s.release(0, route, "noisy")
         assert s.balancer.free_slots(route.candidates) == 2
         assert sum(w.future.done() for w in waiting) == 2
+        assert route.held_by == {"noisy": 18} and len(route.held) == 18
+        assert s.cancel(waiting[-1], errors.ClientGone())
+        assert route.held_by == {"noisy": 17}
         # Two quiet requests arrive together: both start at once (queued first, then served).
         first = s.enqueue(route, 1, "quiet", 10, 1.0, 60)
         second = s.enqueue(route, 1, "quiet", 10, 1.0, 60)
