@@ -50,6 +50,7 @@ _FIFO_TENANT = "*"
 _TICK_S = 0.5
 _DEMAND_TAU_S = 20.0
 _ALPHA = 1.0 - math.exp(-_TICK_S / _DEMAND_TAU_S)
+_SAMPLES = int(1 / _ALPHA)  # a new tenant's first samples are averaged plainly, then exponentially
 
 
 class Route:
@@ -57,6 +58,7 @@ class Route:
         "busy",
         "candidates",
         "demand",
+        "demand_samples",
         "headroom",
         "held",
         "held_by",
@@ -83,6 +85,7 @@ class Route:
         # Free slots a tenant at or over its share must leave (fixed, or set by Scheduler._estimate).
         self.headroom = headroom
         self.demand: dict[str, float] = {}  # tenant -> its requests in flight or waiting, averaged
+        self.demand_samples: dict[str, int] = {}  # tenant -> samples in its average, up to _SAMPLES
         self.busy = 0.0  # requests in flight, averaged (from the first sample; 0 while idle)
 
     @property
@@ -217,14 +220,18 @@ class Scheduler:
             waiting[name] = waiting.get(name, 0) + count
         inflight = route.inflight
         demand = route.demand
+        samples = route.demand_samples
         for name in demand.keys() | inflight.keys() | waiting.keys():
             sample = inflight.get(name, 0) + waiting.get(name, 0)
+            n = samples.get(name, 0) + 1
             level = demand.get(name, 0.0)
-            level += _ALPHA * (sample - level)
+            level += (sample - level) / n if n < _SAMPLES else _ALPHA * (sample - level)
             if sample == 0 and level < 0.01:
                 demand.pop(name, None)
+                samples.pop(name, None)
             else:
                 demand[name] = level
+                samples[name] = min(n, _SAMPLES)
         busy = sum(inflight.values())
         route.busy = busy if not route.busy else route.busy + _ALPHA * (busy - route.busy)
         route.headroom = self._size_headroom(route, now)

@@ -176,6 +176,13 @@ def test_demand_is_averaged_from_requests_in_flight_and_waiting() -> None:
         route = s.route("m")
         assert route is not None
         _fill(s, route, 1)  # quiet 1 in flight; noisy 6 in flight (two slots free for quiet) + 20 waiting
+        # A tenant's first samples are averaged plainly (no ramp from zero).
+        s._estimate(route, time.monotonic())
+        assert route.demand == {"quiet": 1.0, "noisy": 26.0} and route.busy == 7.0
+        s.release(0, route, "quiet")
+        s._estimate(route, time.monotonic())
+        assert route.demand["quiet"] == 0.5
+        assert s.enqueue(route, 1, "quiet", 10, 1.0, 60).future.result() == 0  # in flight again
         for _ in range(400):
             s._estimate(route, time.monotonic())
         assert route.demand["quiet"] == pytest.approx(1.0, abs=0.01)
