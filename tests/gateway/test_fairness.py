@@ -145,7 +145,7 @@ def test_lone_request_is_not_queued_behind_a_flood(
     # Next in line: it waits for the request in progress to end (one service time), not for the
     # flood's backlog. At most one flood request may slip in while it is being admitted.
     assert ahead <= 1, (ahead, waited_ms)
-    assert waited_ms < SERVICE_MS * 2 + 500, (ahead, waited_ms)
+    assert waited_ms < SERVICE_MS * 2 + 1000, (ahead, waited_ms)
 
 
 def test_lone_request_costlier_than_a_quantum_is_not_queued_behind_a_flood(
