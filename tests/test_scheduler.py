@@ -1,4 +1,4 @@
-"""Scheduler unit tests: caps, DRR across tenants, headroom for quiet tenants, cancellation."""
+"""Scheduler unit tests: caps, fair queueing across tenants, fixed and adaptive headroom, cancellation."""
 
 from __future__ import annotations
 
