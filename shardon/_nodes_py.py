@@ -18,8 +18,8 @@ Circuit breaker, per node:
 - open: no request is sent to it, nor probe; after the cool-down it half-opens;
 - half-open: exactly one request is let through, a client's (the balancer's one-acquire trial) or,
   if none comes by the next probe, the probe itself; success closes the circuit, failure opens it
-  again with the cool-down doubled (up to ``max_cooldown_s``). A trial that ended without a verdict
-  (its client left) is offered again.
+  again with the cool-down doubled (up to ``max_cooldown_s``). When a client's trial ended without a
+  verdict (its client left) and nothing runs on the node, the next probe is the trial.
 
 Draining: a draining node gets no new request; those running finish. `retire` drains, then removes
 the node once nothing runs on it (checked by the sweep, twice a second).
