@@ -136,3 +136,9 @@ def test_the_split_name_is_listed_and_its_variants_reachable(make_mock: Any, mak
     finally:
         client.close()
     assert status == 200 and headers["x-shardon-node"] == "n2" and "x-shardon-variant" not in headers
+    client = Client(gw.url)
+    try:  # a streamed answer names its variant too
+        status, headers, body = client.post(CHAT.replace(b'"max_tokens":2', b'"stream":true'))
+    finally:
+        client.close()
+    assert status == 200 and headers["x-shardon-variant"] in ("chat-v1", "chat-v2") and body.endswith(b"[DONE]\n\n")
