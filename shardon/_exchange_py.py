@@ -409,12 +409,7 @@ class Exchange:
             self._took(index)
             return None
         overflow = self.overflow
-        if (
-            overflow is not None
-            and overflow.needed(core.scheduler, route, self.budget)
-            and overflow.take(core.scheduler.balancer)
-        ):
-            # The model's overflow endpoint (shardon.routing.overflow): its slot, its model name.
+        if overflow is not None and overflow.admit(self):  # a slot on the overflow endpoint (shardon.routing)
             self.overflowed = self.rec.overflow = True
             self._took(overflow.index)
             return None
@@ -425,9 +420,8 @@ class Exchange:
         self.dispatched = _monotonic()
 
     def _enqueue(self, priority: int, cost: float, weight: float, timeout: float) -> Any:
-        waiter = self.waiter = self.core.scheduler.enqueue(
-            self.route, priority, self.tenant, cost, weight, timeout, self.affinity
-        )
+        waiter = self.core.scheduler.enqueue(self.route, priority, self.tenant, cost, weight, timeout, self.affinity)
+        self.waiter = waiter
         if self.rec.queued_at is None:
             self.rec.queued_at = _clock()
         self.stage = _QUEUED
@@ -634,9 +628,7 @@ class Exchange:
             self.rec.id,
             self.node.id.encode("latin-1"),
         )
-        if self.variant is not None:
-            lines += b"x-shardon-variant: " + self.variant.encode("latin-1") + b"\r\n"
-        return lines
+        return lines if self.variant is None else lines + b"x-shardon-variant: %s\r\n" % self.variant.encode()
 
     def failed(self, error: UpstreamError) -> int:
         """The node failed (``error``): after the first byte the stream ends with an SSE error event

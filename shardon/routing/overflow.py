@@ -41,6 +41,12 @@ class Overflow:
         tenants = self.tenants
         return tenants is None or principal.tenant.name in tenants
 
+    def admit(self, ex: Any) -> bool:
+        """Whether exchange ``ex``, which would queue, goes to the endpoint: it is needed and a slot
+        there was taken (`Exchange.admit` then holds it)."""
+        scheduler = ex.core.scheduler
+        return self.needed(scheduler, ex.route, ex.budget) and self.take(scheduler.balancer)
+
     def needed(self, scheduler: Any, route: Any, budget: float) -> bool:
         """Whether a request that would join ``route``'s queue now, with ``budget`` seconds left of
         its deadline, should go to the endpoint instead."""
