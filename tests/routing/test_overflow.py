@@ -188,3 +188,28 @@ def test_the_endpoint_may_be_https_with_its_own_key_ca_and_model_name(
     assert status == 409  # routing's own: changed through PATCH /admin/models/chat
     status, _, _ = call(gw.url, "PATCH", "/admin/nodes/overflow:chat", {"models": ["chat"]}, key="sk-admin")
     assert status == 409  # nor does it become a node of the model
+
+
+def test_a_rate_limit_wait_is_limited_not_overflow(make_mock: Any, make_gateway: Any, tmp_path: Path) -> None:
+    """The request log keeps the two apart: ``limited`` waited for a rate limit's tokens, ``overflow``
+    was served by the overflow endpoint (before schema version 4, ``overflow`` meant the first)."""
+    local = make_mock(models=["chat"], chunks=1, name="local")
+    remote = make_mock(models=["chat"], name="remote")
+    gw = make_gateway(
+        nodes=[node_entry(local, "local", ["chat"])],
+        routing={"chat": {"overflow": {"url": remote.url}}},
+        tenants=[{"name": "t", "keys": [{"key": "sk-t", "rpm": 60}]}],
+        store={"path": str(tmp_path / "log.db"), "flush_interval_ms": 20},
+    )
+    for _ in range(60):  # the bucket's burst
+        assert post(gw.url, "/v1/chat/completions", chat("burst"), {"Authorization": "Bearer sk-t"})[0] == 200
+    status, headers, _ = post(gw.url, "/v1/chat/completions", chat("waits"), {"Authorization": "Bearer sk-t"})
+    assert status == 200 and headers["x-shardon-node"] == "local"
+
+    def row() -> Any:
+        _status, _, body = call(gw.url, "GET", f"/admin/requests/{headers['x-request-id']}")
+        return body if _status == 200 else None
+
+    logged = wait_until(row)
+    assert logged["limited"] is True and logged["overflow"] is False
+    assert remote.stats.per_path.get("/v1/chat/completions", 0) == 0
