@@ -27,6 +27,7 @@ __all__ = [
     "model_object",
     "models_list",
     "routing_decoder",
+    "session_decoder",
     "with_fields",
 ]
 
@@ -41,10 +42,19 @@ class RoutingFields(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None  # a session, for routing rules that keep one on a node or a variant
 
 
 routing_decoder = msgspec.json.Decoder(RoutingFields)
+
+
+class SessionField(msgspec.Struct):
+    """A request's ``user`` field: a session, read only for the routing rules that keep one on a
+    node or a variant (not by every request's `RoutingFields`)."""
+
+    user: str | None = None
+
+
+session_decoder = msgspec.json.Decoder(SessionField)
 
 
 class FormRouting(msgspec.Struct):

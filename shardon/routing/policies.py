@@ -139,6 +139,7 @@ class PrefixAffinity:
     __slots__ = ("load_bound", "table")
 
     name = "prefix_affinity"
+    sessions = True  # a session (X-Session-ID, the user field) keeps its node
 
     def __init__(self, load_bound: float = 1.25, table_size: int = TABLE_SIZE) -> None:
         self.load_bound = load_bound
@@ -205,6 +206,7 @@ class RoundRobin:
     __slots__ = ("credit",)
 
     name = "round_robin"
+    sessions = False
 
     def __init__(self) -> None:
         self.credit: dict[int, float] = {}

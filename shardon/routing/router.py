@@ -21,7 +21,8 @@ from typing import Any
 import msgspec
 
 from ..config import overflow_node, validate_overflow
-from ..errors import ConfigError, ModelNotFound
+from ..errors import BadRequest, ConfigError, ModelNotFound
+from ..schemas import FormRouting, session_decoder
 from .config import RoutingEntry, check_variants, parse_entry
 from .overflow import Overflow
 from .policies import PrefixAffinity, RoundRobin
@@ -35,17 +36,20 @@ _PATCHABLE = ("policy", "split", "sticky", "overflow", "load_bound")
 class Rules:
     """What the exchange applies to a request for a route's name: its split, the overflow it may take."""
 
-    __slots__ = ("overflow", "split")
+    __slots__ = ("overflow", "sessions", "split")
 
     def __init__(self, split: Split | None, overflow: Overflow | None) -> None:
         self.split = split
         self.overflow = overflow
+        self.sessions = split is not None and split.sticky  # a session is read for the split
 
     def apply(self, ex: Any, headers: Any) -> Any:
         """Route the request of exchange ``ex`` (in `Exchange.prepare`): a split's variant (its route
         then serves it), the key of the route's node policy, the overflow this caller may take.
         Returns the route that serves it."""
-        session = headers.get("x-session-id") or ex.req.user
+        session = headers.get("x-session-id")
+        if session is None and self.sessions:
+            session = _user_field(ex)
         rules: Rules | None = self
         split = self.split
         if split is not None:
@@ -59,11 +63,24 @@ class Rules:
         route = ex.route
         policy = route.policy
         if policy is not None:
+            if session is None and policy.sessions and not self.sessions:
+                session = _user_field(ex)
             ex.affinity = policy.key(session, ex.body)
         overflow = None if rules is None else rules.overflow
         if overflow is not None and overflow.allows(ex.principal):
             ex.overflow = overflow
         return route
+
+
+def _user_field(ex: Any) -> str | None:
+    """The request's ``user`` field: a form's routing fields have it, a JSON body is read for it."""
+    req = ex.req
+    if isinstance(req, FormRouting):
+        return req.user
+    try:
+        return session_decoder.decode(ex.body).user
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}", param="user") from None
 
 
 def _same_endpoint(a: Any, b: Any) -> bool:

@@ -142,3 +142,15 @@ def test_the_split_name_is_listed_and_its_variants_reachable(make_mock: Any, mak
     finally:
         client.close()
     assert status == 200 and headers["x-shardon-variant"] in ("chat-v1", "chat-v2") and body.endswith(b"[DONE]\n\n")
+
+
+def test_a_user_field_that_is_no_session_is_a_400(make_mock: Any, make_gateway: Any, tmp_path: Path) -> None:
+    _, _, gw = split_gateway(
+        make_mock, make_gateway, tmp_path, {"chat": {"split": {"chat-v1": 1, "chat-v2": 1}, "sticky": "session"}}
+    )
+    client = Client(gw.url)
+    try:
+        status, _, body = client.post(b'{"model":"chat","user":42,"messages":[{"role":"user","content":"hi"}]}')
+    finally:
+        client.close()
+    assert status == 400 and json.loads(body)["error"]["param"] == "user"
