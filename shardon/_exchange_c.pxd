@@ -21,15 +21,25 @@ cdef object _clock, _monotonic
 
 
 @cython.final
+cdef class Endpoint:
+    cdef public bint form
+    cdef public bint generative
+    cdef public bytes line
+    cdef public Py_ssize_t max_body
+    cdef public bint opaque
+    cdef public str path
+
+
+@cython.final
 cdef class RequestCore:
     cdef public object loop
+    cdef public dict endpoints
     cdef public Py_ssize_t max_body
     cdef public double queue_timeout
     cdef public int default_priority
     cdef public int default_max_tokens
     cdef public int max_retries
     cdef public str tenant_header
-    cdef public dict request_lines
     cdef public ids.RequestIds ids
     cdef public object keys
     cdef public object limiter
@@ -59,9 +69,11 @@ cdef class Exchange:
     cdef public double budget
     cdef public object buckets
     cdef public upstream.UpstreamConnection conn
+    cdef public bytes content_type
     cdef public RequestCore core
     cdef public double dispatched
     cdef public bint done
+    cdef public Endpoint endpoint
     cdef public double estimate
     cdef public bint fresh
     cdef public bint gone
@@ -96,9 +108,10 @@ cdef class Exchange:
     cdef public double weight
     cdef public object whole
 
+    @cython.locals(max_body=Py_ssize_t)
     cpdef authorize(self, headers)
     cpdef announced(self, headers)
-    @cython.locals(size=Py_ssize_t, core=RequestCore)
+    @cython.locals(size=Py_ssize_t, core=RequestCore, endpoint=Endpoint)
     cpdef prepare(self, headers, bytes body)
     @cython.locals(core=RequestCore, stage=int, index=int)
     cpdef admit(self)

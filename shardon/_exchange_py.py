@@ -27,12 +27,14 @@ import msgspec
 
 from . import errors
 from ._fast.sse import OutputHasher, UsageStripper, hash_response
-from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, routing_decoder, with_fields
+from .endpoints import FORM, GENERATIVE, JSON_BODY
+from .multipart import replace_field
+from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, answer_usage, form_routing, routing_decoder, with_fields
 from .store import RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
 from .upstream.connection import client_header_lines, client_headers
 
-__all__ = ["ANSWER", "DATA", "END", "RETRY", "START", "START_END", "WAIT", "Exchange", "RequestCore"]
+__all__ = ["ANSWER", "DATA", "END", "RETRY", "START", "START_END", "WAIT", "Endpoint", "Exchange", "RequestCore"]
 
 log = logging.getLogger("shardon.exchange")
 
@@ -62,6 +64,21 @@ _clock = time.time
 _monotonic = time.monotonic
 
 
+class Endpoint:
+    """A ``/v1`` path served as an exchange, and its role (`shardon.endpoints`): how its body is read,
+    limited and forwarded, and what is read of the answer."""
+
+    __slots__ = ("form", "generative", "line", "max_body", "opaque", "path")
+
+    def __init__(self, path: str, role: str, max_body: int) -> None:
+        self.path = path
+        self.line = b"POST " + path.encode()  # the request line to the node, less its version
+        self.max_body = max_body
+        self.generative = role == GENERATIVE  # usage asked for, output hashed, max_tokens shaped
+        self.form = role == FORM  # a multipart form, forwarded with the client's Content-Type
+        self.opaque = role in (JSON_BODY, FORM)  # the answer relayed as it comes, not hashed
+
+
 class RequestCore:
     """What every exchange shares: settings read once, the gateway's services, the in-flight count.
 
@@ -83,16 +100,17 @@ class RequestCore:
         lifecycle: Any,
         records: Any,
         metrics: Any,
-        paths: tuple[str, ...],
+        endpoints: dict[str, tuple[str, int]],
     ) -> None:
         self.loop = loop
-        self.max_body = config.server.max_body_bytes
+        # path → Endpoint, from path → (role, body limit)
+        self.endpoints = {path: Endpoint(path, role, limit) for path, (role, limit) in endpoints.items()}
+        self.max_body = max(limit for _, limit in endpoints.values())  # the largest any endpoint takes
         self.queue_timeout = config.scheduler.queue_timeout_s
         self.default_priority = PRIORITY_BY_NAME[config.scheduler.default_priority]
         self.default_max_tokens = config.scheduler.default_max_tokens
         self.max_retries = config.upstream.max_retries
         self.tenant_header = config.auth.tenant_header.lower()
-        self.request_lines = {path: b"POST " + path.encode() for path in paths}
         self.ids = request_ids  # the process's id sequence (the request log seeds it at start)
         self.keys = keys
         self.limiter = limiter
@@ -115,7 +133,7 @@ class RequestCore:
     def on_request(self, request: Any) -> bool:
         """The native engine's entry: serve a whole request by callbacks (True), or decline (False:
         not an exchange, or callbacks are off) so that it runs as an RSGI coroutine."""
-        if not self.callbacks or request.method != "POST" or request.path not in self.request_lines:
+        if not self.callbacks or request.method != "POST" or request.path not in self.endpoints:
             return False
         self.served_by_callbacks += 1
         Exchange(self, request.path, self.client_of(request)).serve(request)
@@ -149,9 +167,11 @@ class Exchange:
         "buckets",
         "budget",
         "conn",
+        "content_type",
         "core",
         "dispatched",
         "done",
+        "endpoint",
         "estimate",
         "fresh",
         "gone",
@@ -190,6 +210,8 @@ class Exchange:
     def __init__(self, core: RequestCore, path: str, client: str) -> None:
         now = _clock()
         self.core = core
+        self.endpoint = core.endpoints[path]
+        self.content_type: bytes | None = None  # a form's, forwarded as the client sent it
         self.rec = RequestRecord(id=core.ids.next(now), received_at=now, endpoint=path, client_addr=client)
         core.in_flight += 1
         self.request: Any = None  # the native engine's request, when it drives this exchange
@@ -249,20 +271,28 @@ class Exchange:
     def announced(self, headers: Any) -> None:
         """Before a body is read: one announced larger than the limit is refused unread (413)."""
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.core.max_body:
-            raise errors.PayloadTooLarge(f"request body exceeds {self.core.max_body} bytes")
+        max_body = self.endpoint.max_body
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise errors.PayloadTooLarge(f"request body exceeds {max_body} bytes")
 
     def prepare(self, headers: Any, body: bytes) -> None:
         """The body's checks and the plan: routing fields, model, priority, estimate, rate limits."""
         core = self.core
         rec = self.rec
+        endpoint = self.endpoint
         size = rec.bytes_in = len(body)
-        if size > core.max_body:
-            raise errors.PayloadTooLarge(f"request body exceeds {core.max_body} bytes")
-        try:
-            req = self.req = routing_decoder.decode(body)
-        except msgspec.MsgspecError as exc:
-            raise _bad_body(exc) from None
+        if size > endpoint.max_body:
+            raise errors.PayloadTooLarge(f"request body exceeds {endpoint.max_body} bytes")
+        if endpoint.form:
+            content_type = headers.get("content-type")
+            req: Any = form_routing(body, content_type)  # (400 for a bad form or no model)
+            self.req = req
+            self.content_type = content_type.encode("latin-1")
+        else:
+            try:
+                req = self.req = routing_decoder.decode(body)
+            except msgspec.MsgspecError as exc:
+                raise _bad_body(exc) from None
         self.body = body
         model = rec.model = req.model
         stream = rec.stream = bool(req.stream)
@@ -293,7 +323,7 @@ class Exchange:
         rec.priority = PRIORITY_NAMES[priority]
         max_tokens = req.max_tokens or req.max_completion_tokens
         self.managed = lifecycle is not None and lifecycle.knows(route.name)
-        if self.managed:
+        if self.managed and not endpoint.opaque:
             # A model Shardon runs: its max_tokens default and cap, its request defaults.
             applied, self.body = lifecycle.shape_request(route.name, rec.endpoint, req, body)
             rec.max_tokens = applied
@@ -301,7 +331,7 @@ class Exchange:
         self.prompt_estimate = size // 4
         self.estimate = self.prompt_estimate + (max_tokens or core.default_max_tokens)
         self.budget = core.queue_timeout
-        if stream:
+        if stream and endpoint.generative:
             self.hasher = OutputHasher()  # the receipt's output hash, and the real usage
             options = req.stream_options
             if options is None or not options.include_usage:
@@ -440,6 +470,13 @@ class Exchange:
         model = self.req.model
         served = self.route.served_names.get(self.index, model)
         body = self.body
+        content_type = self.content_type
+        if content_type is not None:  # a form, with the client's Content-Type
+            if served != model:
+                body = replace_field(body, self.req.boundary, "model", served)
+            conn.send(self.node.request_head_as(self.endpoint.line, content_type, len(body)), body)
+            conn.wait_started = _monotonic()
+            return
         if served != model:
             fields: dict[str, Any] = {"model": served}
             if self.inject:
@@ -452,7 +489,7 @@ class Exchange:
                 body = _INCLUDE_USAGE + body.lstrip()[1:]
             else:
                 body = with_fields(body, stream_options={"include_usage": True})
-        conn.send(self.node.request_head(self.core.request_lines[self.rec.endpoint], len(body)), body)
+        conn.send(self.node.request_head(self.endpoint.line, len(body)), body)
         conn.wait_started = _monotonic()  # the read timeout applies from now
 
     # == respond =====================================================================================
@@ -496,14 +533,17 @@ class Exchange:
             self.node_headers = conn.headers
             data = self.out_data = conn.take()
             if status == 200:
-                sha, self.usage = hash_response(data)
-                if rec.endpoint != _EMBEDDINGS:  # no generated text to prove
-                    rec.output_sha256 = sha
+                if self.endpoint.opaque:
+                    self.usage = answer_usage(data)
+                else:
+                    sha, self.usage = hash_response(data)
+                    if rec.endpoint != _EMBEDDINGS:  # no generated text to prove
+                        rec.output_sha256 = sha
             rec.bytes_out = len(data)
             self._release()
             return ANSWER
-        if conn.buffered > _WHOLE_LIMIT:
-            return self._start(conn, status)  # a long answer: relayed as it arrives
+        if conn.buffered > _WHOLE_LIMIT or (conn.chunks and self.endpoint.opaque):
+            return self._start(conn, status)  # a long answer, or a node that streams: relayed as it arrives
         conn.wait_started = _monotonic()
         return WAIT
 
@@ -514,7 +554,7 @@ class Exchange:
         self.node_headers = conn.headers
         if status != 200:
             self.hasher = self.stripper = None  # an error body: passed through as it is
-        elif not rec.stream:
+        elif not rec.stream and not self.endpoint.opaque:
             self.whole = bytearray()
         self.streaming = True
         data = self._relayed(conn.take())
@@ -578,7 +618,7 @@ class Exchange:
         if self.gone:
             raise errors.ClientGone()
         if not error.reused:
-            self.core.registry.record_failure(node, str(error))
+            self.core.registry.record_failure(node, str(error), error.refused)
         if self.streaming:
             # After the first byte there is no silent retry: the client is told in-band.
             rec.status = 502
@@ -612,9 +652,12 @@ class Exchange:
             conn.finish()
         if self.index >= 0:
             self._free_slot()
-            node = self.node
-            if error is None and self.rec.status < 500 and node.failures:
-                self.core.registry.record_success(node)
+            if error is None:
+                node = self.node
+                if self.rec.status >= 500:  # the node's own error answer, passed through
+                    self.core.registry.record_failure(node, f"node answered {self.rec.status}")
+                elif node.failures:
+                    self.core.registry.record_success(node)
 
     def _free_slot(self) -> None:
         index = self.index
@@ -745,7 +788,7 @@ class Exchange:
         request.on_lost = self.client_lost
         try:
             if request.too_large:
-                raise errors.PayloadTooLarge(f"request body exceeds {self.core.max_body} bytes")
+                raise errors.PayloadTooLarge(f"request body exceeds {self.endpoint.max_body} bytes")
             headers = request.headers
             self.authorize(headers)
             chunks = request.body

@@ -47,6 +47,8 @@ cdef class Scheduler:
     cdef public object loop
     cdef public dict routes
     cdef public dict _node_routes
+    cdef public set _kept
+    cdef public set _recovering
     cdef public Py_ssize_t _rotation
     cdef public bint fair
     cdef public bint adaptive

@@ -114,6 +114,8 @@ class Scheduler:
         self.loop = loop
         self.routes: dict[str, Route] = {}
         self._node_routes: dict[int, list[Route]] = {}
+        self._kept: set[str] = set()  # models kept without a node (started on demand)
+        self._recovering: set[int] = set()  # nodes whose circuit is half-open
         self._rotation = 0
         self.fair = config.policy == "fair"
         slots = config.headroom_slots
@@ -127,6 +129,10 @@ class Scheduler:
     # -- routing table ----------------------------------------------------------------------
     def add_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
         self.balancer.add(index, capacity, weight)
+        self._join(index, models)
+        self.dispatch(index)
+
+    def _join(self, index: int, models: dict[str, str]) -> None:
         routes = self._node_routes.setdefault(index, [])
         for public, served in models.items():
             route = self.routes.get(public)
@@ -137,33 +143,67 @@ class Scheduler:
             route.served_names[index] = served
             if route not in routes:
                 routes.append(route)
-        self.dispatch(index)
+
+    def _leave(self, index: int, keep: dict[str, str]) -> None:
+        """Node ``index`` no longer serves the models not in ``keep``; a model left without a node
+        (one no lifecycle keeps, nobody waiting for) is gone from the table."""
+        routes = self._node_routes.get(index, [])
+        for route in list(routes):
+            if route.name in keep:
+                continue
+            routes.remove(route)
+            if index in route.candidates:
+                route.candidates.remove(index)
+            route.served_names.pop(index, None)
+            if not route.candidates and route.name not in self._kept and not route.waiting:
+                self.routes.pop(route.name, None)
 
     def ensure_route(self, model: str) -> Route:
-        """A route for a model that has no node yet (one started on demand)."""
+        """A route for a model that has no node yet (one started on demand); kept without nodes."""
+        self._kept.add(model)
         route = self.routes.get(model)
         if route is None:
             route = self.routes[model] = Route(model, self.config.quantum_tokens, self.headroom)
         return route
 
+    def update_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
+        """A node's capacity, weight or models changed at run time (its requests in flight stay)."""
+        self.balancer.add(index, capacity, weight)  # a known node: capacity and weight only
+        self._leave(index, models)
+        self._join(index, models)
+        self.dispatch(index)
+
     def remove_node(self, index: int) -> None:
-        for route in self._node_routes.pop(index, []):
-            if index in route.candidates:
-                route.candidates.remove(index)
-            route.served_names.pop(index, None)
+        self._leave(index, {})
+        self._node_routes.pop(index, None)
+        self._recovering.discard(index)
         self.balancer.remove(index)
 
     def set_healthy(self, index: int, healthy: bool) -> None:
+        """Whether new requests may go to the node (its circuit closed, not draining)."""
+        self._recovering.discard(index)
         self.balancer.set_healthy(index, healthy)
         if healthy:
             self.dispatch(index)
+
+    def set_trial(self, index: int) -> None:
+        """A half-open circuit: one request may go to the node, and requests for its models queue
+        meanwhile (its trial decides) instead of being refused."""
+        self._recovering.add(index)
+        self.balancer.set_trial(index)
+        self.dispatch(index)
+
+    def set_load(self, index: int, load: float) -> None:
+        """The requests the node reports beyond Shardon's own: the balancer counts them as busy."""
+        self.balancer.set_load(index, load)
 
     def route(self, model: str) -> Route | None:
         return self.routes.get(model)
 
     def has_healthy_node(self, route: Route) -> bool:
         healthy = self.balancer.healthy
-        return any(healthy(index) for index in route.candidates)
+        recovering = self._recovering
+        return any(healthy(index) or index in recovering for index in route.candidates)
 
     # -- fairness -----------------------------------------------------------------------------
     def tenant_key(self, tenant: str) -> str:

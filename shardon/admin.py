@@ -1,4 +1,4 @@
-"""The admin API (``/admin/*``): keys, the request log, statistics, status.
+"""The admin API (``/admin/*``): keys, nodes, the request log, statistics, status.
 
 Every call is authenticated with an admin key (``auth.admin_keys``; loopback only while none is
 configured) — ``/v1`` keys are refused. Calls that change something are written to the audit log.
@@ -41,6 +41,11 @@ class Admin:
             ("GET", "status", 0): self.status,
             ("GET", "audit", 0): self.audit,
             ("GET", "models", 0): self.models,
+            ("POST", "nodes", 0): self.register_node,
+            ("GET", "nodes", 0): self.list_nodes,
+            ("GET", "nodes", 1): self.get_node,
+            ("PATCH", "nodes", 1): self.change_node,
+            ("DELETE", "nodes", 1): self.delete_node,
         }
 
     def register(self, method: str, segment: str, extra: int, handler: AdminHandler) -> None:
@@ -109,6 +114,29 @@ class Admin:
             raise errors.NotFound(f"no key with id '{args[0]}'")
         self._audit(actor, "key.revoke", key.id, {"tenant": key.tenant})
         return 200, {"id": key.id, "revoked": True}
+
+    # -- nodes (shardon.fleet) ----------------------------------------------------------------
+    async def register_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        fleet = self.gw.fleet
+        return 201, fleet.public(fleet.register(await proto(), actor))
+
+    async def list_nodes(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        return 200, {"data": self.gw.fleet.listing()}
+
+    async def get_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        fleet = self.gw.fleet
+        return 200, fleet.public(fleet.get(args[0]))
+
+    async def change_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        fleet = self.gw.fleet
+        return 200, fleet.public(fleet.change(args[0], await proto(), actor))
+
+    async def delete_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
+        fleet = self.gw.fleet
+        node, gone = fleet.delete(args[0], actor)
+        out = fleet.public(node)
+        out["removed"] = gone
+        return (200 if gone else 202), out
 
     # -- models -----------------------------------------------------------------------------
     async def models(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
@@ -194,12 +222,7 @@ class Admin:
 
     async def status(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         gw = self.gw
-        balancer = gw.scheduler.balancer
-        nodes = []
-        for node in gw.registry.nodes.values():
-            snap = node.snapshot()
-            snap["in_flight"] = balancer.inflight(node.index)
-            nodes.append(snap)
+        nodes = [gw.fleet.public(node) for node in gw.registry.nodes.values()]
         body: dict[str, Any] = {
             "version": __version__,
             "uptime_s": round(time.time() - gw.started_at, 3),

@@ -3,8 +3,9 @@
 `Gateway` owns all scheduling state, on one event loop. It is an RSGI application: the native engine
 (`shardon.httpd`) first offers each whole request to ``on_request`` (the exchange core, served by
 callbacks), and runs the RSGI coroutine for the rest; granian runs the coroutine for all. A request
-to ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` is an exchange
-(`shardon.exchange`, driven by `shardon.rsgi.serve` here); ``/admin/*`` goes to `shardon.admin`.
+to one of the ``/v1`` endpoints of `shardon.endpoints` (chat, completions, embeddings, responses,
+audio, images...) is an exchange (`shardon.exchange`, driven by `shardon.rsgi.serve` here);
+``/admin/*`` goes to `shardon.admin`, its nodes to `shardon.fleet`.
 """
 
 from __future__ import annotations
@@ -21,21 +22,22 @@ from ._fast import LeastConnBalancer
 from .admin import Admin
 from .auth import KeyStore, RateLimiter
 from .config import Config, DataPaths, NodeConfig
+from .endpoints import ENDPOINTS, body_limits
 from .exchange import RequestCore
+from .fleet import Fleet
 from .lifecycle import BackendEndpoint, LifecycleManager
 from .metrics import Metrics
 from .nodes import NodeRegistry
 from .rsgi import HTTPProtocol, Scope
 from .scheduler import Scheduler
-from .schemas import PRIORITY_NAMES, models_list
+from .schemas import PRIORITY_NAMES, model_object, models_list
 from .store import AccessLog, RequestLog, RequestRecord
 from .web import Dashboard
 
 JSON = [("content-type", "application/json")]
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
-
-# The routes that are exchanges: forwarded to a node that serves the request's model.
-EXCHANGE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+_MODEL_PREFIX = "/v1/models/"
+_CIRCUIT_GAUGE = (0, 2, 1)  # by the registry's closed, open, half-open: 0 closed, 1 half-open, 2 open
 
 
 class Gateway:
@@ -69,7 +71,8 @@ class Gateway:
         self.watch_after_s = 0.0
         self._idle = asyncio.Event()
         self._models_body: bytes | None = None
-        self.routes: dict[tuple[str, str], Handler] = {("POST", path): self._exchange for path in EXCHANGE_PATHS}
+        # The exchanges: forwarded to a node that serves the request's model.
+        self.routes: dict[tuple[str, str], Handler] = {("POST", path): self._exchange for path in ENDPOINTS}
         self.routes[("GET", "/v1/models")] = self._models
         self.routes[("GET", "/health")] = self._health
         self.routes[("GET", "/metrics")] = self._metrics
@@ -80,12 +83,14 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop
         self.scheduler: Scheduler
         self.registry: NodeRegistry
+        self.fleet: Fleet
         self.core: RequestCore
         self.lifecycle: LifecycleManager | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def startup(self) -> None:
         config = self.config
+        limits = body_limits(config.server)
         self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(config.scheduler, LeastConnBalancer(), self.loop)
         self.registry = NodeRegistry(
@@ -97,6 +102,8 @@ class Gateway:
         )
         for node_config in config.nodes:
             self.registry.add(node_config)
+        self.fleet = Fleet(self)
+        self.fleet.restore()  # the nodes registered through the admin API
         self._start_lifecycle()
         self.core = RequestCore(
             config,
@@ -108,7 +115,7 @@ class Gateway:
             lifecycle=self.lifecycle,
             records=self.records,
             metrics=self.metrics,
-            paths=EXCHANGE_PATHS,
+            endpoints={path: (role, limits[path]) for path, role in ENDPOINTS.items()},
         )
         self.core.on_finish = self.on_finish
         if self.client_address.networks:
@@ -145,6 +152,7 @@ class Gateway:
                 max_concurrent=max(1, endpoint.slots),
             ),
             backend=endpoint.backend,
+            source="lifecycle",
         )
         node.model_file_sha256 = endpoint.model_file_sha256
         self.metrics.model_event(endpoint.model, "ready")
@@ -195,6 +203,9 @@ class Gateway:
         if handler is not None:
             await handler(scope, proto)
             return
+        if path.startswith(_MODEL_PREFIX) and scope.method == "GET":
+            await self._model(scope, proto)
+            return
         if path.startswith("/admin/"):
             await self.admin.handle(scope, proto)
             return
@@ -230,6 +241,20 @@ class Gateway:
             body = self._models_body = models_list(sorted(self.scheduler.routes), int(self.started_at), extra())
         proto.response_bytes(200, JSON, body)
 
+    async def _model(self, scope: Scope, proto: HTTPProtocol) -> None:
+        """``GET /v1/models/{id}``: one model of the list, or a 404 in OpenAI's shape."""
+        name = scope.path[len(_MODEL_PREFIX) :]
+        try:
+            principal = self.keys.authenticate(scope.headers.get("authorization"), None)
+            allowed = principal.allowed_models
+            if name not in self.scheduler.routes or (allowed is not None and name not in allowed):
+                raise errors.ModelNotFound(f"The model '{name}' does not exist", param="model")
+        except errors.ShardonError as err:
+            proto.response_bytes(err.status, err.headers(), err.body())
+            return
+        extra = self.lifecycle.model_fields().get(name) if self.lifecycle is not None else None
+        proto.response_bytes(200, JSON, orjson.dumps(model_object(name, int(self.started_at), extra)))
+
     async def _health(self, scope: Scope, proto: HTTPProtocol) -> None:
         nodes = self.registry.nodes.values()
         body = {
@@ -244,6 +269,7 @@ class Gateway:
     async def _metrics(self, scope: Scope, proto: HTTPProtocol) -> None:
         # Gauges are read at scrape time: the request path pays nothing for them.
         metrics = self.metrics
+        now = time.monotonic()
         for name, route in self.scheduler.routes.items():
             counts = [0, 0, 0, 0]
             for priority, _tenant, live in route.queue.snapshot():
@@ -255,5 +281,7 @@ class Gateway:
         for node in self.registry.nodes.values():
             metrics.set_inflight(node.id, self.scheduler.balancer.inflight(node.index))
             metrics.set_node_up(node.id, node.healthy)
+            load = None if node.load is None else node.load.public(now)
+            metrics.set_node_state(node.id, _CIRCUIT_GAUGE[node.circuit], node.draining, load)
         body, content_type = metrics.render()
         proto.response_bytes(200, [("content-type", content_type)], body)

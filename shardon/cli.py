@@ -13,7 +13,13 @@ from .client import Client, GatewayError
 from .config import Config, load_config
 from .errors import ConfigError
 
-_GATEWAY_COMMANDS = {"models": commands.models, "ps": commands.models, "keys": commands.keys, "chat": commands.chat}
+_GATEWAY_COMMANDS = {
+    "models": commands.models,
+    "ps": commands.models,
+    "keys": commands.keys,
+    "nodes": commands.nodes,
+    "chat": commands.chat,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
         _gateway_options(cmd, admin=True)
     for cmd in (create, listing):
         cmd.add_argument("--json", action="store_true", help="print the raw JSON")
+    nodes = sub.add_parser(
+        "nodes",
+        help="list the nodes; add, drain, undrain or remove one (a running gateway's admin API)",
+        description="shardon nodes [list] | add ID URL --models a,b | drain ID | undrain ID | remove ID",
+    )
+    nodes.add_argument("action", nargs="?", default="list", choices=commands.NODE_ACTIONS)
+    nodes.add_argument("id", nargs="?", help="the node's id")
+    nodes.add_argument("node_url", nargs="?", metavar="URL", help="add: the node's URL (http:// or https://)")
+    nodes.add_argument("--models", help="add: comma-separated models it serves (public=name-on-the-node to rename)")
+    nodes.add_argument("--max-concurrent", type=int, help="add: requests it takes at once (default 4)")
+    nodes.add_argument("--weight", type=float, help="add: its share of requests (default 1)")
+    nodes.add_argument("--node-key", help="add: the node's own API key, sent to it as a Bearer token")
+    nodes.add_argument("--ca-file", help="add: PEM of the CA that signed an https:// node's certificate")
+    nodes.add_argument("--json", action="store_true", help="print the raw JSON")
+    _gateway_options(nodes, admin=True)
     chat = sub.add_parser("chat", help="chat with a model in the terminal (/exit to leave)")
     chat.add_argument("--model", "-m", help="the model (default: the first chat model the gateway lists)")
     chat.add_argument("--system", help="a system message to start the conversation with")

@@ -1,4 +1,4 @@
-"""The commands that talk to a running gateway: ``models``, ``ps``, ``keys`` and ``chat``.
+"""The commands that talk to a running gateway: ``models``, ``ps``, ``keys``, ``nodes`` and ``chat``.
 
 Each takes the parsed arguments and a :class:`~shardon.client.Client`, prints its result and returns
 the exit status (1 when the gateway could not be reached or refused).
@@ -22,10 +22,14 @@ _COLUMNS = {
     "models": ("name", "state", "backend", "where", "memory_mb", "in_flight", "queued", "last_used"),
     "ps": ("name", "state", "pid", "url", "where", "memory_mb", "in_flight", "precision"),
     "keys": ("id", "tenant", "source", "rpm", "tpm", "max_priority", "models", "created_at"),
+    "nodes": ("id", "source", "state", "in_flight", "weight", "load", "models", "url"),
 }
+NODE_ACTIONS = ("list", "add", "drain", "undrain", "remove")
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out: TextIO = sys.stdout) -> None:
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout  # (looked up when called: a test may have replaced it)
+
     def cell(row: dict[str, Any], column: str) -> str:
         value = row.get(column)
         if column == "last_used" and isinstance(value, int | float):
@@ -94,6 +98,64 @@ def keys(args: argparse.Namespace, client: Client) -> int:
             print(f"revoked {args.id}")
     except GatewayError as exc:
         return _fail(exc)
+    return 0
+
+
+def _node_row(node: dict[str, Any]) -> dict[str, Any]:
+    state = node["circuit"] + (", removing" if node.get("removing") else ", draining" if node["draining"] else "")
+    load = node.get("load")
+    return {
+        **node,
+        "state": state,
+        "in_flight": f"{node['in_flight']}/{node['max_concurrent']}",
+        "load": f"{load['running']:g} running, {load['waiting']:g} waiting" if load else None,
+    }
+
+
+def nodes(args: argparse.Namespace, client: Client) -> int:
+    """``shardon nodes [list|add|drain|undrain|remove]``: the fleet through the admin API."""
+    action = args.action
+    if action != "list" and not args.id:
+        print(f"shardon: nodes {action} needs the node's id", file=sys.stderr)
+        return 2
+    try:
+        if action == "list":
+            rows = client.call("GET", "/admin/nodes")["data"]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print_table([_node_row(r) for r in rows], _COLUMNS["nodes"])
+            return 0
+        if action == "add":
+            if not args.node_url or not args.models:
+                print("shardon: nodes add needs ID URL --models a,b", file=sys.stderr)
+                return 2
+            names = [m.strip() for m in args.models.split(",") if m.strip()]
+            models: list[str] | dict[str, str] = names
+            if any("=" in m for m in names):
+                models = dict(m.split("=", 1) if "=" in m else (m, m) for m in names)
+            spec: dict[str, Any] = {"id": args.id, "url": args.node_url, "models": models}
+            for field, value in (
+                ("max_concurrent", args.max_concurrent),
+                ("weight", args.weight),
+                ("api_key", args.node_key),
+                ("ca_file", args.ca_file),
+            ):
+                if value is not None:
+                    spec[field] = value
+            node = client.call("POST", "/admin/nodes", spec)
+        elif action in ("drain", "undrain"):
+            node = client.call("PATCH", f"/admin/nodes/{args.id}", {"drain": action == "drain"})
+        else:
+            node = client.call("DELETE", f"/admin/nodes/{args.id}")
+    except GatewayError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(node, indent=2))
+    elif action == "remove":
+        print(f"removed {node['id']}" if node["removed"] else f"removing {node['id']} once its requests finish")
+    else:
+        print_table([_node_row(node)], _COLUMNS["nodes"])
     return 0
 
 

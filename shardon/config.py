@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -24,6 +25,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from .endpoints import ENDPOINTS
 from .errors import ConfigError
 from .lifecycle.config import GpusConfig, LifecycleConfig, ModelConfig
 from .proxies import parse_trusted
@@ -106,6 +108,9 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: PositiveInt = 1048576
+    # The body limit of particular /v1 endpoints (path → bytes), over the defaults of
+    # shardon/endpoints.py: max_body_bytes, larger for uploads (audio, images) and /v1/responses.
+    endpoint_max_body_bytes: dict[str, PositiveInt] = msgspec.field(default_factory=dict)
     drain_timeout_s: NonNegFloat = 30.0
     backlog: PositiveInt = 1024
     # The HTTP engine hosting the gateway (shardon/server.py says why native is the default).
@@ -161,20 +166,36 @@ class UpstreamConfig(_Section):
     # needs means connecting to a node that is already busy, and a busy uvloop/uvicorn node
     # accepts one connection per event-loop pass (bench/README.md: seconds for a burst of 500).
     max_idle_per_node: PositiveInt = 1024
+    # Active health probes: every node, this often (a failed probe opens its circuit at once).
     health_interval_s: PositiveFloat = 5.0
     health_timeout_s: PositiveFloat = 2.0
-    # Consecutive failures (requests or health checks) before a node is taken out of rotation.
+    # Consecutive failed requests before a node's circuit opens (out of rotation).
     failure_threshold: PositiveInt = 3
+    # An open circuit half-opens (one trial request) after this long; the cool-down doubles each
+    # time the trial fails, up to max_cooldown_s, and starts again from here once it closes.
+    cooldown_s: PositiveFloat = 5.0
+    max_cooldown_s: PositiveFloat = 300.0
+    # How often the load a node reports (vLLM /metrics, llama.cpp /metrics or /slots) is read.
+    load_interval_s: PositiveFloat = 2.0
 
 
 class NodeConfig(_Section):
     id: str
     url: str
+    """``http://host:port`` or ``https://host[:port]`` (certificate verified, SNI sent)."""
     models: list[str] | dict[str, str]
     max_concurrent: PositiveInt = 4
     weight: PositiveFloat = 1.0
     api_key: str | None = None
-    health_path: str = "/v1/models"
+    """Sent to the node as a Bearer token; never shown by the admin API nor logged."""
+    health_path: str | None = None
+    """The probe's path; None: ``/health`` (llama.cpp, vLLM), else ``/v1/models`` if it has none."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed an ``https://`` node's certificate (a private CA); without
+    it the system's trust store verifies the node."""
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    report_load: bool = True
+    """Read the load the node reports (vLLM or llama.cpp ``/metrics``, llama.cpp ``/slots``)."""
 
     def model_map(self) -> dict[str, str]:
         """Public model name → the name the node knows it by."""
@@ -282,26 +303,50 @@ def _field_path(raw: str) -> str:
     return raw.replace("$.", "").replace("$", "")
 
 
+def validate_node(node: NodeConfig, where: str) -> None:
+    """A node's fields beyond their types (ConfigError naming ``where.field``): the config's nodes
+    and those registered through the admin API."""
+    if not node.id or "/" in node.id or node.id != node.id.strip():
+        raise ConfigError(f"{where}.id: a node id is a non-empty name without '/' or surrounding spaces")
+    parts = urlsplit(node.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: expected http://host:port or https://host[:port], got {node.url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"{where}.url: bad port in {node.url!r}") from None
+    if parts.path.strip("/") or parts.query:
+        raise ConfigError(f"{where}.url: the node's base URL, without a path (/v1 is added), got {node.url!r}")
+    if not node.models:
+        raise ConfigError(f"{where}.models: a node must serve at least one model")
+    if node.health_path is not None and not node.health_path.startswith("/"):
+        raise ConfigError(f"{where}.health_path: a path starting with '/', got {node.health_path!r}")
+    if node.ca_file is not None:
+        if parts.scheme != "https":
+            raise ConfigError(f"{where}.ca_file: only for an https:// node")
+        if not os.path.isfile(os.path.expanduser(node.ca_file)):
+            raise ConfigError(f"{where}.ca_file: no such file {node.ca_file!r}")
+        try:
+            ssl.create_default_context(cafile=os.path.expanduser(node.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{where}.ca_file: not a PEM certificate file ({exc})") from None
+
+
 def _validate(cfg: Config) -> None:
     try:
         parse_trusted(cfg.server.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"server.trusted_proxies{exc}") from None
+    for path in cfg.server.endpoint_max_body_bytes:
+        if path not in ENDPOINTS:
+            raise ConfigError(f"server.endpoint_max_body_bytes: {path!r} is not one of {', '.join(ENDPOINTS)}")
     seen: set[str] = set()
     for i, node in enumerate(cfg.nodes):
         where = f"nodes[{i}]"
         if node.id in seen:
             raise ConfigError(f"{where}.id: duplicate node id {node.id!r}")
         seen.add(node.id)
-        parts = urlsplit(node.url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"{where}.url: expected http://host:port, got {node.url!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ConfigError(f"{where}.url: bad port in {node.url!r}") from None
-        if not node.models:
-            raise ConfigError(f"{where}.models: a node must serve at least one model")
+        validate_node(node, where)
 
 
 def _validate_tenants(cfg: Config) -> None:

@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .lifecycle.catalog import Catalog
 from .lifecycle.config import BACKENDS
 from .lifecycle.gpus import GpuInventory
+from .upstream.base import node_tls
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -282,21 +283,40 @@ def check_data_dir(config: Config) -> Check:
 
 
 def check_node(index: int, node: NodeConfig, timeout: float) -> Check:
-    url = node.url.rstrip("/") + node.health_path
-    request = urllib.request.Request(url)
-    if node.api_key:
-        request.add_header("Authorization", f"Bearer {node.api_key}")
+    """The node answers the health probe the gateway sends (``/health``, else ``/v1/models``), and
+    takes its ``api_key`` (``/v1/models``, which needs it where ``/health`` does not)."""
+    context = node_tls(node.url, node.ca_file)
+    opener = _DIRECT
+    if context is not None:
+        handler = urllib.request.HTTPSHandler(context=context)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), handler)
+    paths = [node.health_path] if node.health_path else ["/health", "/v1/models"]
+    if paths[-1] != "/v1/models":
+        paths.append("/v1/models")
     name = f"node {node.id}"
-    try:
-        with _DIRECT.open(request, timeout=timeout) as resp:
-            resp.read(65536)
-            return Check(name, "ok", f"{url} answered {resp.status}")
-    except urllib.error.HTTPError as exc:
-        fix = f"check nodes[{index}].api_key" if exc.code in (401, 403) else f"check nodes[{index}].health_path"
-        return Check(name, "fail", f"{url} answered {exc.code}", fix)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Check(name, "fail", f"cannot reach {url}: {reason}", f"start the node, or correct nodes[{index}].url")
+    answered = ""
+    for path in paths:
+        url = node.url.rstrip("/") + path
+        request = urllib.request.Request(url)
+        if node.api_key:
+            request.add_header("Authorization", f"Bearer {node.api_key}")
+        try:
+            with opener.open(request, timeout=timeout) as resp:
+                resp.read(65536)
+                answered = answered or f"{url} answered {resp.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 405) and path != paths[-1]:
+                continue  # no /health: the gateway probes its model list
+            if exc.code in (404, 405) and answered:
+                break  # it has no model list, and its health path answered
+            fix = f"check nodes[{index}].api_key" if exc.code in (401, 403) else f"check nodes[{index}].health_path"
+            return Check(name, "fail", f"{url} answered {exc.code}", fix)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return Check(
+                name, "fail", f"cannot reach {url}: {reason}", f"start the node, or correct nodes[{index}].url"
+            )
+    return Check(name, "ok", answered)
 
 
 def check_nodes(config: Config) -> list[Check]:

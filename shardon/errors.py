@@ -89,6 +89,14 @@ class MethodNotAllowed(ShardonError):
     code = "method_not_allowed"
 
 
+class Conflict(ShardonError):
+    """The thing exists already, or its state forbids the change (a duplicate node id)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(ShardonError):
     status = 413
     type = "invalid_request_error"

@@ -13,6 +13,11 @@ Metrics (label values that are None are reported as ``unknown``)::
     shardon_queue_depth{model,priority}                      gauge
     shardon_inflight{node}                                   gauge
     shardon_node_up{node}                                    gauge    1 healthy, 0 down
+    shardon_node_circuit{node}                               gauge    0 closed, 1 half-open, 2 open
+    shardon_node_draining{node}                              gauge    1 while draining
+    shardon_node_reported_requests{node,state}               gauge    what the node reports:
+                                                                        state = running | waiting
+    shardon_node_kv_cache_usage{node}                        gauge    the node's KV cache in use (0-1)
     shardon_request_duration_seconds{model}                  histogram  received → finished
     shardon_time_to_first_token_seconds{model}               histogram  received → first token
     shardon_time_per_output_token_seconds{model}             histogram  (finished - first token)
@@ -136,6 +141,19 @@ class Metrics:
         )
         self._inflight = fam(Gauge, "shardon_inflight", "Requests running on a node.", ("node",))
         self._node_up = fam(Gauge, "shardon_node_up", "1 if the node is healthy, else 0.", ("node",))
+        self._circuit = fam(
+            Gauge, "shardon_node_circuit", "The node's circuit: 0 closed, 1 half-open, 2 open.", ("node",)
+        )
+        self._draining = fam(Gauge, "shardon_node_draining", "1 while the node drains, else 0.", ("node",))
+        self._reported = fam(
+            Gauge,
+            "shardon_node_reported_requests",
+            "Requests the node reports (all its clients'), by state: running | waiting.",
+            ("node", "state"),
+        )
+        self._kv_cache = fam(
+            Gauge, "shardon_node_kv_cache_usage", "The KV cache in use the node reports (1 = full).", ("node",)
+        )
         self._load = fam(
             Histogram,
             "shardon_model_load_seconds",
@@ -164,11 +182,27 @@ class Metrics:
         if self.enabled:
             self._node_up.child((node,)).set(1 if up else 0)
 
+    def set_node_state(self, node: str, circuit: int, draining: bool, load: dict[str, Any] | None) -> None:
+        """A node's circuit, drain and reported load (``NodeLoad.public``; None: it reports none)."""
+        if not self.enabled:
+            return
+        self._circuit.child((node,)).set(circuit)
+        self._draining.child((node,)).set(1 if draining else 0)
+        if load is None:
+            self._reported.forget(lambda k: k[0] == node)
+            self._kv_cache.forget(lambda k: k[0] == node)
+            return
+        self._reported.child((node, "running")).set(load["running"])
+        self._reported.child((node, "waiting")).set(load["waiting"])
+        if load["kv_cache_usage"] is not None:
+            self._kv_cache.child((node,)).set(load["kv_cache_usage"])
+
     def forget_node(self, node: str) -> None:
         """Drop the series of a node that left the configuration."""
         if self.enabled:
-            self._inflight.forget(lambda k: k[0] == node)
-            self._node_up.forget(lambda k: k[0] == node)
+            families = (self._inflight, self._node_up, self._circuit, self._draining, self._reported, self._kv_cache)
+            for family in families:
+                family.forget(lambda k: k[0] == node)
 
     def rate_limited(self, tenant: str | None, kind: str) -> None:
         if self.enabled:

@@ -12,13 +12,19 @@ import orjson
 
 # The usage stripper runs once per stream chunk: compiled, with its pure-Python twin (shardon/_fast).
 from ._fast.sse import UsageStripper
+from .errors import BadRequest
+from .multipart import FormError, boundary_of, form_fields
 
 __all__ = [
     "PRIORITY_BY_NAME",
     "PRIORITY_NAMES",
+    "FormRouting",
     "RoutingFields",
     "StreamOptions",
     "UsageStripper",
+    "answer_usage",
+    "form_routing",
+    "model_object",
     "models_list",
     "routing_decoder",
     "with_fields",
@@ -39,6 +45,70 @@ class RoutingFields(msgspec.Struct):
 
 routing_decoder = msgspec.json.Decoder(RoutingFields)
 
+
+class FormRouting(msgspec.Struct):
+    """`RoutingFields` of a ``multipart/form-data`` request (an upload), and its boundary."""
+
+    model: str
+    boundary: bytes
+    stream: bool | None = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream_options: StreamOptions | None = None
+
+
+_FORM_FIELDS = frozenset({"model", "stream"})
+
+
+def form_routing(body: bytes, content_type: str | None) -> FormRouting:
+    """The routing fields of a form: its ``model`` and ``stream`` ("true"); BadRequest for a body
+    that is not the form its Content-Type says, or has no model."""
+    try:
+        boundary = boundary_of(content_type)
+        fields = form_fields(body, boundary, _FORM_FIELDS)
+        stream = fields.get("stream", "false").strip().lower()
+        if stream not in ("true", "false", "1", "0"):
+            raise FormError(f"stream must be true or false, got {fields['stream']!r}")
+    except FormError as exc:
+        raise BadRequest(f"invalid form: {exc}") from None
+    model = fields.get("model", "").strip()
+    if not model:
+        raise BadRequest("invalid form: missing required field `model`", param="model")
+    return FormRouting(model=model, boundary=boundary, stream=stream in ("true", "1"))
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    input_tokens: int | None = None  # /v1/responses
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_answer_decoder = msgspec.json.Decoder(_Answer)
+
+
+def answer_usage(body: bytes) -> dict[str, int | None] | None:
+    """The token usage of a whole JSON answer of any endpoint (None for other answers: audio, text)."""
+    if not body.startswith(b"{"):
+        return None
+    try:
+        usage = _answer_decoder.decode(body).usage
+    except msgspec.MsgspecError:
+        return None
+    if usage is None:
+        return None
+    prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.input_tokens
+    completion = usage.completion_tokens if usage.completion_tokens is not None else usage.output_tokens
+    if prompt is None and completion is None and usage.total_tokens is not None:
+        prompt = usage.total_tokens  # rerank, moderations: what was read
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
 PRIORITY_BY_NAME: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 PRIORITY_NAMES: tuple[str, ...] = ("low", "normal", "high", "critical")
 
@@ -57,15 +127,12 @@ def with_fields(body: bytes, **fields: object) -> bytes:
     return orjson.dumps(obj)
 
 
+def model_object(name: str, created: int, extra: dict[str, object] | None = None) -> dict[str, object]:
+    """One model as ``/v1/models`` lists it and ``/v1/models/{id}`` answers it."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "shardon", **(extra or {})}
+
+
 def models_list(names: list[str], created: int, extra: dict[str, dict[str, object]] | None = None) -> bytes:
     """The ``/v1/models`` body; ``extra``: more fields for some models (clients ignore unknown ones)."""
     extra = extra or {}
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": created, "owned_by": "shardon", **extra.get(n, {})}
-                for n in names
-            ],
-        }
-    )
+    return orjson.dumps({"object": "list", "data": [model_object(n, created, extra.get(n)) for n in names]})

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from .app import Gateway
 from .config import Config, NodeConfig
+from .endpoints import body_limits
 from .metrics import Metrics
 from .store import RequestLog
 from .store.access import access_log_for
@@ -59,7 +60,7 @@ def _native_engine(gateway: Gateway, config: Config) -> Engine:
         server.host,
         server.port,
         backlog=server.backlog,
-        max_body=server.max_body_bytes,
+        max_body=max(body_limits(server).values()),  # the exchange holds each endpoint to its own
         keepalive_timeout_s=server.keepalive_timeout_s,
         header_timeout_s=server.header_timeout_s,
     )

@@ -35,6 +35,7 @@ def test_gateway_suite_passes_on_the_python_twins() -> None:
             "no:cacheprovider",
             "-rfE",
             "tests/gateway",
+            "tests/fleet",
             "tests/store/test_access.py",
         ],
         cwd=ROOT,

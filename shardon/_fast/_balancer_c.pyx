@@ -6,14 +6,14 @@
 # Per-node state lives in one C array of structs indexed by the node id (ids are small ints, 0..65535,
 # chosen by the caller); the array grows by doubling when a larger id is added and is never shrunk:
 #
-#     nodes[id] = {present, healthy, inflight, capacity, weight}
+#     nodes[id] = {present, healthy, trial, inflight, capacity, weight, load}
 #
 # pick(candidates, exclude):
 #
 #     start = rr % len(candidates); rr += 1             # rotate the scan start: round-robin ties
 #     for each candidate c, from `start`, wrapping:
 #         skip unless present and healthy and inflight < capacity
-#         score = inflight / weight
+#         score = (inflight + load) / weight
 #         keep c if score < best score and c not in exclude
 #     return best or -1
 #
@@ -43,8 +43,10 @@ ctypedef struct _Node:
     Py_ssize_t inflight
     Py_ssize_t capacity
     double weight
+    double load
     bint present
     bint healthy
+    bint trial
 
 
 cdef inline long _node_id(object obj) except? -2:
@@ -115,7 +117,9 @@ cdef class LeastConnBalancer:
         if not n.present:
             n.present = True
             n.healthy = True
+            n.trial = False
             n.inflight = 0
+            n.load = 0.0
         n.capacity = ccap
         n.weight = cweight
 
@@ -125,7 +129,20 @@ cdef class LeastConnBalancer:
             memset(n, 0, sizeof(_Node))
 
     def set_healthy(self, node, healthy):
-        self._get(node).healthy = bool(healthy)
+        cdef _Node* n = self._get(node)
+        n.healthy = bool(healthy)
+        n.trial = False
+
+    def set_trial(self, node):
+        """Eligible for one more ``acquire`` only: it makes the node unhealthy again."""
+        cdef _Node* n = self._get(node)
+        n.healthy = True
+        n.trial = True
+
+    def trial(self, node):
+        """Whether the node waits for its one trial ``acquire``."""
+        cdef _Node* n = self._find(_node_id(node))
+        return n is not NULL and n.trial
 
     def healthy(self, node):
         cdef _Node* n = self._find(_node_id(node))
@@ -136,6 +153,17 @@ cdef class LeastConnBalancer:
         if ccap < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity!r}")
         self._get(node).capacity = ccap
+
+    def set_load(self, node, load):
+        """The requests the node reports beyond this balancer's own (>= 0), counted like in-flight ones."""
+        cdef double cload = load
+        if not (0.0 <= cload < INFINITY):
+            raise ValueError(f"load must be a finite number >= 0, got {float(load)!r}")
+        self._get(node).load = cload
+
+    def load(self, node):
+        cdef _Node* n = self._find(_node_id(node))
+        return 0.0 if n is NULL else n.load
 
     def pick(self, candidates, exclude=None):
         """The eligible candidate with the fewest connections per weight; -1 if there is none."""
@@ -165,14 +193,18 @@ cdef class LeastConnBalancer:
             n = &nodes[node]
             if not n.present or not n.healthy or n.inflight >= n.capacity:
                 continue
-            score = <double>n.inflight / n.weight
+            score = (<double>n.inflight + n.load) / n.weight
             if score < best_score and (exclude is None or <object>items[j] not in exclude):
                 best = node
                 best_score = score
         return best
 
     def acquire(self, node):
-        self._get(node).inflight += 1
+        cdef _Node* n = self._get(node)
+        n.inflight += 1
+        if n.trial:
+            n.trial = False
+            n.healthy = False
 
     def release(self, node):
         cdef _Node* n = self._find(_node_id(node))

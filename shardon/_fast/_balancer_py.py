@@ -1,21 +1,25 @@
 """Pure-Python twin of :mod:`shardon._fast._balancer_c`: the readable reference.
 
 LeastConnBalancer keeps, per backend node (a small int id, 0..MAX_NODE_ID, chosen by the caller), its
-capacity (concurrent requests it accepts), weight, health and the number of requests in flight, and
-picks a node for the next request by least connections:
+capacity (concurrent requests it accepts), weight, health, the number of requests in flight and the
+load the node reports beyond them (other clients' requests), and picks a node for the next request by
+least connections:
 
-* eligible: the id is known, the node is healthy, ``inflight < capacity`` and the id is not in
-  ``exclude`` (the nodes a retry has already tried);
-* best: the smallest ``inflight / weight``; a node of weight 2 gets twice the connections of one of
-  weight 1 before it looks as busy;
+* eligible: the id is known, the node is healthy (routable), ``inflight < capacity`` and the id is not
+  in ``exclude`` (the nodes a retry has already tried);
+* best: the smallest ``(inflight + load) / weight``; a node of weight 2 gets twice the connections of
+  one of weight 1 before it looks as busy, and a node that others keep busy gets less;
 * ties: broken round robin. Every ``pick`` starts scanning the candidate list one place further along
   (a counter modulo its length) and keeps the first best node it meets, so nodes that stay equal take
   turns instead of the first one taking everything.
 
 ``pick`` only chooses; the caller then calls ``acquire`` on the chosen node and ``release`` when the
-request ends. Unknown ids are skipped by ``pick`` and ``free_slots``, ignored by ``release`` and
+request ends. ``set_trial`` makes a node eligible for exactly one more ``acquire`` (a circuit
+breaker's half-open trial): that acquire takes its health away again.
+
+Unknown ids are skipped by ``pick`` and ``free_slots``, ignored by ``release`` and
 ``remove``, read as 0 / False by ``inflight``, ``capacity`` and ``healthy``, and rejected (KeyError)
-by ``acquire``, ``set_healthy`` and ``set_capacity``.
+by ``acquire``, ``set_healthy``, ``set_trial``, ``set_capacity`` and ``set_load``.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ MAX_NODE_ID = 65535
 
 
 class _Node:
-    __slots__ = ("capacity", "healthy", "inflight", "weight")
+    __slots__ = ("capacity", "healthy", "inflight", "load", "trial", "weight")
 
     def __init__(self, capacity: int, weight: float) -> None:
         self.capacity = capacity
         self.weight = weight
         self.healthy = True
+        self.trial = False
         self.inflight = 0
+        self.load = 0.0
 
 
 def _check(node: int, capacity: int, weight: float) -> None:
@@ -82,7 +88,20 @@ class LeastConnBalancer:
         return n
 
     def set_healthy(self, node: int, healthy: bool) -> None:
-        self._get(node).healthy = bool(healthy)
+        n = self._get(node)
+        n.healthy = bool(healthy)
+        n.trial = False
+
+    def set_trial(self, node: int) -> None:
+        """Eligible for one more ``acquire`` only: it makes the node unhealthy again."""
+        n = self._get(node)
+        n.healthy = True
+        n.trial = True
+
+    def trial(self, node: int) -> bool:
+        """Whether the node waits for its one trial ``acquire``."""
+        n = self._nodes.get(node)
+        return n is not None and n.trial
 
     def healthy(self, node: int) -> bool:
         n = self._nodes.get(node)
@@ -93,6 +112,17 @@ class LeastConnBalancer:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity!r}")
         self._get(node).capacity = capacity
+
+    def set_load(self, node: int, load: float) -> None:
+        """The requests the node reports beyond this balancer's own (>= 0), counted like in-flight ones."""
+        load = float(load)
+        if not 0.0 <= load < math.inf:
+            raise ValueError(f"load must be a finite number >= 0, got {load!r}")
+        self._get(node).load = load
+
+    def load(self, node: int) -> float:
+        n = self._nodes.get(node)
+        return 0.0 if n is None else n.load
 
     def pick(self, candidates: Sequence[int], exclude: Container[int] | None = None) -> int:
         """The eligible candidate with the fewest connections per weight; -1 if there is none."""
@@ -112,14 +142,18 @@ class LeastConnBalancer:
             n = nodes.get(node)
             if n is None or not n.healthy or n.inflight >= n.capacity:
                 continue
-            score = n.inflight / n.weight
+            score = (n.inflight + n.load) / n.weight
             if score < best_score and (exclude is None or node not in exclude):
                 best = node
                 best_score = score
         return best
 
     def acquire(self, node: int) -> None:
-        self._get(node).inflight += 1
+        n = self._get(node)
+        n.inflight += 1
+        if n.trial:
+            n.trial = False
+            n.healthy = False
 
     def release(self, node: int) -> None:
         n = self._nodes.get(node)

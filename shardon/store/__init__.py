@@ -1,11 +1,12 @@
 """The request log: one SQLite row per request that reached the gateway, the admin audit trail, the
-API keys created at run time, and the access log.
+API keys and nodes created at run time, and the access log.
 
 - `records`: `RequestRecord` and request ids (a leaf any module may import);
 - `log`: `RequestLog`, the writer and compactor threads (`backlog`: the on-disk backlog;
   `compactor`: the SQLite side; `schema`: tables and migrations; `queries`: the reads);
 - `access`: `AccessLog`, access lines formatted and written off the event loop;
-- `keys`: `KeyTable`, the persisted API keys.
+- `keys`: `KeyTable`, the persisted API keys;
+- `nodes`: `NodeTable`, the nodes registered through the admin API.
 
 Design (threading, backlog format, durability, schema): ``docs/request-log.md``.
 """
@@ -16,6 +17,7 @@ from .access import AccessLog
 from .backlog import encode_frame, read_segment
 from .keys import KeyTable
 from .log import RequestLog
+from .nodes import NodeRow, NodeTable
 from .queries import parse_status_filter
 from .records import (
     REQUEST_COLUMNS,
@@ -35,6 +37,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "AccessLog",
     "KeyTable",
+    "NodeRow",
+    "NodeTable",
     "RequestIds",
     "RequestLog",
     "RequestRecord",

@@ -1,6 +1,6 @@
 """The database's schema: tables, indexes, migrations, and how its connections are opened.
 
-One place for every table in Shardon's SQLite file (requests, audit, api_keys) and for the
+One place for every table in Shardon's SQLite file (requests, audit, api_keys, nodes) and for the
 connection settings (WAL, busy timeout), so the request log, its readers and the key table open
 the same database the same way. The schema and why it has so few indexes:
 ``docs/request-log.md`` (schema).
@@ -27,6 +27,7 @@ __all__ = [
     "WRITER_PRAGMAS",
     "connect_readonly",
     "create_keys_table",
+    "create_nodes_table",
     "create_schema",
     "open_database",
     "open_writer",
@@ -85,6 +86,19 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rpm REAL, tpm REAL, max_priority TEXT, models TEXT,
     created_at REAL NOT NULL,
     revoked_at REAL
+)
+"""
+
+
+# The nodes registered through the admin API: the node's config (its api_key included: Shardon sends
+# it to the node) as JSON, and whether it was draining.
+_NODES_TABLE = """
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    draining INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
 )
 """
 
@@ -170,6 +184,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
 def create_keys_table(conn: sqlite3.Connection) -> None:
     """The API keys created at run time (digests only), for `shardon.store.keys.KeyTable`."""
     conn.execute(_KEYS_TABLE)
+
+
+def create_nodes_table(conn: sqlite3.Connection) -> None:
+    """The nodes registered at run time, for `shardon.store.nodes.NodeTable`."""
+    conn.execute(_NODES_TABLE)
 
 
 def open_database(path: Path) -> sqlite3.Connection:

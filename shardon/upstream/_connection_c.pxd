@@ -61,6 +61,7 @@ cdef class NodePool:
     cdef public object loop
     cdef public int max_idle
     cdef public int port
+    cdef public object ssl
 
     cpdef UpstreamConnection new_connection(self)
     @cython.locals(conn=UpstreamConnection)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from ssl import SSLError
 from typing import Any
 
 import httptools
@@ -298,9 +299,10 @@ def client_header_lines(upstream: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class NodePool:
-    """Idle keep-alive connections to one node."""
+    """Idle keep-alive connections to one node; over TLS when given an ``ssl`` context (the node's
+    host name is then sent as SNI and checked against its certificate)."""
 
-    __slots__ = ("_busy", "_idle", "connect_timeout", "host", "loop", "max_idle", "port")
+    __slots__ = ("_busy", "_idle", "connect_timeout", "host", "loop", "max_idle", "port", "ssl")
 
     def __init__(
         self,
@@ -310,12 +312,14 @@ class NodePool:
         loop: asyncio.AbstractEventLoop,
         connect_timeout: float,
         max_idle: int,
+        ssl: Any = None,
     ) -> None:
         self.host = host
         self.port = port
         self.loop = loop
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
+        self.ssl = ssl  # an ssl.SSLContext for an https:// node, else None
         self._idle: deque[UpstreamConnection] = deque()
         self._busy: set[UpstreamConnection] = set()
 
@@ -349,11 +353,17 @@ class NodePool:
                     self.new_connection,  # type: ignore[type-var]  # an asyncio protocol by its methods
                     self.host,
                     self.port,
+                    ssl=self.ssl,
                 )
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out") from None
+        except SSLError as exc:  # (an OSError: first) the node's certificate, or its TLS
+            raise UpstreamConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
         except OSError as exc:
-            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+            raise UpstreamConnectError(
+                f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}",
+                refused=isinstance(exc, ConnectionRefusedError),
+            ) from None
         self._busy.add(conn)
         return conn
 

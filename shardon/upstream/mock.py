@@ -9,6 +9,7 @@ Endpoints
     POST /v1/chat/completions    deterministic "tok0 tok1 ..." text, streaming (SSE, chunked) or not
     POST /v1/completions         same, ``text_completion`` objects
     POST /v1/embeddings          deterministic vectors (``encoding_format`` float or base64)
+    ...                          the rest of the OpenAI API, /metrics and /slots: ``mock_endpoints``
     GET  /mock/stats             the node's ``MockStats`` as JSON (control endpoints are never counted)
     POST /mock/reset             zero the counters
     POST /mock/fail              body {"mode": "before" | "mid" | "status500" | "status503" | "hang" | null}
@@ -53,6 +54,7 @@ import msgspec
 import orjson
 
 from ..listener import Listener, listen
+from . import mock_endpoints
 
 try:
     import uvloop as _uvloop_mod
@@ -132,7 +134,8 @@ class MockStats:
 
     @property
     def last_headers(self) -> dict[str, str]:
-        """Headers of the last counted request, names lower-cased (a repeated name keeps the last)."""
+        """Headers of the last counted request (a probe of /health, /metrics or /slots aside), names
+        lower-cased (a repeated name keeps the last)."""
         return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._last_headers_raw}
 
     def as_dict(self) -> dict[str, Any]:
@@ -510,6 +513,7 @@ class MockNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: set[_Conn] = set()
         self._seq = 0
+        self.reported = mock_endpoints.Reported()  # what its /metrics and /slots say
         self._build()
 
     # -- lifecycle
@@ -643,8 +647,9 @@ class MockNode:
         st.total_requests += 1
         pp = st.per_path_raw
         pp[path] = pp.get(path, 0) + 1
-        st._last_headers_raw = headers
-        st.last_body = body
+        if path not in _PROBED:  # the last request a client made, not a gateway's probe
+            st._last_headers_raw = headers
+            st.last_body = body
         try:
             fail = self._fail
             if fail is not None:
@@ -654,7 +659,7 @@ class MockNode:
                 else:
                     self._inject(conn, fail, keep, kind, 2, kind == 0)
                 return
-            if path == b"/health":
+            if path == b"/health" and self.reported.health:
                 if method != b"GET":
                     self._send_error(conn, 405, _error("Method Not Allowed", "invalid_request_error"), keep)
                     return
@@ -678,6 +683,8 @@ class MockNode:
             if path == b"/v1/models" and method == b"GET":
                 transport.write(self._const[b"/v1/models", keep])
                 self._finish(conn, keep, True)
+                return
+            if mock_endpoints.handle(self, conn, method, path, headers, body, keep):
                 return
             msg = f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')})"
             self._send_error(conn, 404, _error(msg, "invalid_request_error"), keep)
@@ -1083,6 +1090,7 @@ class MockNode:
 
 
 _KINDS = {b"/v1/chat/completions": _CHAT, b"/v1/completions": _COMPLETION, b"/v1/embeddings": _EMBEDDING}
+_PROBED = frozenset({b"/health", b"/metrics", b"/slots"})
 
 
 # ---------------------------------------------------------------------------------------------- helpers

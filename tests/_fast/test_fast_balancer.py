@@ -234,3 +234,58 @@ def test_candidates_may_be_any_sequence(impl: SimpleNamespace) -> None:
     lb.acquire(0)
     assert lb.pick(range(2)) == 1
     assert lb.free_slots(range(2)) == 1
+
+
+def test_trial_allows_exactly_one_acquire(impl: SimpleNamespace) -> None:
+    lb = make(impl, (0, 10, 1.0), (1, 10, 1.0))
+    load(lb, 1, 5)
+    lb.set_healthy(0, False)
+    assert lb.pick([0, 1]) == 1
+    lb.set_trial(0)  # a half-open circuit: one request may go
+    assert lb.trial(0) is True and lb.healthy(0) is True
+    assert lb.pick([0, 1]) == 0
+    assert lb.pick([0, 1]) == 0  # picking alone takes nothing
+    lb.acquire(0)
+    assert lb.trial(0) is False and lb.healthy(0) is False
+    assert lb.pick([0, 1]) == 1  # the trial is out: no second request
+    assert lb.free_slots([0]) == 0
+    lb.release(0)
+    assert lb.healthy(0) is False  # the trial's end decides, not its release
+    lb.set_trial(0)
+    lb.set_healthy(0, True)  # closed: the trial flag goes with it
+    assert lb.trial(0) is False
+    lb.acquire(0)
+    lb.acquire(0)
+    assert lb.healthy(0) is True
+    assert lb.trial(99) is False
+    with pytest.raises(KeyError):
+        lb.set_trial(99)
+
+
+def test_reported_load_counts_like_inflight(impl: SimpleNamespace) -> None:
+    lb = make(impl, (0, 10, 1.0), (1, 10, 1.0))
+    lb.set_load(1, 3.0)  # three requests of other clients on node 1
+    assert lb.load(1) == 3.0 and lb.load(0) == 0.0 and lb.load(42) == 0.0
+    counts: Counter[int] = Counter()
+    for _ in range(7):
+        node = lb.pick([0, 1])
+        lb.acquire(node)
+        counts[node] += 1
+    assert counts == {0: 5, 1: 2}  # 5 + 0 against 2 + 3: equal busyness
+    assert lb.free_slots([0, 1]) == 5 + 8  # capacity is Shardon's own count: the load does not use it
+    lb.set_load(1, 0)
+    assert lb.pick([0, 1]) == 1
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            lb.set_load(0, bad)
+    with pytest.raises(KeyError):
+        lb.set_load(99, 1.0)
+
+
+def test_reported_load_per_weight(impl: SimpleNamespace) -> None:
+    lb = make(impl, (0, 100, 1.0), (1, 100, 2.0))
+    lb.set_load(1, 4.0)
+    load(lb, 0, 1)
+    assert lb.pick([0, 1]) == 0  # 1/1 < 4/2
+    load(lb, 0, 2)
+    assert lb.pick([0, 1]) == 1  # 3/1 > 4/2

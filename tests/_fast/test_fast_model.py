@@ -211,6 +211,8 @@ balancer_op = st.one_of(
     st.tuples(st.just("add"), node_ids, st.integers(-1, 6), st.sampled_from([1.0, 2.0, 0.5, 3.0, 0.0])),
     st.tuples(st.just("remove"), node_ids),
     st.tuples(st.just("set_healthy"), node_ids, st.booleans()),
+    st.tuples(st.just("set_trial"), node_ids),
+    st.tuples(st.just("set_load"), node_ids, st.sampled_from([0.0, 0.5, 2.0, 7.0, -1.0])),
     st.tuples(st.just("set_capacity"), node_ids, st.integers(-1, 6)),
     st.tuples(
         st.just("pick"),
@@ -242,3 +244,5 @@ def test_balancer_twins_agree(both: tuple[SimpleNamespace, SimpleNamespace], ops
             assert lc.inflight(node) == lp.inflight(node)
             assert lc.capacity(node) == lp.capacity(node)
             assert lc.healthy(node) == lp.healthy(node)
+            assert lc.trial(node) == lp.trial(node)
+            assert lc.load(node) == lp.load(node)

@@ -3,7 +3,7 @@
 Only the listen address and the upstream address of the file are changed. Through nginx: a stream
 arrives chunk by chunk, the client's address reaches the request log only when nginx's address is
 in ``server.trusted_proxies``, a body over the limit is refused (one of exactly the limit is not),
-and the TLS example block serves HTTPS with a certificate.
+an upload takes its larger limit, and the TLS example block serves HTTPS with a certificate.
 """
 
 from __future__ import annotations
@@ -231,6 +231,29 @@ def test_body_limit_matches_shardons(make_mock: Any, make_gateway: Any, make_ngi
     assert body["error"]["code"] == "request_too_large"
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert node.stats.total_requests == before
+
+
+def test_uploads_take_larger_bodies(make_mock: Any, make_gateway: Any, make_nginx: Any) -> None:
+    node = make_mock(models=["whisper"], name="n")
+    gw = make_gateway(nodes=[node_entry(node, "n", ["whisper"])])
+    port = make_nginx(gw)
+    audio = b"\x00" * (3 * MAX_BODY)
+    form = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + audio + b"\r\n--B--\r\n"
+    )
+    conn = connect(port)
+    try:
+        conn.request(
+            "POST", "/v1/audio/transcriptions", body=form, headers={"Content-Type": "multipart/form-data; boundary=B"}
+        )
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, answer
+    assert answer["text"].startswith(f"transcribed {len(audio)} bytes")
+    assert post(port, chat("x" * (3 * MAX_BODY)))[0] == 413  # chat keeps its 1 MiB
 
 
 @pytest.mark.parametrize("engine", ["native"])

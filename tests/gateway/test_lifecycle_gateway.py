@@ -62,6 +62,10 @@ def test_first_request_loads_once_and_is_answered(make_gateway: Any, tiny_model:
     rid = results[0][1]["x-request-id"]
     logged = wait_until(lambda: (r := call(gw.url, "GET", f"/admin/requests/{rid}"))[0] == 200 and r[2])
     assert logged["backend"] == "llama-cpp-python" and logged["node_id"].startswith("lifecycle:tiny")
+    # The backend is a node of the one registry, from the lifecycle: drained, never deleted.
+    (node,) = call(gw.url, "GET", "/admin/nodes")[2]["data"]
+    assert node["id"] == logged["node_id"] and node["source"] == "lifecycle" and node["models"] == ["tiny"]
+    assert call(gw.url, "DELETE", f"/admin/nodes/{node['id']}")[0] == 409
     # The CLI shows the same.
     out = subprocess.run(
         [sys.executable, "-m", "shardon", "ps", "--url", gw.url], capture_output=True, text=True, timeout=30

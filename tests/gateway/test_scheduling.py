@@ -118,7 +118,6 @@ def test_queue_deadline_is_504(make_mock: Any, make_gateway: Any) -> None:
 def test_retry_on_another_node_before_first_byte(make_mock: Any, make_gateway: Any) -> None:
     dead = make_mock(models=["m1"], name="dead")
     alive = make_mock(models=["m1"], name="alive")
-    dead.set_fail("before")
     gw = make_gateway(
         nodes=[
             node_entry(dead, "dead", ["m1"], max_concurrent=8),
@@ -126,6 +125,9 @@ def test_retry_on_another_node_before_first_byte(make_mock: Any, make_gateway: A
         ],
         upstream={"health_interval_s": 30},
     )
+    # It fails once its first probe has passed (a failed probe would take it out of rotation at once).
+    wait_until(lambda: dead.stats.per_path.get("/health", 0) >= 1)
+    dead.set_fail("before")
     for _ in range(6):
         status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT)
         assert status == 200

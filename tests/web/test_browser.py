@@ -276,6 +276,22 @@ def test_nodes_show_health_capacity_and_models(page: Page) -> None:
     assert "2 of 2 healthy" in page.text("#main .facts")
 
 
+def test_a_node_drains_and_resumes_from_its_card(page: Page, site: GatewayThread) -> None:
+    if not page.driver.current_url.endswith("#/nodes"):
+        page.open("nodes")
+
+    def draining() -> bool:
+        return bool(admin(site.url, "/admin/nodes/node-b").json()["draining"])
+
+    assert page.find_all("[data-node='node-b'] button[data-action='remove']") == []  # a config node: drained only
+    page.find("[data-node='node-b'] button[data-action='drain']").click()
+    page.wait(lambda: page.find_all("[data-node='node-b'] .drain"), what="draining badge")
+    assert draining() and "node-b: draining" in page.text("#toasts")
+    page.find("[data-node='node-b'] button[data-action='resume']").click()
+    page.wait(lambda: not page.find_all("[data-node='node-b'] .drain"), what="badge gone")
+    assert not draining()
+
+
 def test_models_load_and_unload_from_the_page(page: Page, site: GatewayThread) -> None:
     if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: it runs in its own process
         pytest.skip("needs llama-cpp-python[server] (the demo or llama extra)")

@@ -1,0 +1,47 @@
+"""The mock node over TLS: an ``https://`` node for the tests of Shardon's HTTPS upstreams.
+
+`TLSMockNode` serves the mock node's protocol through asyncio's TLS server with the given
+``ssl.SSLContext`` (its certificate and key); `TLSMockNodeThread` runs one in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any, cast
+
+from .mock import MockConfig, MockNode, MockNodeThread, _Conn
+
+__all__ = ["TLSMockNode", "TLSMockNodeThread"]
+
+
+class TLSMockNode(MockNode):
+    """A mock node whose connections are TLS; ``server_name`` is the host its ``url`` names."""
+
+    def __init__(self, config: MockConfig | None, context: ssl.SSLContext, server_name: str = "localhost") -> None:
+        super().__init__(config)
+        self.context = context
+        self.server_name = server_name
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.server_name}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        if self._listeners:
+            raise RuntimeError("mock node already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.host = host
+        server = await loop.create_server(lambda: _Conn(self), host, port, ssl=self.context, backlog=256)
+        self._listeners = [cast(Any, server)]  # closed by MockNode.stop like a listener
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+
+class TLSMockNodeThread(MockNodeThread):
+    """`MockNodeThread` for a `TLSMockNode`."""
+
+    def __init__(self, config: MockConfig | None, context: ssl.SSLContext, server_name: str = "localhost") -> None:
+        super().__init__(config)
+        self.node = TLSMockNode(config, context, server_name)
