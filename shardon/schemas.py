@@ -27,6 +27,7 @@ __all__ = [
     "model_object",
     "models_list",
     "routing_decoder",
+    "routing_fields",
     "with_fields",
 ]
 
@@ -136,3 +137,17 @@ def models_list(names: list[str], created: int, extra: dict[str, dict[str, objec
     """The ``/v1/models`` body; ``extra``: more fields for some models (clients ignore unknown ones)."""
     extra = extra or {}
     return orjson.dumps({"object": "list", "data": [model_object(n, created, extra.get(n)) for n in names]})
+
+
+def routing_fields(body: bytes) -> RoutingFields:
+    """The routing fields of a JSON body; BadRequest (400, naming the field) when it has none."""
+    try:
+        return routing_decoder.decode(body)
+    except msgspec.MsgspecError as exc:
+        msg = str(exc)
+        if isinstance(exc, msgspec.ValidationError):
+            param = msg.rsplit("`$.", 1)[1].rstrip("`") if "`$." in msg else None
+            if "missing required field" in msg:
+                param = msg.split("`")[1]
+            raise BadRequest(f"invalid request: {msg}", param=param) from None
+        raise BadRequest(f"request body is not valid JSON: {msg}") from None

@@ -152,7 +152,11 @@ def test_a_refused_connect_is_retried_on_another_node(make_mock: Any, make_gatew
             node_entry(good, "good", ["m1"]),
         ],
     )
-    gw.call(lambda: [gw.gateway.registry.record_success(n) for n in gw.gateway.registry.nodes.values()])
+    # The start-up probe finds the dead node refusing and opens its circuit; closed again, the next
+    # request that picks it is refused at connect, and retried on the good node.
+    dead = gw.gateway.registry.nodes["dead"]
+    wait_until(lambda: gw.call(lambda: dead.circuit) != 0, 5)
+    gw.call(lambda: gw.gateway.registry.record_success(dead))
     for _ in range(4):
         status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT)
         assert status == 200 and headers["x-shardon-node"] == "good"
