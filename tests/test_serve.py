@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_until
-from tests.served import Start, serving
+from tests.support import Start, serving, wait_until
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:

@@ -21,7 +21,7 @@ import pytest
 from shardon.config import load_config
 from shardon.errors import ConfigError
 from shardon.proxies import ClientAddress, peer_host
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'

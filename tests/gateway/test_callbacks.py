@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, wait_until
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
 

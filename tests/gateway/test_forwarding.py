@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 from typing import Any
 
 import pytest
 
-from tests.conftest import node_entry
-
-
-def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+from tests.support import node_entry, post
 
 
 @pytest.fixture

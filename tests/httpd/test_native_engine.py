@@ -27,8 +27,8 @@ import pytest
 
 from shardon.errors import PayloadTooLarge, ProtocolClosed
 from shardon.httpd import NativeServer
-from tests import aio
-from tests.aio import until
+from tests import support
+from tests.support import until
 
 SCENARIO_TIMEOUT = 15.0
 READ_TIMEOUT = 5.0
@@ -40,7 +40,7 @@ App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 # ---------------------------------------------------------------------------------------------- harness
 
 
-on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
+on_uvloop = support.on_uvloop(SCENARIO_TIMEOUT)
 
 
 @dataclass

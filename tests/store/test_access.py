@@ -13,11 +13,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import admin_get, open_log, post, rec
 
 from shardon.store import AccessLog, RequestRecord
 from shardon.store import access as access_mod
-from tests.conftest import node_entry, wait_until
+from tests.store.store_helpers import admin_get, open_log, post, rec
+from tests.support import node_entry, wait_until
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 

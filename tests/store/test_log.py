@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import (
+
+from shardon.store import RequestIds, RequestLog, RequestRecord, queries, records, request_id_floor
+from shardon.store import backlog as backlog_mod
+from tests.store.store_helpers import (
     BASE,
     admin_get,
     backlog,
@@ -27,10 +30,7 @@ from store_helpers import (
     rid,
     ro,
 )
-
-from shardon.store import RequestIds, RequestLog, RequestRecord, queries, records, request_id_floor
-from shardon.store import backlog as backlog_mod
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, wait_until
 
 
 def test_burst_from_event_loop_loses_nothing(rlog: RequestLog) -> None:

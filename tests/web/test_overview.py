@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shardon.web.overview import parse_overview_query
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, wait_until
 from tests.web.helpers import ADMIN, TEAM_KEY, admin, chat
 
 
