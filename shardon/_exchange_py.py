@@ -765,10 +765,10 @@ class Exchange:
         self.request = request
         request.on_lost = self.client_lost
         try:
+            headers = request.headers
+            self.authorize(headers)  # (the caller first, as the coroutine does: then the body's size)
             if request.too_large:
                 raise errors.PayloadTooLarge(f"request body exceeds {self.core.max_body} bytes")
-            headers = request.headers
-            self.authorize(headers)
             chunks = request.body
             self.prepare(headers, chunks[0] if len(chunks) == 1 else b"".join(chunks))
             self._advance()

@@ -188,6 +188,46 @@ def read_until(sock: socket.socket, done: Callable[[bytes], bool], timeout: floa
     return got
 
 
+class _Stream:
+    """One buffered reader of a socket for several `http.client.HTTPResponse` in a row."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def makefile(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def read(self, *args: Any) -> bytes:
+        return bytes(self.file.read(*args))
+
+    def readline(self, *args: Any) -> bytes:
+        return bytes(self.file.readline(*args))
+
+    def readinto(self, buffer: Any) -> int:
+        return int(self.file.readinto(buffer))
+
+    def peek(self, *args: Any) -> bytes:
+        return bytes(self.file.peek(*args))
+
+    def read1(self, *args: Any) -> bytes:
+        return bytes(self.file.read1(*args))
+
+    def close(self) -> None:
+        pass  # each response "closes" its reader when read; the next one goes on reading
+
+
+def read_responses(sock: socket.socket, count: int) -> list[Reply]:
+    """Read ``count`` responses off ``sock`` in turn (pipelined or kept alive), each read whole."""
+    stream = _Stream(sock)
+    replies = []
+    for _ in range(count):
+        resp = http.client.HTTPResponse(stream)  # type: ignore[arg-type]
+        resp.begin()
+        replies.append((resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()))
+    stream.file.close()
+    return replies
+
+
 def dechunk(raw: bytes) -> tuple[bytes, bool]:
     """The body of a chunked HTTP/1.1 response read raw (its head, if there, skipped), and whether
     it ended with the terminating chunk."""

@@ -52,6 +52,18 @@ def test_missing_and_bad_keys_are_401(keyed: Any) -> None:
     assert call(gw.url, "GET", "/v1/models")[0] == 401
 
 
+def test_the_caller_is_checked_before_the_body_size(keyed: Any) -> None:
+    """A body over the limit from an unknown caller is a 401, from a known one a 413 logged under
+    its tenant, on every path (regression: the callback path answered 413 before the key)."""
+    _, gw = keyed
+    big = json.dumps({"model": "m1", "prompt": "x" * 2_000_000}).encode()
+    assert post(gw.url, "/v1/completions", big, bearer("sk-wrong"))[0] == 401
+    status, headers, _ = post(gw.url, "/v1/completions", big, bearer("sk-a"))
+    assert status == 413
+    row = one_row(gw.url, headers["x-request-id"], key=ADMIN)
+    assert (row["tenant"], row["key_id"], row["error_type"]) == ("team-a", "a-main", "request_too_large")
+
+
 def test_valid_keys_work_including_hashed_ones(keyed: Any) -> None:
     node, gw = keyed
     assert post(gw.url, "/v1/chat/completions", CHAT, bearer("sk-a"))[0] == 200
