@@ -223,7 +223,8 @@ def test_pipelined_requests_are_answered_in_order(make_mock: Any, make_gateway: 
         answers = read_responses(sock, 3)
     assert [status for status, _, _ in answers] == [200, 200, 200]
     assert json.loads(answers[0][2])["choices"][0]["text"] == "tok0 "
-    assert answers[1][1]["content-type"].startswith("text/event-stream") and events(answers[1][2])[-1] == b"data: [DONE]"
+    assert answers[1][1]["content-type"].startswith("text/event-stream")
+    assert events(answers[1][2])[-1] == b"data: [DONE]"
     assert json.loads(answers[2][2])["choices"][0]["message"]["content"] == "tok0 tok1 "
     ids = [headers["x-request-id"] for _, headers, _ in answers]
     assert ids == sorted(ids)  # answered in the order they were sent
