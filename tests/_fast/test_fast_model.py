@@ -11,9 +11,10 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
-from drr_model import NaiveFairQueue, drain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests._fast.drr_model import NaiveFairQueue, drain
 
 SETTINGS = settings(
     max_examples=300,
