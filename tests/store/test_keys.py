@@ -13,8 +13,8 @@ from shardon.auth import CreateKey, KeyStore, digest
 from shardon.config import AuthConfig
 from shardon.store import KeyTable
 from shardon.store.keys import KeyRow
-from tests.store.store_helpers import open_log, post
-from tests.support import node_entry
+from tests.store.store_helpers import open_log
+from tests.support import node_entry, post
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 
