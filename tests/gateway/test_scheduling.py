@@ -344,3 +344,58 @@ def test_a_burst_leaves_its_connections_warm_for_the_next(
     checks = node.stats.per_path["/v1/models"]  # (the health check's path)
     wait_until(lambda: node.stats.per_path["/v1/models"] >= checks + 2)
     assert node.stats.connections_open == kept
+
+
+def test_tenants_share_the_queue_by_weight(make_mock: Any, make_gateway: Any) -> None:
+    """Deficit round robin across tenants, weighted, seen in the order requests reach the node."""
+    node = make_mock(models=["m1"], chunks=1000)
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)],
+        auth={"trust_tenant_header": True},
+        tenants=[{"name": "heavy", "weight": 3}, {"name": "light", "weight": 1}],
+        # Each request below is estimated at 1011 tokens (its 45 bytes / 4, and max_tokens): one per
+        # round for a tenant of weight 1, three for weight 3. (Its real usage, 1001, corrects little.)
+        scheduler={"quantum_tokens": 1011, "headroom_slots": 0},
+    )
+    node.gate.close()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        sent = [pool.submit(post, gw.url, "/v1/completions", {"model": "m1", "prompt": "b", "max_tokens": 1})]
+        wait_until(lambda: node.gate.waiting == 1)
+        for n in range(12):
+            tenant = "heavy" if n % 2 else "light"
+            body = b'{"model":"m1","prompt":"%s","max_tokens":1000}' % tenant[0].encode()
+            sent.append(pool.submit(post, gw.url, "/v1/completions", body, {"X-Tenant-ID": tenant}))
+            wait_until(lambda n=n: queued(gw) == n + 1)
+        order = "".join(json.loads(b)["prompt"] for b in release_in_order(node, 13))[1:]
+        assert [f.result(10)[0] for f in sent] == [200] * 13
+    # The light tenant queued first; then three to one while both wait.
+    assert order == "lhhhlhhhllll", order
+
+
+def test_real_usage_corrects_a_tenants_share(make_mock: Any, make_gateway: Any) -> None:
+    """Two tenants of equal weight, each request estimated at 1016 tokens: "cheap" ones really use 2,
+    "full" ones 1000. Charged the estimate, they would alternate; corrected by their real usage (the
+    difference given back once each ends), the cheap tenant's requests go more often."""
+    node = make_mock(models=["m1"])
+    gw = make_gateway(
+        nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)],
+        auth={"trust_tenant_header": True},
+        scheduler={"quantum_tokens": 1016, "headroom_slots": 0},
+    )
+    bodies = {  # 66 bytes each: 16 + max_tokens 1000 estimated
+        "cheap": b'{"model":"m1","prompt":"c","max_tokens":1000,"mock":{"chunks":  1}}',
+        "full": b'{"model":"m1","prompt":"f","max_tokens":1000,"mock":{"chunks":999}}',
+    }
+    node.gate.close()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        sent = [pool.submit(post, gw.url, "/v1/completions", {"model": "m1", "prompt": "b", "max_tokens": 1})]
+        wait_until(lambda: node.gate.waiting == 1)
+        for n in range(12):
+            tenant = "cheap" if n % 2 else "full"
+            sent.append(pool.submit(post, gw.url, "/v1/completions", bodies[tenant], {"X-Tenant-ID": tenant}))
+            wait_until(lambda n=n: queued(gw) == n + 1)
+        order = "".join(json.loads(b)["prompt"] for b in release_in_order(node, 13))[1:]
+        assert [f.result(10)[0] for f in sent] == [200] * 13
+    # Alternating at first (a request's usage is given back after the next one is picked), then
+    # the cheap tenant's surplus lets its requests through in a row: all six within the first nine.
+    assert order[:9].count("c") == 6 and order.endswith("fff"), order
