@@ -25,6 +25,7 @@ from tests.support import (
     queued,
     raw_request,
     read_until,
+    send,
     wait_until,
 )
 from tests.support import rows as _rows
@@ -161,6 +162,17 @@ def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_pat
         assert row["finished_at"] >= row["received_at"]
     # Exactly one row per request: nothing else was logged.
     assert sorted(r["id"] for r in rows(gw, "limit=1000")["data"]) == sorted(r for r, _, _ in sent)
+
+
+def test_only_api_requests_are_logged(make_mock: Any, make_gateway: Any) -> None:
+    """Health checks, scrapes, the model list and requests to no route leave no row (nor access line)."""
+    node = make_mock(models=["m1"], chunks=2)
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    for path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/nothing"):
+        assert send(gw.url, "GET", path)[0] in (200, 404, 405)
+    assert post(gw.url, "/v2/chat/completions", CHAT)[0] == 404
+    assert post(gw.url, "/v1/embeddings", b'{"model":"m1","input":"x"}')[0] == 200
+    assert [r["endpoint"] for r in rows(gw)["data"]] == ["/v1/embeddings"]
 
 
 def test_request_ids_are_hex_in_arrival_order_and_looked_up_by_it(make_mock: Any, make_gateway: Any) -> None:
