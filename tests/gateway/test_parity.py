@@ -69,9 +69,7 @@ CASES: dict[str, Callable[[Any, Any], list[tuple[int, dict[str, str], bytes]]]] 
     "embeddings": lambda node, gw: [normal(post(gw.url, "/v1/embeddings", {"model": "m1", "input": ["a", "b"]}))],
     "bad_json": lambda node, gw: [normal(post(gw.url, "/v1/chat/completions", b"{nope"))],
     "unknown_model": lambda node, gw: [normal(post(gw.url, "/v1/chat/completions", {**CHAT, "model": "zz"}))],
-    "too_large": lambda node, gw: [
-        normal(post(gw.url, "/v1/completions", {"model": "m1", "prompt": "x" * 5000}))
-    ],
+    "too_large": lambda node, gw: [normal(post(gw.url, "/v1/completions", {"model": "m1", "prompt": "x" * 5000}))],
     "5xx_retried": lambda node, gw: [
         normal(post(gw.url, "/v1/chat/completions", {**CHAT, "model": "m2"}))  # "bad" answers 500, then "n"
     ],
