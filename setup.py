@@ -27,7 +27,7 @@ from setuptools.command.build_ext import build_ext
 
 PYX_MODULES = [
     *(f"shardon._fast.{name}" for name in ("_queue_c", "_bucket_c", "_balancer_c", "_rowwriter_c")),
-    *(f"shardon._fast.{name}" for name in ("_sse_c", "_tally_c", "_rowqueue_c", "_accesslog_c")),
+    *(f"shardon._fast.{name}" for name in ("_sse_c", "_tally_c", "_rowqueue_c", "_accesslog_c", "_ids_c")),
 ]
 # Compiled from the Python reference: module → its source.
 PY_MODULES = {

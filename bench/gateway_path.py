@@ -54,7 +54,7 @@ from shardon.store import AccessLog, RequestLog
 from shardon.upstream.connection import NodePool, UpstreamConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from log_overhead import thread_cpu
+from harness import thread_cpu
 
 REQUEST = b'{"model": "m1", "messages": [{"role": "user", "content": "Hello there, how are you?"}], "max_tokens": 16}'
 ANSWER = (

@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import proxy  # bench/proxy.py: the node, the client, the placement
+import harness  # what the benchmarks share: the placement, the node, the client
 
 BEAT_S = 0.001
 
@@ -141,7 +141,7 @@ def client_probed(out: str, stall_s: float, port: int, count: int, seconds: floa
     async def job() -> dict[str, Any]:
         probe = LoopProbe(asyncio.get_running_loop(), stall_s)
         try:
-            return await proxy._steady_streams(port, count, seconds)
+            return await harness.steady_streams(port, count, seconds)
         finally:
             Path(out).write_text(json.dumps(probe.report()))
 
@@ -153,7 +153,7 @@ def client_probed(out: str, stall_s: float, port: int, count: int, seconds: floa
 
 
 def pct(values: list[float], p: float) -> float:
-    return proxy.pct(values, p)
+    return harness.pct(values, p)
 
 
 def summarise(report: dict[str, Any], window: tuple[float, float], client: dict[str, Any]) -> None:
@@ -280,42 +280,44 @@ def main() -> None:
     out = tmp / "probe.json"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        node_port, shardon_port = proxy.free_port(), proxy.free_port()
+        node_port, shardon_port = harness.free_port(), harness.free_port()
         mock = [sys.executable, "-m", "shardon.upstream.mock", "--port", str(node_port), "--models", "m1"]
-        node = subprocess.Popen(["taskset", "-c", proxy.LOAD_CORE, *mock], stdout=subprocess.DEVNULL, cwd=proxy.ROOT)
+        node = subprocess.Popen(
+            ["taskset", "-c", harness.LOAD_CORE, *mock], stdout=subprocess.DEVNULL, cwd=harness.ROOT
+        )
         procs.append(node)
-        proxy.wait_port(node_port)
-        config = proxy.shardon_config(shardon_port, node_port, tmp / "shardon.db", not args.no_log, True)
+        harness.wait_port(node_port)
+        config = harness.shardon_config(shardon_port, node_port, tmp / "shardon.db", not args.no_log, True)
         (tmp / "shardon.yaml").write_text(json.dumps(config))
         serve = [sys.executable, __file__, "--probed-serve", str(out), str(args.stall_ms / 1000)]
         shardon = subprocess.Popen(
-            ["taskset", "-c", proxy.PROXY_CORE, *serve, "serve", "--config", str(tmp / "shardon.yaml")],
-            cwd=proxy.ROOT,
+            ["taskset", "-c", harness.PROXY_CORE, *serve, "serve", "--config", str(tmp / "shardon.yaml")],
+            cwd=harness.ROOT,
             stderr=subprocess.DEVNULL,
         )
         procs.append(shardon)
-        proxy.wait_port(shardon_port)
-        proxy.run_streams(shardon_port, args.streams)  # warm the upstream pool, not counted
+        harness.wait_port(shardon_port)
+        harness.run_streams(shardon_port, args.streams)  # warm the upstream pool, not counted
         print(f"# standing load: {args.streams} streams x 64 chunks @ 20 ms for {args.seconds:g} s through Shardon")
         began = time.perf_counter()
         client_out = tmp / "client-probe.json"
         stall = str(args.stall_ms / 1000)
         sched = None
         if args.sched:  # the counted part of the round: after the client's ramp, before its end
-            record = ["perf", "record", "-q", "-e", "sched:sched_switch", "-C", proxy.PROXY_CORE]
-            span = f"{max(1.0, args.seconds - 2 * proxy.STREAM_LIFETIME_S):.1f}"
+            record = ["perf", "record", "-q", "-e", "sched:sched_switch", "-C", harness.PROXY_CORE]
+            span = f"{max(1.0, args.seconds - 2 * harness.STREAM_LIFETIME_S):.1f}"
             sched = subprocess.Popen(
                 [
                     "sh",
                     "-c",
-                    f"sleep {proxy.STREAM_LIFETIME_S}; exec {' '.join(record)} -o {tmp}/sched.data sleep {span}",
+                    f"sleep {harness.STREAM_LIFETIME_S}; exec {' '.join(record)} -o {tmp}/sched.data sleep {span}",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         command = [sys.executable, __file__, "--probed-client", str(client_out), stall, str(shardon_port)]
         run = subprocess.run(
-            ["taskset", "-c", proxy.LOAD_CORE, *command, str(args.streams), str(args.seconds)],
+            ["taskset", "-c", harness.LOAD_CORE, *command, str(args.streams), str(args.seconds)],
             capture_output=True,
             text=True,
             check=True,
@@ -326,7 +328,7 @@ def main() -> None:
         shardon.terminate()
         shardon.wait(30)
         # The client counts streams started after one stream lifetime (its ramp) and before the end.
-        window = (began + proxy.STREAM_LIFETIME_S, ended)
+        window = (began + harness.STREAM_LIFETIME_S, ended)
         print("## Shardon's loop")
         summarise(json.loads(out.read_text()), window, client)
         print("## the load generator's loop (core 1, with the node)")
@@ -343,7 +345,7 @@ def main() -> None:
             to_wall = time.time() - time.perf_counter()
             log_phases(tmp / "shardon.db", (window[0] + to_wall, window[1] + to_wall))
     finally:
-        proxy.stop(procs)
+        harness.stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -48,24 +48,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, stop, wait_port
+from harness import CHAT, LOAD_CORE, PROXY_CORE, ROOT, cpu_seconds, free_port, run_wrk, stop, thread_cpu, wait_port
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(pid: int, name_prefix: str) -> float:
-    """CPU seconds (user+system) of the threads of ``pid`` whose name starts with ``name_prefix``."""
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            comm = (task / "comm").read_text().strip()
-            if not comm.startswith(name_prefix):
-                continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
 
 
 def start_shardon(

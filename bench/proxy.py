@@ -9,7 +9,9 @@ What it measures, in one run so the ratios share the machine's noise:
    the granian engine, for comparison; with ``--haproxy`` also (e) HAProxy, a second reference
    proxy in C; with ``--access-log`` also (f) Shardon with its default log settings, the access
    log on, written to a file (the other Shardon targets run with ``access_log: false``); with
-   ``--nginx-access-log`` also (g) nginx with its access log on, written to a file). Reported:
+   ``--nginx-access-log`` also (g) nginx with its access log on, written to a file; with
+   ``--baseline TREE`` also (h) Shardon run from another checkout, e.g. an older commit's with its
+   extensions built in place, as ``baseline``: a change's cost measured in the same run). Reported:
    requests/s, latency p50/p99 (wrk), the proxy's
    CPU use (from /proc, user+system, all its processes and threads, the request log's writer
    included) and requests per proxy-CPU-second.
@@ -28,18 +30,14 @@ Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx``; ``haproxy`` for ``--
 
     python bench/proxy.py [--duration 6] [--rounds 3] [--streams 500] [--stream-rounds 3]
                           [--no-log] [--no-metrics] [--only stream|nonstream] [--granian] [--haproxy]
-                          [--access-log] [--nginx-access-log]
+                          [--access-log] [--nginx-access-log] [--baseline TREE]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,134 +46,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-PROXY_CORE = "0"
-LOAD_CORE = "1"
-CHAT = {"model": "m1", "messages": [{"role": "user", "content": "Hello there, how are you?"}], "max_tokens": 16}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return total
-
-
-def steal_ticks() -> tuple[int, int]:
-    """(steal, all) CPU ticks of the whole machine from ``/proc/stat`` ((0, 0) where there is none).
-
-    Steal is time the hypervisor gave this VM's vCPUs to someone else: the figure that says a round
-    ran in one of the shared machine's slow phases.
-    """
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0, 0
-    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
-
-
-def steal_since(start: tuple[int, int]) -> str:
-    steal, total = steal_ticks()
-    elapsed = total - start[1]
-    return f"steal {100.0 * (steal - start[0]) / elapsed:.1f}%" if elapsed > 0 else "steal n/a"
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate ``procs``, killing any still running 10 s later."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def children(pid: int) -> list[int]:
-    out = [pid]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Restart the kernel's peak-RSS count (VmHWM) of ``pid`` at its current RSS (Linux >= 4.0)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError as exc:
-        print(f"(cannot reset the peak RSS of {pid}: {exc}; the figure below is the lifetime peak)")
-
-
-def run_wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            LOAD_CORE,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-    def latency(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        if not m:
-            return float("nan")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": rps,
-        "p50_ms": latency("50"),
-        "p99_ms": latency("99"),
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
-    }
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (
+    CHAT,
+    LOAD_CORE,
+    PROXY_CORE,
+    ROOT,
+    children,
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_streams,
+    run_wrk,
+    shardon_config,
+    start_shardon,
+    steal_since,
+    steal_ticks,
+    stop,
+    wait_port,
+)
 
 NGINX_CONF = """
 worker_processes 1;
@@ -226,180 +116,6 @@ backend node
 
 
 # -- streaming client (runs in its own process on the load core) ------------------------------
-STREAM_BODY = json.dumps(
-    {"model": "m1", "prompt": "x", "stream": True, "max_tokens": 64, "mock": {"chunks": 64, "delay_ms": 20}}
-).encode()
-
-
-STREAM_REQUEST = (
-    b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-    + f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode()
-    + STREAM_BODY
-)
-
-
-class _StreamProbe(asyncio.Protocol):
-    """One stream, measured from its ``data_received`` callbacks.
-
-    A bare protocol, not ``asyncio`` streams: 500 streams of 64 chunks are 25,000 reads a second on
-    the core the node also runs on, and a ``StreamReader`` with a ``wait_for`` per read cost several
-    times what this does, so the load generator, not the proxy, set the tails (gap p50 0 ms:
-    events piled up unread). Times are ``perf_counter`` (uvloop's clock has ms resolution).
-    """
-
-    def __init__(self, ttfts: list[float], gaps: list[float], errors: list[str], done: asyncio.Future[None]) -> None:
-        self.ttfts, self.gaps, self.errors, self.done = ttfts, gaps, errors, done
-        self.transport: asyncio.Transport | None = None
-        self.start = 0.0
-        self.last = 0.0
-        self.events = 0
-        self.tail = b""  # the end of the last read, for a "data: " or "[DONE]" split across reads
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(STREAM_REQUEST)  # type: ignore[attr-defined]
-        self.start = time.perf_counter()
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
-        seen = self.tail + data
-        n = seen.count(b"data: ")
-        if n:
-            if self.events == 0:
-                self.ttfts.append(now - self.start)
-            else:
-                self.gaps.append(now - self.last)
-                self.gaps.extend([0.0] * (n - 1))  # events that came in the same read
-            self.last = now
-            self.events += n
-        if b"[DONE]" in seen:
-            self._end()
-            return
-        self.tail = seen[-6:].replace(b"data: ", b"")  # never count one event twice
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.errors.append(repr(exc))
-        self._end()
-
-    def _end(self) -> None:
-        if self.done.done():
-            return
-        if self.events < 64:
-            self.errors.append(f"short stream: {self.events} events")
-        self.done.set_result(None)
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def _one_stream(
-    port: int, ttfts: list[float], gaps: list[float], errors: list[str], connects: list[float] | None = None
-) -> None:
-    """One stream on a new connection, measured into the lists given; a failure is an error.
-
-    ``connects``: how long the TCP connect took (not part of the TTFT, which starts once connected).
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    try:
-        began = time.perf_counter()
-        await loop.create_connection(lambda: _StreamProbe(ttfts, gaps, errors, done), "127.0.0.1", port)
-        if connects is not None:
-            connects.append(time.perf_counter() - began)
-        await asyncio.wait_for(done, 60)
-    except Exception as exc:
-        errors.append(repr(exc))
-
-
-async def _streams(port: int, count: int) -> dict[str, Any]:
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    errors: list[str] = []
-    connects: list[float] = []
-    await asyncio.gather(*(_one_stream(port, ttfts, gaps, errors, connects) for _ in range(count)))
-    return {"ttft": ttfts, "gaps": gaps, "errors": errors, "connects": connects}
-
-
-STREAM_LIFETIME_S = 64 * 0.020
-
-
-async def _steady_streams(port: int, count: int, seconds: float) -> dict[str, Any]:
-    """``count`` streams in flight at all times for ``seconds``, their starts spread evenly.
-
-    ``count`` lanes; lane i starts its first stream i/count of a stream's lifetime (1.28 s) in,
-    and each lane opens its next stream (a new connection, as a burst's clients do) the moment
-    the last one ends, until 1.5 lifetimes before ``seconds`` (so that none runs past it).
-    Streams started in the first lifetime (the ramp) are not counted; what is counted is stream
-    starts and chunks under a standing load of ``count`` streams, with chunks spread over each
-    20 ms instead of sent together as a burst's are.
-    """
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    errors: list[str] = []
-    connects: list[float] = []
-    began = time.perf_counter()
-    count_from = began + STREAM_LIFETIME_S
-    last_start = began + seconds - STREAM_LIFETIME_S * 1.5  # with room to end within ``seconds``
-
-    async def lane(i: int) -> None:
-        await asyncio.sleep(i * STREAM_LIFETIME_S / count)
-        while True:
-            now = time.perf_counter()
-            if now > last_start:
-                return
-            if now >= count_from:
-                await _one_stream(port, ttfts, gaps, errors, connects)
-            else:  # the ramp or the end: load, not counted (errors are)
-                await _one_stream(port, [], [], errors)
-
-    await asyncio.gather(*(lane(i) for i in range(count)))
-    return {"ttft": ttfts, "gaps": gaps, "errors": errors, "connects": connects}
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
-def stream_client_main(port: int, count: int, steady_s: float = 0.0) -> None:
-    job = _steady_streams(port, count, steady_s) if steady_s else _streams(port, count)
-    try:
-        import uvloop
-
-        result = uvloop.run(job)
-    except ImportError:
-        result = asyncio.run(job)
-    ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
-    print(
-        json.dumps(
-            {
-                "ttft_p50": pct(ms(result["ttft"]), 50),
-                "ttft_p99": pct(ms(result["ttft"]), 99),
-                "gap_p50": pct(ms(result["gaps"]), 50),
-                "gap_p99": pct(ms(result["gaps"]), 99),
-                "connect_p50": pct(ms(result["connects"]), 50),
-                "connect_p99": pct(ms(result["connects"]), 99),
-                "streams": len(result["ttft"]),
-                "errors": result["errors"][:5],
-                "n_errors": len(result["errors"]),
-            }
-        )
-    )
-
-
-def run_streams(port: int, count: int, steady_s: float = 0.0) -> dict[str, Any]:
-    out = subprocess.run(
-        ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--stream-client", str(port), str(count), str(steady_s)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=6)
@@ -412,6 +128,12 @@ def main() -> None:
     parser.add_argument("--only", choices=("nonstream", "stream"), help="run one half only")
     parser.add_argument("--granian", action="store_true", help="also run Shardon on the granian engine")
     parser.add_argument("--haproxy", action="store_true", help="also run HAProxy, a second reference proxy")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run Shardon from this checkout (its extensions built in place) as 'baseline'",
+    )
     parser.add_argument(
         "--access-log",
         action="store_true",
@@ -427,12 +149,7 @@ def main() -> None:
         metavar="SECONDS",
         help="length of each steady-state stream round (0: bursts only)",
     )
-    parser.add_argument("--stream-client", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.stream_client:
-        port, count, steady_s = args.stream_client
-        stream_client_main(int(port), int(count), float(steady_s))
-        return
     for tool in ("wrk", "nginx", "taskset", *(["haproxy"] if args.haproxy else [])):
         if shutil.which(tool) is None:
             sys.exit(f"bench/proxy.py needs {tool} (apt-get install wrk nginx util-linux haproxy)")
@@ -493,6 +210,17 @@ def main() -> None:
             granian = start_shardon(tmp / "shardon-granian.yaml")
             procs.append(granian)
             wait_port(granian_port)
+        baseline = None
+        if args.baseline is not None:
+            baseline_port = free_port()
+            (tmp / "baseline.yaml").write_text(
+                json.dumps(
+                    shardon_config(baseline_port, node_port, tmp / "baseline.db", not args.no_log, not args.no_metrics)
+                )
+            )
+            baseline = start_shardon(tmp / "baseline.yaml", tree=args.baseline.resolve())
+            procs.append(baseline)
+            wait_port(baseline_port)
         haproxy = None
         if args.haproxy:
             haproxy_port = free_port()
@@ -517,6 +245,8 @@ def main() -> None:
         }
         if granian is not None:
             targets["granian"] = (granian_port, [granian.pid])
+        if baseline is not None:
+            targets["baseline"] = (baseline_port, [baseline.pid])
         if haproxy is not None:
             targets["haproxy"] = (haproxy_port, children(haproxy.pid))
         if nginx_log is not None:
@@ -526,10 +256,13 @@ def main() -> None:
         if args.only != "stream":
             nonstreaming(args, targets, script)
         print(f"shardon peak RSS so far {peak_rss_mb(shardon.pid):.1f} MB")
+        shardons = [("shardon", shardon), *([("baseline", baseline)] if baseline is not None else [])]
         if args.only != "nonstream":
-            reset_peak_rss(shardon.pid)  # the target is about the streaming load: measure its peak alone
+            for _, proc in shardons:  # the target is about the streaming load: measure its peak alone
+                reset_peak_rss(proc.pid)
             streaming(args, targets)
-            print(f"shardon peak RSS under the streaming load {peak_rss_mb(shardon.pid):.1f} MB (target <= 60)")
+            for name, proc in shardons:
+                print(f"{name} peak RSS under the streaming load {peak_rss_mb(proc.pid):.1f} MB (target <= 60)")
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -540,34 +273,6 @@ def start_nginx(tmp: Path, name: str, port: int, node_port: int, access_log: str
     conf = tmp / f"{name}.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, name=name, node_port=node_port, port=port, access_log=access_log))
     return subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", str(conf), "-g", "daemon off;"])
-
-
-def shardon_config(
-    port: int, node_port: int, db: Path, request_log: bool, metrics: bool, access_log: bool = False
-) -> dict[str, Any]:
-    """Shardon in front of the mock node as every benchmark here runs it (no demo model; the access
-    log off unless ``access_log``, then on as by default, to stderr)."""
-    return {
-        "server": {"host": "127.0.0.1", "port": port},
-        "log": {"level": "warning", "access_log": access_log},
-        "store": {"path": str(db)},
-        "request_log": request_log,
-        "metrics": {"enabled": metrics},
-        "demo": False,
-        "scheduler": {"max_queue_size": 100000},
-        "nodes": [{"id": "mock", "url": f"http://127.0.0.1:{node_port}", "models": ["m1"], "max_concurrent": 4096}],
-    }
-
-
-def start_shardon(config_path: Path, stderr: Path | None = None) -> subprocess.Popen[bytes]:
-    """Shardon pinned to the proxy core; its stderr (where the access log goes by default) to a file
-    when ``stderr`` is given, as a service manager would take it, else discarded."""
-    with open(stderr or os.devnull, "wb") as out:
-        return subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
-            cwd=ROOT,
-            stderr=out,
-        )
 
 
 def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]], script: Path) -> None:
@@ -630,6 +335,13 @@ def nonstreaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[in
             )
     if "shardon+log" in samples and "nginx+log" in samples:
         print(f"shardon+log/nginx+log: throughput {ratio('rps', 'shardon+log', 'nginx+log'):.2f}x")
+    if "baseline" in samples:
+        print(
+            f"baseline/nginx: throughput {ratio('rps', 'baseline'):.2f}x, p99 {ratio('p99_ms', 'baseline'):.2f}x, "
+            f"req per CPU-s {ratio('rps_per_cpu_s', 'baseline'):.2f}x; shardon/baseline: throughput "
+            f"{ratio('rps', 'shardon', 'baseline'):.2f}x, "
+            f"req per CPU-s {ratio('rps_per_cpu_s', 'shardon', 'baseline'):.2f}x"
+        )
 
 
 def streaming(args: argparse.Namespace, targets: dict[str, tuple[int, list[int]]]) -> None:
@@ -692,7 +404,8 @@ def stream_rounds(
         )
     print(f"({steal_since(phase_start)} of the machine's CPU time over these rounds)")
     d = streams["direct"]
-    for name in [n for n in ("nginx", "nginx+log", "haproxy", "shardon", "shardon+log", "granian") if n in streams]:
+    proxies = ("nginx", "nginx+log", "haproxy", "shardon", "shardon+log", "granian", "baseline")
+    for name in [n for n in proxies if n in streams]:
         r = streams[name]
         ttft, gap = (paired_median(samples[name], samples["direct"], key) for key in ("ttft_p99", "gap_p99"))
         print(

@@ -6,6 +6,7 @@
 cimport cython
 
 # Modules cimported under their own names: the Python source imports the same class names.
+cimport shardon._fast._ids_c as ids
 cimport shardon._fast._sse_c as sse
 cimport shardon.httpd._connection_c as httpd
 cimport shardon.upstream._connection_c as upstream
@@ -29,6 +30,7 @@ cdef class RequestCore:
     cdef public int max_retries
     cdef public str tenant_header
     cdef public dict request_lines
+    cdef public ids.RequestIds ids
     cdef public object keys
     cdef public object limiter
     cdef public scheduling.Scheduler scheduler
@@ -96,6 +98,7 @@ cdef class Exchange:
     cdef public object whole
 
     cpdef authorize(self, headers)
+    cpdef announced(self, headers)
     @cython.locals(size=Py_ssize_t, core=RequestCore)
     cpdef prepare(self, headers, bytes body)
     @cython.locals(core=RequestCore, stage=int, index=int)

@@ -93,6 +93,7 @@ class RequestCore:
         self.max_retries = config.upstream.max_retries
         self.tenant_header = config.auth.tenant_header.lower()
         self.request_lines = {path: b"POST " + path.encode() for path in paths}
+        self.ids = request_ids  # the process's id sequence (the request log seeds it at start)
         self.keys = keys
         self.limiter = limiter
         self.scheduler = scheduler
@@ -200,7 +201,7 @@ class Exchange:
     def __init__(self, core: RequestCore, path: str, client: str) -> None:
         now = _clock()
         self.core = core
-        self.rec = RequestRecord(id=request_ids.next(now), received_at=now, endpoint=path, client_addr=client)
+        self.rec = RequestRecord(id=core.ids.next(now), received_at=now, endpoint=path, client_addr=client)
         core.in_flight += 1
         self.request: Any = None  # the native engine's request, when it drives this exchange
         self.stage = _PREPARED
@@ -243,7 +244,7 @@ class Exchange:
 
     # == prepare =====================================================================================
     def authorize(self, headers: Any) -> None:
-        """The head's checks: draining, the caller's key, the declared body size."""
+        """The head's checks: draining, the caller's key."""
         core = self.core
         rec = self.rec
         if core.draining:
@@ -255,9 +256,12 @@ class Exchange:
         self.weight = tenant.weight
         if principal.key is not None:
             rec.key_id = principal.key.id
+
+    def announced(self, headers: Any) -> None:
+        """Before a body is read: one announced larger than the limit is refused unread (413)."""
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > core.max_body:
-            raise errors.PayloadTooLarge(f"request body exceeds {core.max_body} bytes")
+        if length is not None and length.isdigit() and int(length) > self.core.max_body:
+            raise errors.PayloadTooLarge(f"request body exceeds {self.core.max_body} bytes")
 
     def prepare(self, headers: Any, body: bytes) -> None:
         """The body's checks and the plan: routing fields, model, priority, estimate, rate limits."""

@@ -6,12 +6,19 @@
 cimport cython
 
 cdef str _FIFO_TENANT
+cdef double _TICK_S, _DEMAND_TAU_S, _ALPHA
+cdef int _SAMPLES
 
 
 @cython.final
 cdef class Route:
+    cdef public double busy
     cdef public list candidates
+    cdef public dict demand
+    cdef public dict demand_samples
+    cdef public int headroom
     cdef public object held
+    cdef public dict held_by
     cdef public dict inflight
     cdef public dict last_seen
     cdef public str name
@@ -42,12 +49,16 @@ cdef class Scheduler:
     cdef public dict _node_routes
     cdef public Py_ssize_t _rotation
     cdef public bint fair
+    cdef public bint adaptive
     cdef public int headroom
+    cdef public double wait_target
     cdef public double window
+    cdef public object _timer
 
     cpdef str tenant_key(self, str tenant)
-    @cython.locals(active_weight=double, active=int, now=double, window=double, slots=double)
+    @cython.locals(share=double)
     cdef bint _over_share(self, Route route, str tenant) except -1
+    @cython.locals(headroom=int)
     cdef bint _restricted(self, Route route) except -1
     @cython.locals(index=int, headroom=int, inflight=dict)
     cpdef int admit(self, Route route, str tenant, double weight) except -2

@@ -1,9 +1,10 @@
 """Admission and dispatch: who gets the next free slot on which node.
 
 Each public model has a :class:`Route`: the nodes that serve it and one ``FairQueue`` (priority
-classes, strict; inside a class deficit round robin across tenants weighted by tenant weight; FIFO
-within a tenant). A request takes a slot at once when nobody of its model waits and the least-loaded
-healthy node has room; otherwise it waits as a :class:`Waiter` until
+classes, strict; inside a class start-time fair queueing across tenants weighted by tenant weight,
+so a tenant that was idle goes first; FIFO within a tenant). A request takes a slot at once when
+nobody of its model waits and the least-loaded healthy node has room; otherwise it waits as a
+:class:`Waiter` until
 
 - a slot frees on one of its nodes (:meth:`Scheduler.release` hands it over before returning, so a
   freed slot never sits idle while an eligible request waits),
@@ -17,13 +18,17 @@ Headroom for quiet tenants
 --------------------------
 Queue order alone cannot protect a quiet tenant: when a noisy tenant holds every slot, the quiet
 tenant's request is first in line but still waits for a whole generation to end. So while more than
-one tenant is active on a route (a request in flight, waiting, or sent within
-``active_window_s``), a tenant at or above its fair share of the route's slots (slots x its weight /
-the active tenants' weights) may not take the last ``headroom_slots`` free slots; its request is
-*held* (FIFO, ahead of its later requests) until more slots free up or the others go quiet. A tenant
-under its share takes a free slot at once. With a single active tenant the rule is off, so the
-scheduler stays work-conserving: the cost is at most ``headroom_slots`` idle slots, and only while a
-quiet tenant is actually using the gateway.
+one tenant is active on a route (a request in flight, waiting, or sent within ``active_window_s``), a
+tenant at or above its fair share of the route's slots (slots x its weight / the active tenants'
+weights) may not take the last ``route.headroom`` free slots; its request is *held* (FIFO, ahead of
+its later requests) until more slots free up or the others go quiet. A tenant under its share takes
+a free slot at once, so no tenant is ever held below its share, and with a single active tenant the
+rule is off.
+
+``headroom_slots`` fixes the number; ``"auto"`` (the default) sizes it per route every ``_TICK_S``
+from the light tenants' recent demand (requests in flight or waiting, averaged): the fewest slots
+that keep the chance of a light tenant's request finding none free under ``headroom_wait_target``
+(:meth:`Scheduler._size_headroom`; docs/scheduling.md has the model and the measurements).
 
 Starvation: priority classes are strict, so a low-priority request waits while higher classes have
 work queued; it is served whenever they leave capacity. The queue deadline bounds every wait.
@@ -32,6 +37,7 @@ work queued; it is served whenever they leave capacity. The queue deadline bound
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 
@@ -40,12 +46,22 @@ from ._fast import FairQueue, LeastConnBalancer
 from .config import SchedulerConfig
 
 _FIFO_TENANT = "*"
+# Adaptive headroom: demand is sampled every _TICK_S and averaged over about _DEMAND_TAU_S.
+_TICK_S = 0.5
+_DEMAND_TAU_S = 20.0
+_ALPHA = 1.0 - math.exp(-_TICK_S / _DEMAND_TAU_S)
+_SAMPLES = int(1 / _ALPHA)  # a new tenant's first samples are averaged plainly, then exponentially
 
 
 class Route:
     __slots__ = (
+        "busy",
         "candidates",
+        "demand",
+        "demand_samples",
+        "headroom",
         "held",
+        "held_by",
         "inflight",
         "last_seen",
         "name",
@@ -55,16 +71,22 @@ class Route:
         "weights",
     )
 
-    def __init__(self, name: str, quantum: float) -> None:
+    def __init__(self, name: str, quantum: float, headroom: int) -> None:
         self.name = name
         self.candidates: list[int] = []
         self.served_names: dict[int, str] = {}
         self.queue = FairQueue(quantum)
         self.held: deque[Waiter] = deque()
+        self.held_by: dict[str, int] = {}  # tenant -> its requests in held
         self.inflight: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.service_ewma = 1.0
+        # Free slots a tenant at or over its share must leave (fixed, or set by Scheduler._estimate).
+        self.headroom = headroom
+        self.demand: dict[str, float] = {}  # tenant -> its requests in flight or waiting, averaged
+        self.demand_samples: dict[str, int] = {}  # tenant -> samples in its average, up to _SAMPLES
+        self.busy = 0.0  # requests in flight, averaged (from the first sample; 0 while idle)
 
     @property
     def waiting(self) -> int:
@@ -94,8 +116,13 @@ class Scheduler:
         self._node_routes: dict[int, list[Route]] = {}
         self._rotation = 0
         self.fair = config.policy == "fair"
-        self.headroom = config.headroom_slots if self.fair else 0
+        slots = config.headroom_slots
+        self.adaptive = self.fair and slots == "auto"
+        # A new route's headroom; with "auto", re-estimated for each route every _TICK_S.
+        self.headroom = 0 if not self.fair else 1 if slots == "auto" else int(slots)
+        self.wait_target = config.headroom_wait_target
         self.window = config.active_window_s
+        self._timer = loop.call_later(_TICK_S, self._tick) if self.adaptive else None
 
     # -- routing table ----------------------------------------------------------------------
     def add_node(self, index: int, capacity: int, weight: float, models: dict[str, str]) -> None:
@@ -104,7 +131,7 @@ class Scheduler:
         for public, served in models.items():
             route = self.routes.get(public)
             if route is None:
-                route = self.routes[public] = Route(public, self.config.quantum_tokens)
+                route = self.routes[public] = Route(public, self.config.quantum_tokens, self.headroom)
             if index not in route.candidates:
                 route.candidates.append(index)
             route.served_names[index] = served
@@ -116,7 +143,7 @@ class Scheduler:
         """A route for a model that has no node yet (one started on demand)."""
         route = self.routes.get(model)
         if route is None:
-            route = self.routes[model] = Route(model, self.config.quantum_tokens)
+            route = self.routes[model] = Route(model, self.config.quantum_tokens, self.headroom)
         return route
 
     def remove_node(self, index: int) -> None:
@@ -142,26 +169,98 @@ class Scheduler:
     def tenant_key(self, tenant: str) -> str:
         return tenant if self.fair else _FIFO_TENANT
 
-    def _over_share(self, route: Route, tenant: str) -> bool:
-        """Whether ``tenant`` holds at least its fair share of the route's slots right now."""
-        now = time.monotonic()
+    def _active(self, route: Route, now: float) -> list[str]:
+        """Tenants with a request in flight, or one seen within ``active_window_s``."""
         window = self.window
         inflight = route.inflight
-        active_weight = 0.0
-        active = 0
         last_seen = route.last_seen
-        for name in last_seen.keys() | inflight.keys():
-            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window:
-                active += 1
-                active_weight += route.weights.get(name, 1.0)
-        if active <= 1:
+        return [
+            name
+            for name in last_seen.keys() | inflight.keys()
+            if inflight.get(name, 0) > 0 or now - last_seen.get(name, -window) <= window
+        ]
+
+    def _slots(self, route: Route) -> int:
+        balancer = self.balancer
+        return sum(balancer.capacity(i) for i in route.candidates if balancer.healthy(i))
+
+    def _over_share(self, route: Route, tenant: str) -> bool:
+        """Whether ``tenant`` holds at least its fair share of the route's slots right now."""
+        active = self._active(route, time.monotonic())
+        if len(active) <= 1:
             return False
-        slots = sum(self.balancer.capacity(i) for i in route.candidates if self.balancer.healthy(i))
-        share = slots * route.weights.get(tenant, 1.0) / active_weight
-        return inflight.get(tenant, 0) >= share
+        weights = route.weights
+        share = self._slots(route) * weights.get(tenant, 1.0) / sum(weights.get(name, 1.0) for name in active)
+        return route.inflight.get(tenant, 0) >= share
 
     def _restricted(self, route: Route) -> bool:
-        return self.headroom > 0 and self.balancer.free_slots(route.candidates) <= self.headroom
+        headroom = route.headroom
+        return headroom > 0 and self.balancer.free_slots(route.candidates) <= headroom
+
+    # -- adaptive headroom ------------------------------------------------------------------------
+    def _tick(self) -> None:
+        self._timer = self.loop.call_later(_TICK_S, self._tick)
+        now = time.monotonic()
+        for route in self.routes.values():
+            if route.inflight or route.demand or route.waiting:
+                self._estimate(route, now)
+            else:
+                route.busy = 0.0  # idle: the average starts again from the next sample
+
+    def _estimate(self, route: Route, now: float) -> None:
+        """Average each tenant's demand (requests in flight or waiting), then size the headroom."""
+        waiting: dict[str, int] = {}
+        for _priority, name, live in route.queue.snapshot():
+            waiting[name] = waiting.get(name, 0) + live
+        for name, count in route.held_by.items():
+            waiting[name] = waiting.get(name, 0) + count
+        inflight = route.inflight
+        demand = route.demand
+        samples = route.demand_samples
+        for name in demand.keys() | inflight.keys() | waiting.keys():
+            sample = inflight.get(name, 0) + waiting.get(name, 0)
+            n = samples.get(name, 0) + 1
+            level = demand.get(name, 0.0)
+            level += (sample - level) / n if n < _SAMPLES else _ALPHA * (sample - level)
+            if sample == 0 and level < 0.01:
+                demand.pop(name, None)
+                samples.pop(name, None)
+            else:
+                demand[name] = level
+                samples[name] = min(n, _SAMPLES)
+        busy = sum(inflight.values())
+        route.busy = busy if not route.busy else route.busy + _ALPHA * (busy - route.busy)
+        route.headroom = self._size_headroom(route, now)
+
+    def _size_headroom(self, route: Route, now: float) -> int:
+        """The fewest free slots that keep a light tenant's chance of finding none under the target.
+
+        Light tenants are the active ones under their fair share of the slots, on average and now.
+        While r slots are kept free, their requests take them at rate lambda and any request that
+        ends (rate mu) gives one back, so the slots in use by them are a birth-death chain with
+        rho = lambda / mu = (their demand) / (requests in flight) by Little's law, and a light
+        request finds none free with probability rho^r (1 - rho) / (1 - rho^(r + 1)).
+        """
+        active = self._active(route, now)
+        if len(active) <= 1:
+            return 1  # the rule is off; kept at 1 so a second tenant is covered at once
+        slots = self._slots(route)
+        weights = route.weights
+        total = sum(weights.get(name, 1.0) for name in active)
+        demand = route.demand
+        inflight = route.inflight
+        light = 0.0
+        for name in active:
+            level = demand.get(name, 0.0)
+            share = slots * weights.get(name, 1.0) / total
+            if level < share and inflight.get(name, 0) < share:
+                light += level
+        rho = light / max(route.busy, 1.0)
+        target = self.wait_target
+        headroom = 1
+        while headroom < slots and _none_free(rho, headroom) > target:
+            headroom += 1
+        return headroom
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, route: Route, tenant: str, weight: float) -> int:
@@ -175,7 +274,7 @@ class Scheduler:
         index = balancer.pick(route.candidates, None)
         if index < 0:
             return -1
-        headroom = self.headroom
+        headroom = route.headroom
         if headroom and balancer.free_slots(route.candidates) <= headroom and self._over_share(route, tenant):
             return -1
         balancer.acquire(index)
@@ -221,6 +320,7 @@ class Scheduler:
                 waiter.route.held.remove(waiter)
             except ValueError:
                 return False
+            _count_out(waiter.route.held_by, waiter.tenant)
             waiter.held = False
             return True
         return waiter.route.queue.remove(waiter.handle)
@@ -300,7 +400,7 @@ class Scheduler:
         index = self.balancer.pick(route.candidates, None)
         if index < 0:
             return False
-        restricted = self.headroom > 0 and self._restricted(route)
+        restricted = self._restricted(route)
         held = route.held
         if (
             held
@@ -309,6 +409,7 @@ class Scheduler:
         ):
             waiter = held.popleft()
             waiter.held = False
+            _count_out(route.held_by, waiter.tenant)
             self._give(waiter, index)
             return True
         queue = route.queue
@@ -319,6 +420,8 @@ class Scheduler:
             if restricted and self._over_share(route, waiter.tenant):
                 waiter.held = True
                 held.append(waiter)
+                held_by = route.held_by
+                held_by[waiter.tenant] = held_by.get(waiter.tenant, 0) + 1
                 continue
             self._give(waiter, index)
             return True
@@ -348,6 +451,21 @@ class Scheduler:
 
     def queue_depths(self) -> dict[str, int]:
         return {name: route.waiting for name, route in self.routes.items()}
+
+
+def _count_out(counts: dict[str, int], name: str) -> None:
+    left = counts.get(name, 0) - 1
+    if left > 0:
+        counts[name] = left
+    else:
+        counts.pop(name, None)
+
+
+def _none_free(rho: float, slots: int) -> float:
+    """P(all ``slots`` taken) in a birth-death chain of ``slots`` places with ratio ``rho``."""
+    if rho >= 1.0:
+        return 1.0
+    return rho**slots * (1.0 - rho) / (1.0 - rho ** (slots + 1))
 
 
 def _top_priority(route: Route) -> int:

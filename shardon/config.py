@@ -129,18 +129,24 @@ class ServerConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    # "fair": priority classes, then DRR across tenants with headroom kept for tenants under their
-    # share; "fifo": one line in arrival order (priority classes still apply), for comparison.
+    # "fair": priority classes, then fair queueing across tenants with headroom kept for tenants
+    # under their share; "fifo": one line in arrival order (priority classes still apply), for
+    # comparison.
     max_queue_size: NonNegInt = 1000
     queue_timeout_s: PositiveFloat = 30.0
     default_priority: PriorityName = "normal"
-    # Base DRR quantum, in estimated tokens; a tenant's quantum is this times its weight.
+    # Estimated tokens (times the tenant's weight) a tenant back from idle may be served ahead of
+    # the tenants already waiting; refunds of over-estimates never put a tenant further ahead.
     quantum_tokens: PositiveFloat = 1024.0
     # Estimated completion tokens when a request gives no max_tokens.
     default_max_tokens: PositiveInt = 256
     policy: Literal["fair", "fifo"] = "fair"
-    # Slots kept free for tenants under their fair share while another tenant is over its share.
-    headroom_slots: NonNegInt = 1
+    # Free slots a tenant at or over its fair share must leave to the others while more than one
+    # tenant is active: a number, or "auto" to size them from the quiet tenants' recent demand so
+    # that one of their requests finds no free slot at most headroom_wait_target of the time
+    # (docs/scheduling.md).
+    headroom_slots: NonNegInt | Literal["auto"] = "auto"
+    headroom_wait_target: Annotated[float, Meta(gt=0, lt=1)] = 0.01
     # A tenant counts as active (and so has a share) this long after its last request.
     active_window_s: PositiveFloat = 5.0
 

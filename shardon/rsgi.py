@@ -61,6 +61,7 @@ async def serve(core: RequestCore, scope: Scope, proto: HTTPProtocol, watch_afte
     try:
         headers = scope.headers
         ex.authorize(headers)
+        ex.announced(headers)
         body = await proto()
         ex.prepare(headers, body)
         watcher.start()

@@ -70,6 +70,9 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("server: {port: 70000}", {}, "server.port"),
         ("server: {prot: 1}", {}, "server"),
         ("scheduler: {queue_timeout_s: -1}", {}, "scheduler.queue_timeout_s"),
+        ("scheduler: {headroom_slots: lots}", {}, "scheduler.headroom_slots"),
+        ("scheduler: {headroom_slots: -1}", {}, "scheduler.headroom_slots"),
+        ("scheduler: {headroom_wait_target: 1.5}", {}, "scheduler.headroom_wait_target"),
         ("nodes: [{id: a, url: 'http://x:1'}]", {}, "nodes[0]"),
         ("nodes: [{id: a, url: 'http://x:1', models: [m], max_concurrent: 0}]", {}, "nodes[0].max_concurrent"),
         ("nodes: [{id: a, url: 'ftp://x', models: [m]}]", {}, "nodes[0].url"),
@@ -86,6 +89,13 @@ def test_errors_name_the_field(tmp_path: Path, text: str, env: dict[str, str], f
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), environ=env)
     assert str(info.value).startswith(field), str(info.value)
+
+
+def test_headroom_is_adaptive_unless_a_number_is_given(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), environ={}).scheduler.headroom_slots == "auto"
+    assert load_config(write(tmp_path, "scheduler: {headroom_slots: 2}"), environ={}).scheduler.headroom_slots == 2
+    env = {"SHARDON_SCHEDULER_HEADROOM_SLOTS": "0"}
+    assert load_config(write(tmp_path, "scheduler: {headroom_slots: 2}"), environ=env).scheduler.headroom_slots == 0
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

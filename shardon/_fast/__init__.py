@@ -1,7 +1,7 @@
 """Hot scheduling primitives: compiled (Cython) when available, pure-Python twins otherwise.
 
-- :class:`FairQueue`: strict priority classes, weighted deficit round robin across tenants, FIFO per
-  tenant.
+- :class:`FairQueue`: strict priority classes, weighted fair queueing (start-time tags) across
+  tenants, FIFO per tenant.
 - :class:`TokenBucket`: rate limiting with caller-supplied time.
 - :class:`LeastConnBalancer`: least connections per weight among healthy nodes, round-robin ties.
 - :class:`RowWriter`: the request log's batch insert, on SQLite's C API with the GIL released.

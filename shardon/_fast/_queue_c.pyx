@@ -1,54 +1,45 @@
 # cython: language_level=3, binding=False, embedsignature=True, embedsignature.format=clinic
 #
-# FairQueue, compiled: strict priority classes, weighted deficit round robin (DRR) across tenants
-# inside a class, FIFO inside a tenant. Pure-Python twin and reference: _queue_py.py. Both do the
-# same float operations in the same order, so they make the same choices and hold bit-identical
-# deficits (the tests compare them on random operation sequences).
+# FairQueue, compiled: strict priority classes, weighted start-time fair queueing (SFQ) across
+# tenants inside a class, FIFO inside a tenant. Pure-Python twin and reference (the rules, and why):
+# _queue_py.py. Both do the same float operations in the same order, so they make the same choices
+# and hold bit-identical tags (the tests compare them on random operation sequences).
 #
 # Layout
 #
 #     FairQueue
 #       _counts[4]       live entries per class (C array; top_priority scans it from 3 down)
-#       _rings           tuple of 4 _Ring: {cursor, size}, a circular doubly-linked list of the
-#                        active lanes of that class (tenants that have live entries there)
+#       _classes         tuple of 4 _Class: {vtime, heap, size}: heap[:size] are the active lanes
+#                        of that class (tenants with live entries there), a binary min-heap on
+#                        (tag, seq); each lane knows its index (pos). The list never shrinks (the
+#                        slots past size hold None), so a tenant joining and leaving reallocates
+#                        nothing.
 #       _tenants         dict name -> _Tenant {weight, lanes[4], active}; a tenant without live
-#                        entries keeps its record (no rebuild when a queue keeps emptying); idle
-#                        records are swept once they are > 1024 and > half of all (amortised O(1))
+#                        entries keeps its record and tags; idle records are swept once they are
+#                        > 1024 and > half of all (amortised O(1))
 #       _handles         dict handle -> _Entry, for remove()
 #
 #     _Lane (one tenant in one class): the tenant's FIFO as an intrusive doubly-linked list of
-#       _Entry {item, cost, handle, prev, next}, its deficit, its live count and its ring links.
+#       _Entry {item, cost, handle, prev, next}, its tag, live count and heap position.
 #       Entries come from a Cython freelist, so push/pop rarely touch the allocator.
 #
-# DRR
+# SFQ
 #
-#     join:   a lane that gets its first live entry is inserted just behind the cursor (last in
-#             the current round) with deficit = quantum * weight (its first turn's credit).
-#     pop:    p = highest class with live entries; look at the lane under the cursor:
-#               deficit >= head.cost  -> serve head, deficit -= cost; the cursor stays, so a tenant
-#                                        spends its whole deficit before the ring moves on
-#               otherwise             -> deficit += quantum * weight (next turn's credit),
-#                                        cursor = next lane
-#             After a whole pass that served nobody (costs much larger than quanta), skip the idle
-#             rounds in one step instead of looping cost/quantum times:
-#               r = min over lanes of ceil((head.cost - deficit) / (quantum * weight)), 0 if paid
-#               every lane: deficit += r * quantum * weight
-#             which is the state r more passes would have reached; the next pass then serves. A pop
-#             therefore visits at most about two passes of the ring (tenants, not costs).
-#     leave:  a lane whose last live entry is served or removed leaves the ring at once and its
-#             deficit resets to 0 (standard DRR: no credit is hoarded while idle).
+#     join:   a lane that gets its first live entry: tag = max(tag, vtime - quantum), seq = next
+#             join number, pushed on the class's heap.
+#     pop:    p = highest class with live entries; lane = heap top; vtime = max(vtime, tag);
+#             tag += head.cost / weight; the head leaves; the lane sifts down (or leaves the heap
+#             when it has no live entry left, keeping its tag).
+#     refund: tag -= amount / weight; while the lane waits, not below vtime - quantum (re-sifted).
 #
 # remove(handle) unlinks the entry from its lane's list in O(1) (a dict lookup and pointer
-# updates): there are no tombstones, so len(), len_class() and tenants_waiting() are exact and
-# memory is returned at once.
-#
-# Fairness: while tenants stay backlogged, at the start of any tenant's turn every pair has received
-# the same number of quanta, so served_a / w_a and served_b / w_b differ by less than one max-cost
-# (over the smaller weight); at any instant by less than that plus one quantum.
+# updates) and, when it was the lane's last, takes the lane off the heap in O(log tenants): there
+# are no tombstones, so len(), len_class() and tenants_waiting() are exact and memory is returned
+# at once.
 
 cimport cython
 from cpython.dict cimport PyDict_DelItem, PyDict_SetItem
-from libc.math cimport INFINITY, ceil
+from libc.math cimport INFINITY
 
 __all__ = ["FairQueue"]
 
@@ -90,9 +81,9 @@ cdef class _Lane:
         _Tenant tenant
         _Entry head
         _Entry tail
-        _Lane prev
-        _Lane next
-        double deficit
+        double tag
+        unsigned long long seq
+        Py_ssize_t pos
         Py_ssize_t live
         int priority
         bint active
@@ -101,15 +92,23 @@ cdef class _Lane:
         self.tenant = tenant
         self.priority = priority
         self.live = 0
-        self.deficit = 0.0
+        self.tag = -INFINITY
+        self.seq = 0
+        self.pos = -1
         self.active = False
 
 
 @cython.final
-cdef class _Ring:
+cdef class _Class:
     cdef:
-        _Lane cursor
+        list heap
         Py_ssize_t size
+        double vtime
+
+    def __cinit__(self):
+        self.heap = []
+        self.size = 0
+        self.vtime = 0.0
 
 
 cdef inline int _check_priority(int priority) except -1:
@@ -118,16 +117,62 @@ cdef inline int _check_priority(int priority) except -1:
     return 0
 
 
+cdef inline bint _before(_Lane a, _Lane b) noexcept:
+    return a.tag < b.tag or (a.tag == b.tag and a.seq < b.seq)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _sift_up(list heap, Py_ssize_t pos) noexcept:
+    cdef _Lane lane = <_Lane>heap[pos]
+    cdef _Lane above
+    cdef Py_ssize_t parent
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        above = <_Lane>heap[parent]
+        if not _before(lane, above):
+            break
+        heap[pos] = above
+        above.pos = pos
+        pos = parent
+    heap[pos] = lane
+    lane.pos = pos
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _sift_down(list heap, Py_ssize_t n, Py_ssize_t pos) noexcept:
+    cdef _Lane lane = <_Lane>heap[pos]
+    cdef _Lane below
+    cdef Py_ssize_t child, right
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(<_Lane>heap[right], <_Lane>heap[child]):
+            child = right
+        below = <_Lane>heap[child]
+        if not _before(below, lane):
+            break
+        heap[pos] = below
+        below.pos = pos
+        pos = child
+    heap[pos] = lane
+    lane.pos = pos
+
+
 @cython.final
 cdef class FairQueue:
-    """Strict priority classes; weighted deficit round robin across tenants inside a class."""
+    """Strict priority classes; weighted start-time fair queueing across tenants inside a class."""
 
     cdef:
         double _quantum
-        tuple _rings
+        tuple _classes
         dict _tenants
         dict _handles
         unsigned long long _next_handle
+        unsigned long long _next_seq
         Py_ssize_t _len
         Py_ssize_t _idle
         Py_ssize_t _counts[NUM_CLASSES]
@@ -136,10 +181,11 @@ cdef class FairQueue:
         if not (0.0 < quantum < INFINITY):
             raise ValueError(f"quantum must be a positive finite number, got {quantum!r}")
         self._quantum = quantum
-        self._rings = (_Ring(), _Ring(), _Ring(), _Ring())
+        self._classes = (_Class(), _Class(), _Class(), _Class())
         self._tenants = {}
         self._handles = {}
         self._next_handle = 1
+        self._next_seq = 1
         self._len = 0
         self._idle = 0
         cdef int p
@@ -161,7 +207,7 @@ cdef class FairQueue:
 
     def tenants_waiting(self, int priority):
         _check_priority(priority)
-        return (<_Ring>self._rings[priority]).size
+        return (<_Class>self._classes[priority]).size
 
     cdef inline int _top(self) noexcept:
         if self._counts[3]:
@@ -178,20 +224,18 @@ cdef class FairQueue:
         return self._top()
 
     def snapshot(self):
-        """(priority, tenant, live entries) per active tenant: classes high to low, ring order."""
+        """(priority, tenant, live entries) per waiting tenant: classes high to low, each in the
+        order its tenants come up (tag, then seq)."""
         cdef list out = []
         cdef int p
-        cdef Py_ssize_t left
-        cdef _Ring ring
         cdef _Lane lane
+        cdef _Class cls
         for p in range(NUM_CLASSES - 1, -1, -1):
-            ring = <_Ring>self._rings[p]
-            lane = ring.cursor
-            left = ring.size
-            while left > 0:
+            cls = <_Class>self._classes[p]
+            order = sorted([((<_Lane>x).tag, (<_Lane>x).seq, x) for x in cls.heap[:cls.size]])
+            for _tag, _seq, x in order:
+                lane = <_Lane>x
                 out.append((p, lane.tenant.name, lane.live))
-                lane = lane.next
-                left -= 1
         return out
 
     # -- mutations ---------------------------------------------------------------------------------
@@ -202,6 +246,8 @@ cdef class FairQueue:
             raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
         if not (0.0 < weight < INFINITY) or not (0.0 < self._quantum * weight < INFINITY):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        if not (cost / weight < INFINITY):
+            raise ValueError(f"cost / weight must be finite, got {cost!r} / {weight!r}")
         cdef _Tenant t
         cdef object found = self._tenants.get(tenant)
         if found is None:
@@ -234,7 +280,7 @@ cdef class FairQueue:
         lane.tail = entry
         lane.live += 1
         if not lane.active:
-            self._join(<_Ring>self._rings[priority], lane)
+            self._join(<_Class>self._classes[priority], lane)
         PyDict_SetItem(self._handles, handle, entry)
         self._counts[priority] += 1
         self._len += 1
@@ -244,28 +290,19 @@ cdef class FairQueue:
         cdef int p = self._top()
         if p < 0:
             return None
-        cdef _Ring ring = <_Ring>self._rings[p]
-        cdef _Lane lane = ring.cursor
-        cdef _Entry head
-        cdef Py_ssize_t misses = 0
-        while True:
-            head = lane.head
-            if lane.deficit >= head.cost:
-                lane.deficit -= head.cost
-                self._unlink(head)
-                PyDict_DelItem(self._handles, head.handle)
-                item = head.item
-                head.item = None
-                return item
-            # Cannot pay this turn: credit the quantum for the next turn and move on.
-            lane.deficit += self._quantum * lane.tenant.weight
-            lane = lane.next
-            ring.cursor = lane
-            misses += 1
-            if misses == ring.size:
-                # A full pass served nobody: skip the idle rounds in one step.
-                self._skip_rounds(ring)
-                misses = 0
+        cdef _Class cls = <_Class>self._classes[p]
+        cdef _Lane lane = <_Lane>cls.heap[0]
+        cdef _Entry head = lane.head
+        if lane.tag > cls.vtime:
+            cls.vtime = lane.tag
+        lane.tag += head.cost / lane.tenant.weight
+        self._unlink(head)
+        if lane.active:
+            _sift_down(cls.heap, cls.size, lane.pos)
+        PyDict_DelItem(self._handles, head.handle)
+        item = head.item
+        head.item = None
+        return item
 
     def remove(self, handle):
         cdef object found = self._handles.pop(handle, None)
@@ -283,47 +320,55 @@ cdef class FairQueue:
         cdef object found = self._tenants.get(tenant)
         if found is None:
             return
-        cdef object lane_obj = (<_Tenant>found).lanes[priority]
-        cdef _Lane lane
-        if lane_obj is not None:
-            lane = <_Lane>lane_obj
-            if lane.active:
-                lane.deficit += amount
+        cdef _Tenant t = <_Tenant>found
+        cdef object lane_obj = t.lanes[priority]
+        if lane_obj is None:
+            return
+        cdef _Lane lane = <_Lane>lane_obj
+        lane.tag -= amount / t.weight
+        cdef _Class cls
+        cdef double floor
+        if lane.active:
+            cls = <_Class>self._classes[priority]
+            floor = cls.vtime - self._quantum
+            if lane.tag < floor:
+                lane.tag = floor
+            _sift_up(cls.heap, lane.pos)
+            _sift_down(cls.heap, cls.size, lane.pos)
 
     # -- internals ---------------------------------------------------------------------------------
 
-    cdef inline void _join(self, _Ring ring, _Lane lane) noexcept:
+    cdef int _join(self, _Class cls, _Lane lane) except -1:
         lane.active = True
-        lane.deficit = self._quantum * lane.tenant.weight
-        cdef _Lane cursor = ring.cursor
-        cdef _Lane last
-        if cursor is None:
-            lane.prev = lane
-            lane.next = lane
-            ring.cursor = lane
-        else:  # just behind the cursor: last in the current round
-            last = cursor.prev
-            lane.prev = last
-            lane.next = cursor
-            last.next = lane
-            cursor.prev = lane
-        ring.size += 1
+        cdef double floor = cls.vtime - self._quantum
+        if lane.tag < floor:
+            lane.tag = floor
+        lane.seq = self._next_seq
+        self._next_seq += 1
+        if cls.size == len(cls.heap):
+            cls.heap.append(lane)
+        else:
+            cls.heap[cls.size] = lane
+        cls.size += 1
+        _sift_up(cls.heap, cls.size - 1)
         lane.tenant.active += 1
+        return 0
 
     cdef int _leave(self, _Lane lane) except -1:
-        cdef _Ring ring = <_Ring>self._rings[lane.priority]
-        if ring.size == 1:
-            ring.cursor = None
-        else:
-            if ring.cursor is lane:
-                ring.cursor = lane.next
-            lane.prev.next = lane.next
-            lane.next.prev = lane.prev
-        lane.prev = None
-        lane.next = None
+        cdef _Class cls = <_Class>self._classes[lane.priority]
+        cdef list heap = cls.heap
+        cls.size -= 1
+        cdef _Lane last = <_Lane>heap[cls.size]
+        heap[cls.size] = None
+        cdef Py_ssize_t pos
+        if last is not lane:
+            pos = lane.pos
+            heap[pos] = last
+            last.pos = pos
+            _sift_up(heap, pos)
+            _sift_down(heap, cls.size, last.pos)
+        lane.pos = -1
         lane.active = False
-        lane.deficit = 0.0
-        ring.size -= 1
         cdef _Tenant t = lane.tenant
         t.active -= 1
         if t.active == 0:
@@ -356,30 +401,6 @@ cdef class FairQueue:
         if lane.live == 0:
             self._leave(lane)
         return 0
-
-    cdef void _skip_rounds(self, _Ring ring) noexcept:
-        cdef double quantum = self._quantum
-        cdef double rounds = INFINITY
-        cdef double need, r
-        cdef Py_ssize_t left = ring.size
-        cdef _Lane lane = ring.cursor
-        while left > 0:
-            left -= 1
-            need = lane.head.cost - lane.deficit
-            r = 0.0
-            if need > 0.0:
-                r = need / (quantum * lane.tenant.weight)
-                if r < INFINITY:
-                    r = ceil(r)
-            if r < rounds:
-                rounds = r
-            lane = lane.next
-        if rounds > 0.0:
-            left = ring.size
-            while left > 0:
-                left -= 1
-                lane.deficit += rounds * (quantum * lane.tenant.weight)
-                lane = lane.next
 
     # -- diagnostics (tests) -----------------------------------------------------------------------
 

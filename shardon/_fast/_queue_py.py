@@ -4,40 +4,46 @@ FairQueue orders the requests waiting for one model.
 
 * Priority classes 0..3 (low, normal, high, critical) are strict: ``pop`` serves the highest non-empty
   class; a lower class waits as long as a higher one has anything.
-* Inside a class, tenants share by deficit round robin (DRR, Shreedhar & Varghese 1995) weighted by
-  tenant weight. The cost of an entry is a float (estimated tokens); entries of one tenant leave in
-  FIFO order.
+* Inside a class, tenants share by start-time fair queueing (SFQ, Goyal, Vin & Cheng 1996) weighted
+  by tenant weight. The cost of an entry is a float (estimated tokens); entries of one tenant leave
+  in FIFO order.
 
-DRR as implemented here (the compiled module does exactly the same, operation for operation, so
-both give the same results down to the last bit of every deficit):
+SFQ as implemented here (the compiled module does exactly the same float operations, so both make
+the same choices and hold bit-identical tags):
 
-* Each class keeps a ring of *active* tenants (tenants with live entries there) and a cursor.
-  A tenant joins the ring just behind the cursor (last in the current round) with a deficit of one
-  quantum, ``quantum * weight``; it leaves as soon as it has no live entry, and its deficit resets to 0.
-* ``pop`` looks at the tenant under the cursor. If its deficit covers the cost of its head entry, the
-  entry is served and the cost is taken from the deficit; the cursor stays, so a tenant spends its
-  whole deficit before the ring moves on. Otherwise the tenant is credited one quantum (for its
-  next turn) and the cursor moves to the next tenant.
-* When costs are much larger than the quantum, a whole pass over the ring may serve nobody. Instead
-  of going round again and again, ``pop`` then computes the smallest number of whole rounds ``r``
-  after which some tenant can pay for its head entry, ``r = min(ceil((cost - deficit) / q))``, and
-  credits every tenant ``r * q`` at once: the same state as going round ``r`` times, in one step.
-  A ``pop`` therefore visits at most about two passes of the ring, whatever the costs.
+* Each class has a virtual time ``vtime`` and each tenant in it a *tag*, in tokens per unit of
+  weight: the virtual time at which its head entry may start. ``pop`` serves the tenant with the
+  smallest tag (ties: the one that has been waiting longest), sets ``vtime`` to that tag if it is
+  later, and moves the tag on by ``cost / weight``. A backlogged tenant therefore gets service in
+  proportion to its weight, and one whose tag lags (it has had less) goes first until it catches up.
+* A tenant that gets its first entry in a class (it was idle there) starts at
+  ``max(its last tag, vtime - quantum)``: it goes before every tenant already waiting, with up to
+  one quantum of tokens (``quantum * weight``) of credit for having been idle, but keeps any debt
+  it ran up. So a quiet tenant's lone request is the next one served, whatever the length of the
+  others' backlog and whatever its own cost; a tenant that sends one request at a time still pays
+  for each (its tag persists while it is idle).
+* ``refund`` corrects a tenant's tag once its real usage is known: the amount over (or under) the
+  estimate, divided by its weight, is given back (or charged). Credit never takes a tag below
+  ``vtime - quantum``: over-estimates cannot buy a tenant a longer head start than idleness could.
 
-Fairness: while tenants stay backlogged, at the start of each tenant's turn every pair has received
-the same number of quanta, so ``served_a / w_a`` and ``served_b / w_b`` differ by less than one
-max-cost (divided by the smaller weight); at any instant by less than that plus one quantum.
+Fairness: while tenants stay backlogged, ``served_a / w_a`` and ``served_b / w_b`` differ by less than
+``max_cost / w_a + max_cost / w_b`` plus the quantum of idle credit (SFQ's bound).
 
-A tenant without live entries keeps its (empty, inactive) record so that a tenant whose queue keeps
-emptying does not rebuild it on every push; idle records are dropped in one sweep once they are more
-than 1,024 and more than half of all records (amortised O(1)).
+Each class keeps its waiting tenants in a binary heap ordered by (tag, seq), ``seq`` numbering the
+times tenants joined: push, pop, remove and refund are O(log tenants).
+
+A tenant without live entries keeps its (inactive) record and tags, so that a tenant whose queue keeps
+emptying does not rebuild it on every push and its debt is remembered; idle records are dropped in one
+sweep once they are more than 1,024 and more than half of all records (amortised O(1)); a dropped
+tenant comes back as a new one.
 
 Cancellation (``remove``) marks the entry dead (a tombstone) and drops its item at once; ``len``,
-``len_class`` and ``tenants_waiting`` change at once. Tombstones are purged as soon as they reach the
-head of their tenant's FIFO (popped past), all of them go when the FIFO has no live entry left, and a
-FIFO is rebuilt without them once they outnumber its live entries (and are more than 32): a FIFO
-never holds more than about twice its live entries, whatever the churn of cancellations.
-(The compiled module unlinks cancelled entries at once and has no tombstones.)
+``len_class`` and ``tenants_waiting`` change at once. A cancelled entry is never charged. Tombstones
+are purged as soon as they reach the head of their tenant's FIFO (popped past), all of them go when
+the FIFO has no live entry left, and a FIFO is rebuilt without them once they outnumber its live
+entries (and are more than 32): a FIFO never holds more than about twice its live entries, whatever
+the churn of cancellations. (The compiled module unlinks cancelled entries at once and has no
+tombstones.)
 """
 
 from __future__ import annotations
@@ -70,14 +76,14 @@ class _Tenant:
     def __init__(self, name: str, weight: float) -> None:
         self.name = name
         self.weight = weight
-        self.active = 0  # number of classes where this tenant is in the ring
+        self.active = 0  # number of classes where this tenant has live entries
         self.lanes: list[_Lane | None] = [None] * _NUM_CLASSES
 
 
 class _Lane:
-    """One tenant inside one priority class: its FIFO, its deficit and its place in the ring."""
+    """One tenant inside one priority class: its FIFO, its tag and its place in the class's heap."""
 
-    __slots__ = ("active", "dead", "deficit", "fifo", "live", "next", "prev", "priority", "tenant")
+    __slots__ = ("active", "dead", "fifo", "live", "pos", "priority", "seq", "tag", "tenant")
 
     def __init__(self, tenant: _Tenant, priority: int) -> None:
         self.tenant = tenant
@@ -85,25 +91,63 @@ class _Lane:
         self.fifo: deque[_Entry] = deque()  # head is always a live entry while the lane is active
         self.live = 0
         self.dead = 0  # tombstones in fifo
-        self.deficit = 0.0
+        self.tag = -_INF  # start tag of the head entry; while idle, the finish tag of the last one
+        self.seq = 0
+        self.pos = -1  # index in the class's heap while active
         self.active = False
-        self.prev: _Lane = self
-        self.next: _Lane = self
 
 
-class _Ring:
-    __slots__ = ("count", "cursor", "size")
+class _Class:
+    __slots__ = ("count", "heap", "vtime")
 
     def __init__(self) -> None:
-        self.cursor: _Lane | None = None
-        self.size = 0  # active tenants
+        self.heap: list[_Lane] = []  # active lanes, a binary min-heap on (tag, seq)
         self.count = 0  # live entries
+        self.vtime = 0.0
+
+
+def _before(a: _Lane, b: _Lane) -> bool:
+    return a.tag < b.tag or (a.tag == b.tag and a.seq < b.seq)
+
+
+def _sift_up(heap: list[_Lane], pos: int) -> None:
+    lane = heap[pos]
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        above = heap[parent]
+        if not _before(lane, above):
+            break
+        heap[pos] = above
+        above.pos = pos
+        pos = parent
+    heap[pos] = lane
+    lane.pos = pos
+
+
+def _sift_down(heap: list[_Lane], pos: int) -> None:
+    lane = heap[pos]
+    n = len(heap)
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(heap[right], heap[child]):
+            child = right
+        below = heap[child]
+        if not _before(below, lane):
+            break
+        heap[pos] = below
+        below.pos = pos
+        pos = child
+    heap[pos] = lane
+    lane.pos = pos
 
 
 class FairQueue:
-    """Strict priority classes; weighted deficit round robin across tenants inside a class."""
+    """Strict priority classes; weighted start-time fair queueing across tenants inside a class."""
 
-    __slots__ = ("_handles", "_idle", "_len", "_next_handle", "_quantum", "_rings", "_tenants")
+    __slots__ = ("_classes", "_handles", "_idle", "_len", "_next_handle", "_next_seq", "_quantum", "_tenants")
 
     def __reduce__(self) -> str | tuple[object, ...]:
         # Live scheduling state belongs to one process; like the compiled class, refuse to pickle.
@@ -114,11 +158,12 @@ class FairQueue:
         if not 0.0 < quantum < _INF:
             raise ValueError(f"quantum must be a positive finite number, got {quantum!r}")
         self._quantum = quantum
-        self._rings = tuple(_Ring() for _ in range(_NUM_CLASSES))
+        self._classes = tuple(_Class() for _ in range(_NUM_CLASSES))
         self._tenants: dict[str, _Tenant] = {}
         self._handles: dict[int, _Entry] = {}
         self._idle = 0  # tenants kept in _tenants without live entries
         self._next_handle = 1
+        self._next_seq = 1
         self._len = 0
 
     @property
@@ -131,40 +176,39 @@ class FairQueue:
         return self._len
 
     def len_class(self, priority: int) -> int:
-        return self._ring(priority).count
+        return self._class(priority).count
 
     def tenants_waiting(self, priority: int) -> int:
-        return self._ring(priority).size
+        return len(self._class(priority).heap)
 
     def top_priority(self) -> int:
-        rings = self._rings
+        classes = self._classes
         for p in range(_NUM_CLASSES - 1, -1, -1):
-            if rings[p].count:
+            if classes[p].count:
                 return p
         return -1
 
     def snapshot(self) -> list[tuple[int, str, int]]:
-        """(priority, tenant, live entries) per active tenant: classes high to low, ring order."""
+        """(priority, tenant, live entries) per waiting tenant: classes high to low, each in the
+        order its tenants come up (tag, then seq)."""
         out: list[tuple[int, str, int]] = []
         for p in range(_NUM_CLASSES - 1, -1, -1):
-            ring = self._rings[p]
-            lane = ring.cursor
-            for _ in range(ring.size):
-                assert lane is not None
+            for lane in sorted(self._classes[p].heap, key=lambda lane: (lane.tag, lane.seq)):
                 out.append((p, lane.tenant.name, lane.live))
-                lane = lane.next
         return out
 
     # -- mutations ---------------------------------------------------------------------------------
 
     def push(self, item: object, priority: int, tenant: str, cost: float, weight: float = 1.0) -> int:
-        ring = self._ring(priority)
+        cls = self._class(priority)
         cost = float(cost)
         weight = float(weight)
         if not 0.0 <= cost < _INF:
             raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
         if not 0.0 < weight < _INF or not 0.0 < self._quantum * weight < _INF:
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        if not cost / weight < _INF:
+            raise ValueError(f"cost / weight must be finite, got {cost!r} / {weight!r}")
         t = self._tenants.get(tenant)
         if t is None:
             t = self._tenants[tenant] = _Tenant(tenant, weight)
@@ -181,9 +225,9 @@ class FairQueue:
         lane.fifo.append(entry)
         lane.live += 1
         if not lane.active:
-            self._join(ring, lane)
+            self._join(cls, lane)
         self._handles[handle] = entry
-        ring.count += 1
+        cls.count += 1
         self._len += 1
         return handle
 
@@ -191,29 +235,18 @@ class FairQueue:
         p = self.top_priority()
         if p < 0:
             return None
-        ring = self._rings[p]
-        lane = ring.cursor
-        assert lane is not None
-        misses = 0
-        while True:
-            head = lane.fifo[0]
-            if lane.deficit >= head.cost:
-                lane.deficit -= head.cost
-                self._take_head(ring, lane)
-                del self._handles[head.handle]
-                item = head.item
-                head.item = None
-                head.alive = False
-                return item
-            # Cannot pay this turn: credit the quantum for the next turn and move on.
-            lane.deficit += self._quantum * lane.tenant.weight
-            lane = lane.next
-            ring.cursor = lane
-            misses += 1
-            if misses == ring.size:
-                # A full pass served nobody: skip the idle rounds in one step.
-                self._skip_rounds(ring)
-                misses = 0
+        cls = self._classes[p]
+        lane = cls.heap[0]
+        head = lane.fifo[0]
+        if lane.tag > cls.vtime:
+            cls.vtime = lane.tag
+        lane.tag += head.cost / lane.tenant.weight
+        self._take_head(cls, lane)
+        del self._handles[head.handle]
+        item = head.item
+        head.item = None
+        head.alive = False
+        return item
 
     def remove(self, handle: int) -> bool:
         entry = self._handles.pop(handle, None)
@@ -222,19 +255,19 @@ class FairQueue:
         entry.alive = False
         entry.item = None
         lane = entry.lane
-        ring = self._rings[lane.priority]
+        cls = self._classes[lane.priority]
         lane.live -= 1
-        ring.count -= 1
+        cls.count -= 1
         self._len -= 1
         if lane.live == 0:
-            self._leave(ring, lane)
+            self._leave(cls, lane)
         else:
             lane.dead += 1
             self._purge(lane)
         return True
 
     def refund(self, tenant: str, priority: int, amount: float) -> None:
-        self._ring(priority)
+        cls = self._class(priority)
         amount = float(amount)
         if not -_INF < amount < _INF:
             raise ValueError(f"amount must be finite, got {amount!r}")
@@ -242,46 +275,48 @@ class FairQueue:
         if t is None:
             return
         lane = t.lanes[priority]
-        if lane is not None and lane.active:
-            lane.deficit += amount
+        if lane is None:
+            return
+        lane.tag -= amount / t.weight
+        if lane.active:
+            floor = cls.vtime - self._quantum
+            if lane.tag < floor:
+                lane.tag = floor
+            _sift_up(cls.heap, lane.pos)
+            _sift_down(cls.heap, lane.pos)
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _ring(self, priority: int) -> _Ring:
+    def _class(self, priority: int) -> _Class:
         if not 0 <= priority < _NUM_CLASSES:
             raise ValueError(f"priority must be 0..3, got {priority!r}")
-        return self._rings[priority]
+        return self._classes[priority]
 
-    def _join(self, ring: _Ring, lane: _Lane) -> None:
+    def _join(self, cls: _Class, lane: _Lane) -> None:
         lane.active = True
-        lane.deficit = self._quantum * lane.tenant.weight
-        cursor = ring.cursor
-        if cursor is None:
-            lane.prev = lane.next = lane
-            ring.cursor = lane
-        else:  # just behind the cursor: last in the current round
-            last = cursor.prev
-            lane.prev = last
-            lane.next = cursor
-            last.next = lane
-            cursor.prev = lane
-        ring.size += 1
+        floor = cls.vtime - self._quantum
+        if lane.tag < floor:
+            lane.tag = floor
+        lane.seq = self._next_seq
+        self._next_seq += 1
+        heap = cls.heap
+        heap.append(lane)
+        _sift_up(heap, len(heap) - 1)
         lane.tenant.active += 1
 
-    def _leave(self, ring: _Ring, lane: _Lane) -> None:
-        if ring.size == 1:
-            ring.cursor = None
-        else:
-            if ring.cursor is lane:
-                ring.cursor = lane.next
-            lane.prev.next = lane.next
-            lane.next.prev = lane.prev
-        lane.prev = lane.next = lane
+    def _leave(self, cls: _Class, lane: _Lane) -> None:
+        heap = cls.heap
+        last = heap.pop()
+        if last is not lane:
+            pos = lane.pos
+            heap[pos] = last
+            last.pos = pos
+            _sift_up(heap, pos)
+            _sift_down(heap, last.pos)
+        lane.pos = -1
         lane.active = False
-        lane.deficit = 0.0
         lane.fifo.clear()
         lane.dead = 0
-        ring.size -= 1
         t = lane.tenant
         t.active -= 1
         if t.active == 0:
@@ -293,16 +328,16 @@ class FairQueue:
         self._tenants = {name: t for name, t in self._tenants.items() if t.active}
         self._idle = 0
 
-    def _take_head(self, ring: _Ring, lane: _Lane) -> None:
-        fifo = lane.fifo
-        fifo.popleft()
+    def _take_head(self, cls: _Class, lane: _Lane) -> None:
+        lane.fifo.popleft()
         lane.live -= 1
-        ring.count -= 1
+        cls.count -= 1
         self._len -= 1
         if lane.live == 0:
-            self._leave(ring, lane)
+            self._leave(cls, lane)
         else:
             self._purge(lane)
+            _sift_down(cls.heap, lane.pos)
 
     @staticmethod
     def _purge(lane: _Lane) -> None:
@@ -314,27 +349,6 @@ class FairQueue:
         if lane.dead > _COMPACT_MIN and lane.dead > lane.live:
             lane.fifo = deque(e for e in fifo if e.alive)
             lane.dead = 0
-
-    def _skip_rounds(self, ring: _Ring) -> None:
-        quantum = self._quantum
-        start = ring.cursor
-        assert start is not None
-        rounds = _INF
-        lane = start
-        for _ in range(ring.size):
-            need = lane.fifo[0].cost - lane.deficit
-            r = 0.0
-            if need > 0.0:
-                r = need / (quantum * lane.tenant.weight)
-                if r < _INF:
-                    r = float(math.ceil(r))
-            if r < rounds:
-                rounds = r
-            lane = lane.next
-        if rounds > 0.0:
-            for _ in range(ring.size):
-                lane.deficit += rounds * (quantum * lane.tenant.weight)
-                lane = lane.next
 
     # -- diagnostics (tests) -----------------------------------------------------------------------
 

@@ -1,35 +1,21 @@
 """Access-log lines from packed request rows (`_accesslog_c` compiled, or the `_accesslog_py` reference).
 
-Selected like the rest of ``shardon._fast`` (``SHARDON_NO_EXTENSIONS``, one RuntimeWarning if the
-compiled module cannot be imported); ``ACCESSLOG_COMPILED`` tells which.
+Selected like every twin pair (`shardon._fast.load_twin`: ``SHARDON_NO_EXTENSIONS``, one
+RuntimeWarning if the compiled module cannot be imported); ``ACCESSLOG_COMPILED`` tells which.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
-from . import _NO_EXTENSIONS
+from . import load_twin
 
 __all__ = ["ACCESSLOG_COMPILED", "AccessFormatter"]
 
-ACCESSLOG_COMPILED: bool
-
-if TYPE_CHECKING or _NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._accesslog_py import AccessFormatter
 
-    ACCESSLOG_COMPILED = False
+    ACCESSLOG_COMPILED: bool
 else:
-    try:
-        from ._accesslog_c import AccessFormatter
-
-        ACCESSLOG_COMPILED = True
-    except ImportError as exc:
-        from ._accesslog_py import AccessFormatter
-
-        ACCESSLOG_COMPILED = False
-        warnings.warn(
-            f"shardon: compiled access-log formatter unavailable ({exc}), using its pure-Python twin",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _impl, ACCESSLOG_COMPILED = load_twin("shardon._fast._accesslog", "access-log formatter")
+    AccessFormatter = _impl.AccessFormatter

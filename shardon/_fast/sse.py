@@ -1,35 +1,23 @@
 """The SSE readers (`_sse_c` compiled, or the `_sse_py` reference): see ``_sse_py.py``.
 
-Selected like the rest of ``shardon._fast`` (``SHARDON_NO_EXTENSIONS``, one RuntimeWarning if the
-compiled module cannot be imported); ``SSE_COMPILED`` tells which.
+Selected like every twin pair (`shardon._fast.load_twin`: ``SHARDON_NO_EXTENSIONS``, one
+RuntimeWarning if the compiled module cannot be imported); ``SSE_COMPILED`` tells which.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
-from . import _NO_EXTENSIONS
+from . import load_twin
 
 __all__ = ["SSE_COMPILED", "OutputHasher", "UsageStripper", "hash_response"]
 
-SSE_COMPILED: bool
-
-if TYPE_CHECKING or _NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._sse_py import OutputHasher, UsageStripper, hash_response
 
-    SSE_COMPILED = False
+    SSE_COMPILED: bool
 else:
-    try:
-        from ._sse_c import OutputHasher, UsageStripper, hash_response
-
-        SSE_COMPILED = True
-    except ImportError as exc:
-        from ._sse_py import OutputHasher, UsageStripper, hash_response
-
-        SSE_COMPILED = False
-        warnings.warn(
-            f"shardon: compiled SSE readers unavailable ({exc}), using their pure-Python twins",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _impl, SSE_COMPILED = load_twin("shardon._fast._sse", "SSE readers")
+    OutputHasher = _impl.OutputHasher
+    UsageStripper = _impl.UsageStripper
+    hash_response = _impl.hash_response

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -31,12 +29,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from shardon.errors import ModelNotFound, NoCapacity
+from shardon.errors import ModelNotFound
 from shardon.lifecycle import backends as bk
 from shardon.lifecycle.catalog import Catalog, CatalogEntry, Measurements, estimate_file_memory_mb
 from shardon.lifecycle.config import LifecycleConfig
@@ -51,6 +46,17 @@ from shardon.lifecycle.placement import (
     plan_placement,
 )
 from shardon.lifecycle.requests import shape_request
+from shardon.lifecycle.state import (
+    BackendEndpoint,
+    InsufficientMemoryError,
+    ModelLoadError,
+    Runtime,
+    ShaCache,
+    Usage,
+    gpu_table,
+    model_rows,
+    where,
+)
 from shardon.schemas import RoutingFields
 
 log = logging.getLogger("shardon.lifecycle")
@@ -61,61 +67,6 @@ FOOTPRINT_EVERY_S = 5.0
 HANDSHAKE_TIMEOUT_S = 5.0
 FREED_WAIT_S = 15.0
 PLACE_ATTEMPTS = 5
-
-
-class ModelLoadError(NoCapacity):
-    """A model could not be made ready (insufficient memory, backend crashed, not ready in time)."""
-
-    code = "model_load_failed"
-
-
-class InsufficientMemoryError(ModelLoadError):
-    code = "insufficient_memory"
-
-
-class BackendEndpoint(msgspec.Struct, frozen=True):
-    node_id: str
-    url: str  # base URL, e.g. http://127.0.0.1:41234 (append /v1/chat/completions)
-    model: str  # public (canonical) name
-    served_name: str  # what to put in the forwarded request's "model"
-    slots: int
-    backend: str
-    model_file_sha256: str | None
-
-
-class _Usage:
-    """Written on the gateway's loop only; read (racily, harmlessly) by the lifecycle thread."""
-
-    __slots__ = ("count", "heat", "in_flight", "last_used")
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.last_used: float | None = None  # monotonic
-        self.heat = 0.0  # decayed request count, as of last_used
-        self.count = 0
-
-
-@dataclass
-class _Runtime:
-    """Per-model state, owned by the lifecycle thread."""
-
-    entry: CatalogEntry
-    state: str = "unloaded"
-    gen: int = 0
-    proc: bk.BackendProcess | None = None
-    plan: Plan | None = None
-    endpoint: BackendEndpoint | None = None
-    error: str | None = None
-    load_task: asyncio.Task[None] | None = None
-    stop_task: asyncio.Task[None] | None = None
-    ready_at: float = 0.0
-    load_time_s: float | None = None
-    measured_mb: int = 0
-    last_footprint: float = 0.0
-    measure_key: str | None = None
-    sha_task: asyncio.Future[str | None] | None = None
-    failures: int = 0  # consecutive, for the pinned models' retry back-off
-    abort: bool = False  # set with load_task.cancel(): checked at each step of the load
 
 
 class LifecycleManager:
@@ -142,17 +93,17 @@ class LifecycleManager:
         self._public = sorted(self._catalog.entries)
         self._inventory = GpuInventory(config.gpus, nvml=nvml)
         self._measurements = Measurements(os.path.join(self._state_dir, "measurements.json"))
-        self._sha = _ShaCache(os.path.join(self._state_dir, "sha256.json"))
+        self._sha = ShaCache(os.path.join(self._state_dir, "sha256.json"))
         self.launch_count = 0
 
         # gateway-loop side
-        self._usage: dict[str, _Usage] = {name: _Usage() for name in self._catalog.entries}
+        self._usage: dict[str, Usage] = {name: Usage() for name in self._catalog.entries}
         self._ready: dict[str, asyncio.Future[BackendEndpoint]] = {}
         self._waiters: dict[str, list[asyncio.Future[BackendEndpoint]]] = {}
         self._unload_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
         # lifecycle-thread side
-        self._rt: dict[str, _Runtime] = {name: _Runtime(e) for name, e in self._catalog.entries.items()}
+        self._rt: dict[str, Runtime] = {name: Runtime(e) for name, e in self._catalog.entries.items()}
         self._variants_cache: dict[str, list[tuple[str, str, int, int]]] = {}
         self._devices: dict[int, Device] = self._inventory.refresh()
         self._devices_at = time.monotonic()
@@ -470,7 +421,7 @@ class LifecycleManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _unload(self, rt: _Runtime) -> None:
+    async def _unload(self, rt: Runtime) -> None:
         name = rt.entry.name
         try:
             if rt.load_task is not None:
@@ -583,7 +534,7 @@ class LifecycleManager:
             )
         return out
 
-    def _expected_load_time(self, rt: _Runtime) -> float:
+    def _expected_load_time(self, rt: Runtime) -> float:
         if rt.load_time_s is not None:
             return rt.load_time_s
         if rt.plan is not None:
@@ -593,7 +544,7 @@ class LifecycleManager:
             return 1.0 + rt.plan.memory_mb / 1024 * 2.0  # ~2 s per GB until measured
         return 1.0
 
-    async def _load(self, rt: _Runtime) -> None:
+    async def _load(self, rt: Runtime) -> None:
         name = rt.entry.name
         try:
             if rt.stop_task is not None:
@@ -637,11 +588,11 @@ class LifecycleManager:
             self._publish()
 
     @staticmethod
-    def _check_abort(rt: _Runtime) -> None:
+    def _check_abort(rt: Runtime) -> None:
         if rt.abort:
             raise asyncio.CancelledError
 
-    def _retry_pinned(self, rt: _Runtime) -> None:
+    def _retry_pinned(self, rt: Runtime) -> None:
         if not rt.entry.pinned or self._closed:
             return
         rt.failures += 1
@@ -654,7 +605,7 @@ class LifecycleManager:
 
         asyncio.get_running_loop().call_later(delay, again)
 
-    async def _abort_load(self, rt: _Runtime, message: str, state: str) -> None:
+    async def _abort_load(self, rt: Runtime, message: str, state: str) -> None:
         if rt.proc is not None:
             await asyncio.shield(self._stop(rt, "load failed", wait_freed=False, final_state=state))
         rt.plan = None
@@ -663,7 +614,7 @@ class LifecycleManager:
         rt.endpoint = None
         self._publish()
 
-    async def _place(self, rt: _Runtime, variants: list[tuple[str, str, int, int]]) -> Plan:
+    async def _place(self, rt: Runtime, variants: list[tuple[str, str, int, int]]) -> Plan:
         entry = rt.entry
         request = PlacementRequest(
             name=entry.name,
@@ -696,7 +647,7 @@ class LifecycleManager:
             rt.plan = None  # a victim got busy meanwhile: plan again
         raise InsufficientMemory(f"insufficient memory for model {entry.name!r}: the models to evict stayed busy")
 
-    async def _launch_and_wait(self, rt: _Runtime, plan: Plan, path: str) -> None:
+    async def _launch_and_wait(self, rt: Runtime, plan: Plan, path: str) -> None:
         entry = rt.entry
         loop = asyncio.get_running_loop()
         devices = () if plan.devices == (CPU_INDEX,) else plan.devices
@@ -749,14 +700,14 @@ class LifecycleManager:
             spec.url,
             load_s,
             plan.variant,
-            self._where(rt),
+            where(rt.plan),
         )
         self._publish()
         self._to_loop(self._loop_ready, rt.endpoint)
 
     # ---------------------------------------------------------------------------------- stopping
 
-    async def _confirm_stop(self, rt: _Runtime, force: bool, min_idle_s: float = 0.0) -> bool:
+    async def _confirm_stop(self, rt: Runtime, force: bool, min_idle_s: float = 0.0) -> bool:
         """Ask the gateway loop to withdraw the endpoint (refused when a request is in flight)."""
         endpoint = rt.endpoint
         if endpoint is None:
@@ -780,11 +731,11 @@ class LifecycleManager:
         finally:
             self._handshakes.discard(reply)
 
-    def _withdraw_now(self, rt: _Runtime) -> None:
+    def _withdraw_now(self, rt: Runtime) -> None:
         if rt.endpoint is not None:
             self._to_loop(self._loop_withdraw, rt.entry.name, rt.endpoint.node_id)
 
-    async def _stop(self, rt: _Runtime, reason: str, *, wait_freed: bool = True, final_state: str = "unloaded") -> None:
+    async def _stop(self, rt: Runtime, reason: str, *, wait_freed: bool = True, final_state: str = "unloaded") -> None:
         proc = rt.proc
         if proc is None:
             return
@@ -862,7 +813,7 @@ class LifecycleManager:
                 rt.last_footprint = now
                 self._measure(rt)
 
-    async def _idle_stop(self, rt: _Runtime) -> None:
+    async def _idle_stop(self, rt: Runtime) -> None:
         try:
             if await self._confirm_stop(rt, force=False, min_idle_s=rt.entry.idle_ttl_s):
                 await self._stop(rt, f"idle for more than {rt.entry.idle_ttl_s:g} s")
@@ -873,7 +824,7 @@ class LifecycleManager:
                 rt.stop_task = None
             self._publish()
 
-    def _on_crash(self, rt: _Runtime, rc: int) -> None:
+    def _on_crash(self, rt: Runtime, rc: int) -> None:
         proc = rt.proc
         assert proc is not None
         msg = f"backend exited unexpectedly (exit code {rc}): {proc.log_tail(600)}"
@@ -890,7 +841,7 @@ class LifecycleManager:
         if rt.entry.pinned and rt.load_task is None and not self._closed:
             rt.load_task = asyncio.create_task(self._load(rt))
 
-    def _measure(self, rt: _Runtime) -> None:
+    def _measure(self, rt: Runtime) -> None:
         proc, plan = rt.proc, rt.plan
         if proc is None or plan is None or rt.measure_key is None:
             return
@@ -912,123 +863,11 @@ class LifecycleManager:
 
     # ------------------------------------------------------------------------------------ status
 
-    def _where(self, rt: _Runtime) -> str | None:
-        if rt.plan is None:
-            return None
-        if rt.plan.devices == (CPU_INDEX,):
-            return "cpu"
-        return f"{rt.plan.group}:{','.join(str(d) for d in rt.plan.devices)}"
-
     def _publish(self) -> None:
-        rows = []
-        for name, rt in self._rt.items():
-            proc, plan = rt.proc, rt.plan
-            rows.append(
-                {
-                    "name": name,
-                    "aliases": list(rt.entry.aliases),
-                    "state": rt.state,
-                    "backend": rt.entry.backend,
-                    "where": self._where(rt),
-                    "memory_mb": (max(plan.memory_mb, rt.measured_mb) if plan is not None else None),
-                    "memory_estimate_mb": plan.memory_mb if plan is not None else None,
-                    "memory_measured_mb": rt.measured_mb or None,
-                    "in_flight": 0,
-                    "last_used": None,
-                    "pid": proc.pid if proc is not None else None,
-                    "url": rt.endpoint.url if rt.endpoint is not None else None,
-                    "precision": plan.variant if plan is not None else None,
-                    "pinned": rt.entry.pinned,
-                    "error": rt.error,
-                }
-            )
-        self._status = rows
-        held: dict[int, int] = {}
-        for rt in self._rt.values():
-            if rt.plan is not None:
-                for d in rt.plan.devices:
-                    held[d] = held.get(d, 0) + rt.plan.per_device_mb
-        cpu = self._inventory.mode == "cpu"
-        devices = []
-        for i, dev in sorted(self._devices.items()):
-            devices.append(
-                {
-                    "index": "cpu" if dev.is_cpu else i,
-                    "name": dev.name,
-                    "total_mb": dev.total_mb,
-                    "free_mb": dev.total_mb - held.get(i, 0) if cpu else dev.free_mb,
-                    "used_mb": held.get(i, 0) if cpu else dev.total_mb - dev.free_mb,
-                    "reserved_by_models_mb": held.get(i, 0),
-                    "reserve_mb": 0 if cpu else self._inventory.reserve_mb,
-                    "util_pct": dev.util_pct,
-                }
-            )
-        self._gpus = {
-            "mode": self._inventory.mode,
-            "devices": devices,
-            "groups": {k: ["cpu" if d == CPU_INDEX else d for d in v] for k, v in self._inventory.groups.items()},
-        }
+        self._status = model_rows(self._rt)
+        self._gpus = gpu_table(self._rt, self._devices, self._inventory)
 
 
 def _set_result(fut: asyncio.Future[bool], value: bool) -> None:
     if not fut.done():
         fut.set_result(value)
-
-
-class _ShaCache:
-    """SHA-256 of model files, computed once per (path, size, mtime) and kept in the state dir."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.data: dict[str, str] = {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = json.load(f)
-            if isinstance(loaded, dict):
-                self.data = {str(k): str(v) for k, v in loaded.items()}
-        except (OSError, ValueError):
-            pass
-
-    def get(self, path: str) -> str | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-        with self.lock:
-            if key in self.data:
-                return self.data[key]
-        digest = _file_sha256(path)
-        if digest is None:
-            return None
-        with self.lock:
-            self.data[key] = digest
-            tmp = f"{self.path}.tmp"
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(self.data, f, indent=1)
-                os.replace(tmp, self.path)
-            except OSError:
-                pass
-        return digest
-
-
-def _file_sha256(path: str) -> str | None:
-    """The file's SHA-256: from a ``<file>.sha256`` sidecar when there is one, else computed."""
-    sidecar = f"{path}.sha256"
-    try:
-        with open(sidecar, encoding="utf-8") as f:
-            text = f.read().split()
-        if text and len(text[0]) == 64:
-            return text[0].lower()
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()

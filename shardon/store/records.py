@@ -1,8 +1,8 @@
 """Request records and request ids: what the gateway hands the request log, and how requests are named.
 
-A leaf: it imports nothing else from ``shardon``, so any module (the request path, the compiled
-code, the admin API) may import it without pulling in the log's threads or SQLite. How ids are
-built and why is in ``docs/request-log.md`` (request ids).
+A leaf: it imports nothing from ``shardon`` but a primitive (the id sequence, `shardon._fast.ids`), so
+any module (the request path, the compiled code, the admin API) may import it without pulling in the
+log's threads or SQLite. How ids are built and why is in ``docs/request-log.md`` (request ids).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+
+from shardon._fast.ids import RequestIds
 
 __all__ = [
     "REQUEST_COLUMNS",
@@ -25,34 +27,9 @@ __all__ = [
 ]
 
 
-class RequestIds:
-    """Request ids: ``(milliseconds since the epoch << 20) + n``, 63-bit integers that only increase.
-
-    A clock stepping back cannot repeat an id (the counter carries on past the last one); `seed`
-    (the request log calls it with its newest row's id at start) keeps them increasing across
-    restarts.
-    """
-
-    __slots__ = ("last",)
-
-    def __init__(self) -> None:
-        self.last = 0
-
-    def next(self, now: float) -> int:
-        value = int(now * 1000) << 20
-        if value <= self.last:
-            value = self.last + 1
-        self.last = value
-        return value
-
-    def seed(self, newest: int) -> None:
-        """Ids handed out from now on exceed ``newest``."""
-        if newest > self.last:
-            self.last = newest
-
-
 request_ids = RequestIds()
-"""The process's request ids (the gateway's and `RequestRecord`'s default)."""
+"""The process's request ids (the gateway's and `RequestRecord`'s default; `shardon._fast.ids`:
+``(milliseconds since the epoch << 20) + n``, only increasing)."""
 
 
 def format_request_id(request_id: int) -> str:

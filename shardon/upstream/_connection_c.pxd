@@ -43,6 +43,7 @@ cdef class UpstreamConnection:
     cpdef on_message_complete(self)
     cdef void _reset(self)
     cpdef _fail(self, error)
+    cdef _tell(self, error)
     cpdef send(self, bytes head, bytes body=*)
     @cython.locals(chunks=list, data=bytes)
     cpdef bytes take(self)

@@ -121,17 +121,7 @@ class UpstreamConnection:
             self._fail(UpstreamProtocolError(f"bad response from node: {exc}", before_first_byte=False))
             self.close()
             return
-        listener = self.listener
-        if listener is not None:
-            listener.upstream_event()
-            return
-        # One wake-up per read, however many parser events it produced.
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            self.wait_started = 0.0
-            if not waiter.done():
-                waiter.set_result(None)
+        self._tell(None)  # one wake-up per read, however many parser events it produced
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -171,6 +161,11 @@ class UpstreamConnection:
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
             self.error = error
+        self._tell(error)
+
+    def _tell(self, error: UpstreamError | None) -> None:
+        """Tell the caller that more arrived or (``error``) the request failed: its listener, or the
+        future it awaits."""
         listener = self.listener
         if listener is not None:
             listener.upstream_event()
@@ -180,7 +175,10 @@ class UpstreamConnection:
             self._waiter = None
             self.wait_started = 0.0
             if not waiter.done():
-                waiter.set_exception(error)
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     def wait(self) -> asyncio.Future[None]:
         """A future resolved when more of the response has arrived (raising if the request failed)."""

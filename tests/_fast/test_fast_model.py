@@ -1,6 +1,6 @@
 """Model-based tests (hypothesis): random operation sequences, driven through the compiled classes and
 their pure-Python twins, must give the same answers, the same exceptions and the same state; and each
-FairQueue must match the literal, round-by-round model of its DRR (drr_model.NaiveFairQueue).
+FairQueue must match the literal model of its fair queueing (queue_model.NaiveFairQueue).
 
 Floats are compared exactly: both implementations do the same IEEE operations in the same order.
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests._fast.queue_model import NaiveFairQueue, drain
 
 from tests._fast.drr_model import NaiveFairQueue, drain
 
@@ -135,7 +136,7 @@ literal_ops = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(ops=literal_ops)
-def test_matches_literal_drr_model(impl: SimpleNamespace, ops: list[tuple]) -> None:
+def test_matches_literal_queue_model(impl: SimpleNamespace, ops: list[tuple]) -> None:
     q = impl.FairQueue(8.0)
     model = NaiveFairQueue(8.0)
     handles: list[int] = []

@@ -1,4 +1,4 @@
-"""FairQueue: strict priorities, weighted DRR across tenants, FIFO per tenant (both implementations)."""
+"""FairQueue: strict priorities, weighted fair queueing across tenants, FIFO per tenant (both implementations)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests._fast.drr_model import NaiveFairQueue, drain
+from tests._fast.queue_model import NaiveFairQueue, drain
 
 # -- basics ------------------------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ def test_higher_priority_arriving_later_goes_first(impl: SimpleNamespace) -> Non
     assert q.top_priority() == -1
 
 
-# -- FIFO and DRR ------------------------------------------------------------------------------------
+# -- FIFO and fair queueing ---------------------------------------------------------------------------
 
 
 def test_fifo_within_tenant(impl: SimpleNamespace) -> None:
@@ -146,8 +146,8 @@ def test_fifo_within_tenant(impl: SimpleNamespace) -> None:
         assert seq == sorted(seq)
 
 
-def test_drr_order_small_example(impl: SimpleNamespace) -> None:
-    # quantum 10, cost 10: each tenant serves one entry per turn, in ring order.
+def test_order_small_example(impl: SimpleNamespace) -> None:
+    # Equal costs and weights: tenants take turns, in the order they started waiting.
     q = impl.FairQueue(10.0)
     for i in range(3):
         q.push(("a", i), 1, "a", 10.0)
@@ -157,26 +157,26 @@ def test_drr_order_small_example(impl: SimpleNamespace) -> None:
     assert drain(q) == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
 
 
-def test_newcomer_joins_at_the_end_of_the_round(impl: SimpleNamespace) -> None:
+def test_newcomer_goes_before_the_tenants_already_waiting(impl: SimpleNamespace) -> None:
     q = impl.FairQueue(10.0)
     for i in range(4):
         q.push(("a", i), 1, "a", 10.0)
         q.push(("b", i), 1, "b", 10.0)
-    assert q.pop() == ("a", 0)
-    q.push(("c", 0), 1, "c", 10.0)  # behind a (under the cursor), after b
-    assert q.snapshot() == [(1, "a", 3), (1, "b", 4), (1, "c", 1)]
-    assert [q.pop() for _ in range(4)] == [("b", 0), ("c", 0), ("a", 1), ("b", 1)]
+    assert [q.pop() for _ in range(3)] == [("a", 0), ("b", 0), ("a", 1)]
+    q.push(("c", 0), 1, "c", 10.0)  # idle until now: it starts a quantum before the virtual time
+    assert q.snapshot() == [(1, "c", 1), (1, "b", 3), (1, "a", 2)]
+    assert [q.pop() for _ in range(4)] == [("c", 0), ("b", 1), ("a", 2), ("b", 2)]
 
 
 def test_weight_is_updated_by_the_latest_push(impl: SimpleNamespace) -> None:
     q = impl.FairQueue(10.0)
-    for i in range(10):
+    for i in range(40):
         q.push(("a", i), 1, "a", 10.0, 1.0)
-    for i in range(10):
+    for i in range(40):
         q.push(("b", i), 1, "b", 10.0, 1.0)
-    q.push(("a", 10), 1, "a", 10.0, 3.0)  # from now on a earns 3 quanta per turn
-    served = [t for (t, _) in (q.pop() for _ in range(10))]
-    assert "".join(served) == "abaaabaaab"
+    q.push(("a", 40), 1, "a", 10.0, 3.0)  # from now on a is charged a third per entry
+    served = [t for (t, _) in (q.pop() for _ in range(40))]
+    assert abs(served.count("a") - 30) <= 2
 
 
 def _backlog(impl: SimpleNamespace, weights: dict[str, float], n: int, max_cost: int, quantum: float):
@@ -191,78 +191,106 @@ def _backlog(impl: SimpleNamespace, weights: dict[str, float], n: int, max_cost:
 
 
 @pytest.mark.parametrize("quantum", [1000.0, 50.0])
-def test_drr_fairness_equal_weights(impl: SimpleNamespace, quantum: float) -> None:
+@pytest.mark.parametrize("weights", [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.0, "b": 2.0, "c": 4.0}])
+def test_service_is_shared_by_weight(impl: SimpleNamespace, quantum: float, weights: dict[str, float]) -> None:
     max_cost = 4000
-    weights = {"a": 1.0, "b": 1.0, "c": 1.0}
     q = _backlog(impl, weights, 3000, max_cost, quantum)
     served = dict.fromkeys(weights, 0.0)
-    previous = None
-    for _ in range(4500):  # every tenant stays backlogged (each has 3000 entries)
+    # SFQ's bound for backlogged tenants: normalised service differs by less than one max cost
+    # over each weight (every tenant started at the same tag).
+    bound = 2 * max_cost / min(weights.values())
+    for _ in range(3500):  # every tenant stays backlogged (c, with 4/7 of the service, too)
         tenant, cost = q.pop()
-        if tenant == "a" and previous != "a":
-            # a starts a turn: every tenant has had the same number of quanta
-            assert max(served.values()) - min(served.values()) < max_cost
-        served[tenant] += cost
-        assert max(served.values()) - min(served.values()) <= max_cost + quantum
-        previous = tenant
-    total = sum(served.values())
-    for v in served.values():
-        assert abs(v - total / 3) / (total / 3) < 0.01
-
-
-@pytest.mark.parametrize("quantum", [1000.0, 64.0])
-def test_drr_fairness_unequal_weights(impl: SimpleNamespace, quantum: float) -> None:
-    max_cost = 4000
-    weights = {"a": 1.0, "b": 2.0, "c": 4.0}
-    q = _backlog(impl, weights, 3000, max_cost, quantum)
-    served = dict.fromkeys(weights, 0.0)
-    previous = None
-    for _ in range(3500):  # c, with 4/7 of the service, still has entries left
-        tenant, cost = q.pop()
-        norm = [served[t] / w for t, w in weights.items()]
-        if tenant == "a" and previous != "a":
-            assert max(norm) - min(norm) < max_cost / min(weights.values())
         served[tenant] += cost
         norm = [served[t] / w for t, w in weights.items()]
-        assert max(norm) - min(norm) <= max_cost + quantum
-        previous = tenant
-    assert served["b"] / served["a"] == pytest.approx(2.0, rel=0.01)
-    assert served["c"] / served["a"] == pytest.approx(4.0, rel=0.01)
+        assert max(norm) - min(norm) <= bound
+    for t, w in weights.items():
+        assert served[t] / w == pytest.approx(served["a"], rel=0.01)
 
 
-def test_quiet_tenant_is_not_starved_by_a_flood(impl: SimpleNamespace) -> None:
+@pytest.mark.parametrize(
+    ("flood_cost", "refund", "quiet_cost"),
+    [
+        (1000.0, 0.0, 1000.0),  # costs near the quantum
+        (24.0, 0.0, 24.0),  # costs far below the quantum
+        (24.0, 21.0, 24.0),  # ... and most of each estimate refunded while the flood waits
+        (24.0, 21.0, 5000.0),  # a quiet request much costlier than the flood's
+        (4096.0, 4000.0, 300.0),  # large estimates, large refunds
+    ],
+)
+def test_a_lone_request_goes_next_however_long_the_flood(
+    impl: SimpleNamespace, flood_cost: float, refund: float, quiet_cost: float
+) -> None:
     q = impl.FairQueue(1024.0)
     for i in range(10_000):
-        q.push(("flood", i), 1, "flood", 1000.0)
-    for _ in range(10):
+        q.push(("flood", i), 1, "flood", flood_cost)
+    for _ in range(500):
+        assert q.pop()[0] == "flood"
+        q.refund("flood", 1, refund)  # the usage of an earlier flood request comes back
+    q.push(("quiet", 0), 1, "quiet", quiet_cost)
+    assert q.pop() == ("quiet", 0)
+    # Its next request, sent once the flood has had as much service since, goes first again.
+    for _ in range(int(quiet_cost // (flood_cost - refund)) + 1):
+        assert q.pop()[0] == "flood"
+        q.refund("flood", 1, refund)
+    q.push(("quiet", 1), 1, "quiet", quiet_cost)
+    assert q.pop() == ("quiet", 1)
+
+
+def test_a_tenant_that_sends_one_request_at_a_time_pays_for_each(impl: SimpleNamespace) -> None:
+    # Its tag persists while it is idle: coming back at once does not reset what it owes.
+    q = impl.FairQueue(10.0)
+    for i in range(100):
+        q.push(("flood", i), 1, "flood", 10.0)
+    served = []
+    for i in range(60):
+        q.push(("solo", i), 1, "solo", 10.0)
+        item = q.pop()
+        while item[0] == "flood":
+            served.append("flood")
+            item = q.pop()
+        served.append("solo")
+    assert abs(served.count("flood") - served.count("solo")) <= 2
+
+
+def test_idle_credit_is_one_quantum(impl: SimpleNamespace) -> None:
+    q = impl.FairQueue(100.0)
+    for i in range(100):
+        q.push(("flood", i), 1, "flood", 10.0)
+    for _ in range(50):
         q.pop()
-    q.push(("quiet", 0), 1, "quiet", 1000.0)
-    position = next(k for k in range(100) if q.pop() == ("quiet", 0))
-    assert position <= 2  # at most the rest of the flooder's current turn goes first
+    # A burst from a tenant that was idle: its first quantum of tokens goes first, then turns alternate.
+    for i in range(20):
+        q.push(("burst", i), 1, "burst", 10.0)
+    served = "".join(t[0] for (t, _) in (q.pop() for _ in range(20)))
+    assert served.startswith("b" * 10)
+    assert served[10:] in ("fbfbfbfbfb", "bfbfbfbfbf")
 
 
-def test_huge_costs_do_not_loop(impl: SimpleNamespace) -> None:
+def test_huge_costs_do_not_overflow_or_loop(impl: SimpleNamespace) -> None:
     q = impl.FairQueue(1.0)
     q.push("big", 1, "a", 1e12)
     t0 = time.perf_counter()
     assert q.pop() == "big"
-    assert time.perf_counter() - t0 < 0.5
     q.push("a", 2, "a", 1e12)
     q.push("b", 2, "b", 3e11)
     q.push("c", 2, "c", 5e11)
-    q.push("d", 2, "d", 1e15, 1000.0)  # needs as many quanta as a, and is behind it in the ring
-    t0 = time.perf_counter()
-    assert drain(q) == ["b", "c", "a", "d"]
+    q.push("d", 2, "d", 1e15, 1000.0)
+    assert drain(q) == ["a", "b", "c", "d"]  # each starts now: in the order they came
+    q.push(("a", 0), 2, "a", 1.0)
+    q.push(("b", 0), 2, "b", 1.0)
+    assert q.pop() == ("b", 0)  # each has its earlier request still on its tag: b's was smaller
+    assert q.pop() == ("a", 0)
     assert time.perf_counter() - t0 < 0.5
-    assert len(q) == 0
+    with pytest.raises(ValueError):
+        q.push("x", 1, "t", 1e300, 1e-10)  # cost / weight overflows
 
 
-def test_skip_rounds_matches_round_by_round(impl: SimpleNamespace) -> None:
-    # Costs up to 60 quanta: the naive model walks every round, the queue jumps; same order.
+def test_matches_the_model_on_a_long_run(impl: SimpleNamespace) -> None:
     rng = random.Random(4)
     q = impl.FairQueue(8.0)
     naive = NaiveFairQueue(8.0)
-    for i in range(400):
+    for i in range(2000):
         tenant = f"t{rng.randrange(5)}"
         args = (
             (tenant, i),
@@ -274,6 +302,10 @@ def test_skip_rounds_matches_round_by_round(impl: SimpleNamespace) -> None:
         q.push(*args)
         naive.push(*args)
         if rng.random() < 0.3:
+            amount = float(rng.randint(-100, 100))
+            q.refund(tenant, args[1], amount)
+            naive.refund(tenant, args[1], amount)
+        if rng.random() < 0.45:
             assert q.pop() == naive.pop()
     assert drain(q) == drain(naive)
 
@@ -402,10 +434,12 @@ def test_idle_tenant_records_are_dropped(impl: SimpleNamespace) -> None:
 
 
 def _ab(impl: SimpleNamespace):
+    """a and b with 6 entries of 100 each, after two turns each (both tags above the idle floor)."""
     q = impl.FairQueue(100.0)
-    for i in range(4):
+    for i in range(6):
         q.push(("a", i), 1, "a", 100.0)
         q.push(("b", i), 1, "b", 100.0)
+    assert [t for (t, _) in (q.pop() for _ in range(4))] == ["a", "b", "a", "b"]
     return q
 
 
@@ -421,10 +455,32 @@ def test_refund_negative_takes_turns_away(impl: SimpleNamespace) -> None:
     assert "".join(t for (t, _) in (q.pop() for _ in range(5))) == "babab"
 
 
-def test_refund_ignored_when_not_active(impl: SimpleNamespace) -> None:
+def test_refund_credit_stops_at_the_idle_floor(impl: SimpleNamespace) -> None:
+    q = _ab(impl)
+    # a's tag is one entry past the virtual time; credit takes it one quantum (one entry) before
+    # it, no further: a head start of two entries, not of 1e9 tokens.
+    q.refund("a", 1, 1e9)
+    assert "".join(t for (t, _) in (q.pop() for _ in range(6))) == "aaabab"
+
+
+def test_refund_of_an_idle_tenant_is_kept_for_its_return(impl: SimpleNamespace) -> None:
+    q = impl.FairQueue(100.0)
+    for i in range(30):
+        q.push(("flood", i), 1, "flood", 100.0)
+    for _ in range(5):
+        q.pop()
+    q.push(("solo", 0), 1, "solo", 100.0)
+    assert q.pop() == ("solo", 0)
+    q.refund("solo", 1, -1000.0)  # it used ten times its estimate: its next request waits its turn
+    q.push(("solo", 1), 1, "solo", 100.0)
+    served = [t for (t, _) in (q.pop() for _ in range(12))]
+    assert served.index("solo") >= 9
+
+
+def test_refund_ignored_for_unknown_tenant_or_class(impl: SimpleNamespace) -> None:
     q = _ab(impl)
     q.refund("nobody", 1, 1e9)
-    q.refund("a", 2, 1e9)  # a has nothing waiting in class 2
+    q.refund("a", 2, 1e9)  # a never had anything in class 2
     q.refund("a", 0, -1e9)
     assert "".join(t for (t, _) in (q.pop() for _ in range(4))) == "abab"
     q.push(("a", 9), 2, "a", 100.0)
