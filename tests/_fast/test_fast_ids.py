@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
+
 from tests.support import twin
 
 BASE = 1_796_000_000.0
