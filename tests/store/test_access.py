@@ -181,7 +181,7 @@ def test_close_writes_what_waits(tmp_path: Path) -> None:
 
 def _leave_mid_stream(port: int) -> None:
     """A streamed request whose client reads the head and hangs up (the gateway logs a 499)."""
-    body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"delay_ms":50}}'
+    body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"hold_after":1}}'  # held after a token
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
