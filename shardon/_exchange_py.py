@@ -125,6 +125,7 @@ class RequestCore:
         self.client_address: Callable[[Any], str] | None = None
         self.in_flight = 0
         self.draining = False
+        self.cutting = False  # the drain timeout has passed: what is left ends now (`cut`)
         self.callbacks = True  # the native engine serves whole requests by callbacks
         self.served_by_callbacks = 0
 
@@ -136,6 +137,16 @@ class RequestCore:
         self.served_by_callbacks += 1
         Exchange(self, request.path, self.client_of(request)).serve(request)
         return True
+
+    def cut(self) -> None:
+        """The drain timeout has passed: every exchange still in flight ends now, as a 503
+        (``shutting_down``). The waiting ones are told at once; those on a node see its connection
+        closed, which stops the generation (a stream ends with an SSE error event); the engine's
+        stop ends the rest (a client connection closed, a coroutine cancelled)."""
+        self.cutting = True
+        self.scheduler.cancel_all(errors.Draining("the gateway is shutting down", retry_after=5))
+        for node in list(self.registry.nodes.values()):
+            node.pool.close()
 
     def client_of(self, scope: Any) -> str:
         """The address a request is attributed to: its TCP peer, or whom a trusted proxy says."""
@@ -612,6 +623,17 @@ class Exchange:
         self._release(error)
         if self.gone:
             raise errors.ClientGone()
+        if self.core.cutting:
+            # Shardon closed it (the drain timeout): not the node's failure, nothing to retry.
+            if not self.streaming:
+                raise errors.Draining("the gateway is shutting down", retry_after=5)
+            rec.status = 503
+            rec.error_type = errors.Draining.code
+            self.out_data = b""
+            if self.hasher is not None:
+                event = errors.error_body("the gateway is shutting down", "server_error", errors.Draining.code)
+                self.out_data = b"data: " + event + b"\n\n"
+            return END
         if not error.reused:
             self.core.registry.record_failure(node, str(error), error.refused)
         if self.streaming:
@@ -693,6 +715,9 @@ class Exchange:
         """The error edge: ``exc`` into the record, and the OpenAI-shaped answer to send (None when
         the response has started or the client is gone)."""
         rec = self.rec
+        if self.core.cutting and not isinstance(exc, errors.ShardonError):
+            # The drain timeout: the engine's stop ended it (a connection closed, a coroutine cancelled).
+            exc = errors.Draining("the gateway is shutting down", retry_after=5)
         if isinstance(exc, errors.ShardonError):
             rec.status = exc.status
             rec.error_type = exc.code
@@ -782,10 +807,10 @@ class Exchange:
         self.request = request
         request.on_lost = self.client_lost
         try:
+            headers = request.headers
+            self.authorize(headers)  # (the caller first, as the coroutine does: then the body's size)
             if request.too_large:
                 raise errors.PayloadTooLarge(f"request body exceeds {self.endpoint.max_body} bytes")
-            headers = request.headers
-            self.authorize(headers)
             chunks = request.body
             self.prepare(headers, chunks[0] if len(chunks) == 1 else b"".join(chunks))
             self._advance()

@@ -26,11 +26,11 @@ import msgspec
 from . import errors
 from ._fast import TokenBucket
 from .config import AuthConfig, TenantConfig
+from .proxies import peer_host
 from .schemas import PRIORITY_BY_NAME
 from .store.keys import KeyRow, KeyTable
 
 DEFAULT_TENANT = "default"
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 def digest(secret: str) -> str:
@@ -226,7 +226,8 @@ class KeyStore:
     def authenticate_admin(self, authorization: str | None, client: str | None) -> str:
         """The admin caller's identity for the audit log, or Unauthorized/Forbidden."""
         if not self._admin_digests:
-            if client and client.startswith(_LOOPBACK):
+            address = peer_host(client) if client else None
+            if address is not None and address.is_loopback:
                 return "loopback"
             raise errors.Forbidden(
                 "the admin API is reachable only from loopback while no admin key is configured",

@@ -51,7 +51,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_tls_mock(certificates: dict[str, Path]) -> Iterator[Callable[..., Any]]:
     """``make(**MockConfig fields)``: a started mock node that speaks TLS (``https://localhost:port``)."""
     from shardon.upstream.mock import MockConfig
-    from shardon.upstream.mock_tls import TLSMockNodeThread
+    from shardon.upstream.mock.tls import TLSMockNodeThread
 
     nodes: list[Any] = []
 

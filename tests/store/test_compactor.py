@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import (
+
+from shardon.store import RequestIds, RequestLog, format_request_id, queries, read_segment, records
+from shardon.store import backlog as backlog_mod
+from shardon.store import compactor as compactor_mod
+from shardon.store.compactor import Compactor
+from tests.store.store_helpers import (
     BASE,
     audit_count,
     backlog,
@@ -27,12 +32,7 @@ from store_helpers import (
     ro,
     segments,
 )
-
-from shardon.store import RequestIds, RequestLog, format_request_id, queries, read_segment, records
-from shardon.store import backlog as backlog_mod
-from shardon.store import compactor as compactor_mod
-from shardon.store.compactor import Compactor
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
