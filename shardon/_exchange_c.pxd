@@ -55,6 +55,7 @@ cdef class RequestCore:
     cdef public object client_address
     cdef public Py_ssize_t in_flight
     cdef public bint draining
+    cdef public bint cutting
     cdef public bint callbacks
     cdef public Py_ssize_t served_by_callbacks
 

@@ -23,13 +23,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from . import errors
 from ._fast.sse import OutputHasher, UsageStripper, hash_response
 from .endpoints import FORM, GENERATIVE, JSON_BODY
 from .multipart import replace_field
-from .schemas import PRIORITY_BY_NAME, PRIORITY_NAMES, answer_usage, form_routing, routing_decoder, with_fields
+from .schemas import (
+    PRIORITY_BY_NAME,
+    PRIORITY_NAMES,
+    answer_usage,
+    form_routing,
+    priority_of,
+    routing_fields,
+    with_fields,
+)
 from .store import RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
 from .upstream.connection import client_header_lines, client_headers
@@ -127,6 +133,7 @@ class RequestCore:
         self.client_address: Callable[[Any], str] | None = None
         self.in_flight = 0
         self.draining = False
+        self.cutting = False  # the drain timeout has passed: what is left ends now (`cut`)
         self.callbacks = True  # the native engine serves whole requests by callbacks
         self.served_by_callbacks = 0
 
@@ -138,6 +145,16 @@ class RequestCore:
         self.served_by_callbacks += 1
         Exchange(self, request.path, self.client_of(request)).serve(request)
         return True
+
+    def cut(self) -> None:
+        """The drain timeout has passed: every exchange still in flight ends now, as a 503
+        (``shutting_down``). The waiting ones are told at once; those on a node see its connection
+        closed, which stops the generation (a stream ends with an SSE error event); the engine's
+        stop ends the rest (a client connection closed, a coroutine cancelled)."""
+        self.cutting = True
+        self.scheduler.cancel_all(errors.Draining())
+        for node in list(self.registry.nodes.values()):
+            node.pool.close()
 
     def client_of(self, scope: Any) -> str:
         """The address a request is attributed to: its TCP peer, or whom a trusted proxy says."""
@@ -267,7 +284,7 @@ class Exchange:
         core = self.core
         rec = self.rec
         if core.draining:
-            raise errors.Draining("the gateway is shutting down", retry_after=5)
+            raise errors.Draining()
         principal = core.keys.authenticate(headers.get("authorization"), headers.get(core.tenant_header))
         self.principal = principal
         tenant = principal.tenant
@@ -297,10 +314,7 @@ class Exchange:
             self.req = req
             self.content_type = content_type.encode("latin-1")
         else:
-            try:
-                req = self.req = routing_decoder.decode(body)
-            except msgspec.MsgspecError as exc:
-                raise _bad_body(exc) from None
+            req = self.req = routing_fields(body)  # (400 naming the field when one is missing or wrong)
         self.body = body
         model = rec.model = req.model
         stream = rec.stream = bool(req.stream)
@@ -320,17 +334,7 @@ class Exchange:
         rules = route.rules
         if rules is not None:  # the split's variant, the policy's key, the overflow (shardon.routing)
             route = rules.apply(self, headers)
-        value = headers.get("x-priority")
-        if value is None:
-            priority = min(core.default_priority, principal.max_priority)
-        else:
-            named = PRIORITY_BY_NAME.get(value.strip().lower())
-            if named is None:
-                raise errors.BadRequest(
-                    f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority"
-                )
-            priority = min(named, principal.max_priority)
-        self.priority = priority
+        priority = self.priority = priority_of(headers.get("x-priority"), core.default_priority, principal.max_priority)
         rec.priority = PRIORITY_NAMES[priority]
         max_tokens = req.max_tokens or req.max_completion_tokens
         self.managed = lifecycle is not None and lifecycle.knows(route.name)
@@ -350,16 +354,8 @@ class Exchange:
                 # did not ask for it, does not see the extra event.
                 self.inject = True
                 self.stripper = UsageStripper()
-        if principal.limited:
-            limiter = core.limiter
-            now = _monotonic()
-            requests, tokens = limiter.buckets(principal, now)
-            self.buckets = tokens
-            try:
-                self.limit_wait = limiter.admit(requests, tokens, self.estimate, now, self.budget)
-            except errors.RateLimited:
-                core.metrics.rate_limited(self.tenant, "tokens" if tokens else "requests")
-                raise
+        if principal.limited:  # (429 when the limits would hold it past its deadline)
+            self.buckets, self.limit_wait = core.limiter.charge(principal, self.estimate, self.budget, _monotonic())
 
     # == admit =======================================================================================
     def admit(self) -> Any:
@@ -638,18 +634,14 @@ class Exchange:
         self._release(error)
         if self.gone:
             raise errors.ClientGone()
+        if self.core.cutting:  # Shardon closed it (the drain timeout): not the node's failure, no retry
+            if not self.streaming:
+                raise errors.Draining()
+            return self._cut_short(errors.Draining())
         if not error.reused:
             self.core.registry.record_failure(node, str(error), error.refused)
-        if self.streaming:
-            # After the first byte there is no silent retry: the client is told in-band.
-            rec.status = 502
-            rec.error_type = "upstream_error"
-            event = b""
-            if self.hasher is not None:
-                event = errors.error_body(f"the node failed mid-stream: {error}", "server_error", "upstream_error")
-                event = b"data: " + event + b"\n\n"
-            self.out_data = event
-            return END
+        if self.streaming:  # after the first byte there is no silent retry: the client is told in-band
+            return self._cut_short(errors.UpstreamFailed(f"the node failed mid-stream: {error}"))
         if rec.retries >= self.core.max_retries:
             raise errors.UpstreamFailed(f"node {node.id} failed: {error}")
         rec.retries += 1
@@ -662,6 +654,13 @@ class Exchange:
         self.stage = _RETRYING
         log.info("request %s retried after: %s", format_request_id(rec.id), error)
         return RETRY
+
+    def _cut_short(self, error: errors.ShardonError) -> int:
+        """A started response ends on ``error``: in the record, and for SSE as a last error event."""
+        self.rec.status = error.status
+        self.rec.error_type = error.code
+        self.out_data = b"" if self.hasher is None else b"data: " + error.body() + b"\n\n"
+        return END
 
     def _release(self, error: UpstreamError | None = None) -> None:
         """The node's part is over: its connection back (pooled if its answer completed cleanly)
@@ -722,27 +721,12 @@ class Exchange:
         """The error edge: ``exc`` into the record, and the OpenAI-shaped answer to send (None when
         the response has started or the client is gone)."""
         rec = self.rec
-        if isinstance(exc, errors.ShardonError):
-            rec.status = exc.status
-            rec.error_type = exc.code
-            if self.streaming or self.gone:
-                return None
-            headers = exc.headers()
-            headers.append(("x-request-id", format_request_id(rec.id)))
-            if self.variant is not None:
-                headers.append(("x-shardon-variant", self.variant))
-            return exc.status, headers, exc.body()
-        if isinstance(exc, (errors.ClientGone, *errors.closed_errors)) or self.gone:
-            rec.status = 499
-            rec.error_type = "client_disconnected"
-            return None
-        log.error("request %s failed", format_request_id(rec.id), exc_info=exc)
-        rec.status = 500
-        rec.error_type = "internal_error"
-        if self.streaming:
-            return None
-        internal = errors.ShardonError(f"internal error: {type(exc).__name__}")
-        return 500, internal.headers(), internal.body()
+        if self.core.cutting and not isinstance(exc, errors.ShardonError):
+            exc = errors.Draining()  # the drain timeout: the engine's stop ended it
+        rec.status, rec.error_type, answer = errors.answer(exc, format_request_id(rec.id), self.streaming, self.gone)
+        if answer is not None and self.variant is not None:
+            answer[1].append(("x-shardon-variant", self.variant))
+        return answer
 
     # == finish ======================================================================================
     def finish(self) -> None:
@@ -815,10 +799,10 @@ class Exchange:
         self.request = request
         request.on_lost = self.client_lost
         try:
+            headers = request.headers
+            self.authorize(headers)  # (the caller first, as the coroutine does: then the body's size)
             if request.too_large:
                 raise errors.PayloadTooLarge(f"request body exceeds {self.endpoint.max_body} bytes")
-            headers = request.headers
-            self.authorize(headers)
             chunks = request.body
             self.prepare(headers, chunks[0] if len(chunks) == 1 else b"".join(chunks))
             self._advance()
@@ -918,13 +902,3 @@ def _settle(wait: Any, exc: BaseException | None) -> None:
             wait.set_result(None)
         else:
             wait.set_exception(exc)
-
-
-def _bad_body(exc: msgspec.MsgspecError) -> errors.BadRequest:
-    msg = str(exc)
-    if isinstance(exc, msgspec.ValidationError):
-        param = msg.rsplit("`$.", 1)[1].rstrip("`") if "`$." in msg else None
-        if "missing required field" in msg:
-            param = msg.split("`")[1]
-        return errors.BadRequest(f"invalid request: {msg}", param=param)
-    return errors.BadRequest(f"request body is not valid JSON: {msg}")

@@ -405,6 +405,23 @@ class Scheduler:
             return True
         return False
 
+    def cancel_all(self, exc: BaseException) -> int:
+        """Take every waiting request out, failing it with ``exc`` (the drain timeout); how many."""
+        count = 0
+        for route in self.routes.values():
+            waiters = list(route.held)
+            route.held.clear()
+            while (waiter := route.queue.pop()) is not None:
+                waiters.append(waiter)  # type: ignore[arg-type]  # the queue holds Waiters
+            for waiter in waiters:
+                waiter.held = False
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+                    count += 1
+        return count
+
     def abandon(self, waiter: Waiter) -> None:
         """The waiting coroutine gave up after its future may have been resolved: free that slot."""
         fut = waiter.future

@@ -64,7 +64,7 @@ class Gateway:
         self.records: RequestLog | AccessLog | None = request_log if request_log is not None else access_log
         self.metrics = metrics or Metrics(enabled=False)
         self.keys = KeyStore(config.auth, config.tenants, self.paths.database)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(self.metrics.rate_limited)
         self.on_finish: list[Callable[[RequestRecord], object]] = []
         # How long a request runs before its client's leaving is watched: at once on the native
         # engine (its notice is a plain future); granian's costs a task per request, so that engine

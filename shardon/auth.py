@@ -19,6 +19,7 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -26,11 +27,11 @@ import msgspec
 from . import errors
 from ._fast import TokenBucket
 from .config import AuthConfig, TenantConfig
+from .proxies import peer_host
 from .schemas import PRIORITY_BY_NAME
 from .store.keys import KeyRow, KeyTable
 
 DEFAULT_TENANT = "default"
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 def digest(secret: str) -> str:
@@ -241,7 +242,8 @@ class KeyStore:
     def authenticate_admin(self, authorization: str | None, client: str | None) -> str:
         """The admin caller's identity for the audit log, or Unauthorized/Forbidden."""
         if not self._admin_digests:
-            if client and client.startswith(_LOOPBACK):
+            address = peer_host(client) if client else None
+            if address is not None and address.is_loopback:
                 return "loopback"
             raise errors.Forbidden(
                 "the admin API is reachable only from loopback while no admin key is configured",
@@ -278,8 +280,9 @@ class RateLimiter:
     with ``Retry-After``. When it ends, the estimate is corrected by the real usage.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_limited: Callable[[str, str], object] | None = None) -> None:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.on_limited = on_limited  # (tenant, "requests" | "tokens"): a request refused (429)
 
     def _bucket(self, owner: str, kind: str, per_minute: float, now: float) -> TokenBucket:
         key = (owner, kind)
@@ -307,6 +310,18 @@ class RateLimiter:
             tok.append(self._bucket("tenant:" + tenant.name, "tpm", tenant.tpm, now))
         return req, tok
 
+    def charge(self, principal: Principal, tokens: float, budget: float, now: float) -> tuple[list[TokenBucket], float]:
+        """A request of ``tokens`` (estimated) charged to every bucket of its caller: (its token
+        buckets, to correct when it ends; the seconds to wait before dispatch). RateLimited (told
+        to ``on_limited``) when the wait would pass ``budget``."""
+        req, tok = self.buckets(principal, now)
+        try:
+            return tok, self.admit(req, tok, tokens, now, budget)
+        except errors.RateLimited as exc:
+            if self.on_limited is not None:
+                self.on_limited(principal.tenant.name, exc.kind)
+            raise
+
     @staticmethod
     def admit(req: list[TokenBucket], tok: list[TokenBucket], tokens: float, now: float, budget: float) -> float:
         """Seconds to wait before dispatch (0: go now); raises RateLimited if over ``budget``."""
@@ -317,10 +332,12 @@ class RateLimiter:
             wait = max(wait, bucket.time_until(min(tokens, bucket.capacity), now))
         if wait >= budget:
             kind = "requests" if any(b.time_until(1.0, now) >= budget for b in req) else "tokens"
-            raise errors.RateLimited(
+            limited = errors.RateLimited(
                 f"rate limit exceeded ({kind} per minute); retry later",
                 retry_after=wait if wait != float("inf") else 60.0,
             )
+            limited.kind = kind
+            raise limited
         for bucket in req:
             bucket.force_take(1.0, now)
         for bucket in tok:

@@ -8,7 +8,11 @@ the exchange's error edge (`shardon.exchange`), into OpenAI's shape::
 
 from __future__ import annotations
 
+import logging
+
 import orjson
+
+log = logging.getLogger("shardon.exchange")
 
 
 class ShardonError(Exception):
@@ -107,6 +111,7 @@ class RateLimited(ShardonError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    kind = "requests"  # the limit hit: "requests" or "tokens" (per minute)
 
 
 class QueueFull(ShardonError):
@@ -128,6 +133,9 @@ class Draining(ShardonError):
     type = "server_error"
     code = "shutting_down"
 
+    def __init__(self, message: str = "the gateway is shutting down", *, retry_after: float | None = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+
 
 class UpstreamFailed(ShardonError):
     status = 502
@@ -143,6 +151,30 @@ class QueueTimeout(ShardonError):
 
 class ClientGone(Exception):
     """The client disconnected; nothing can be sent to it any more (logged as 499)."""
+
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+def answer(exc: BaseException, request_id: str, started: bool, gone: bool) -> tuple[int, str | None, Answer | None]:
+    """The error edge of a request: what ``exc`` means for it — (status, error type, the answer to
+    send: status, headers, OpenAI-shaped body; None once the response has started or the client is
+    gone). A client that left is a 499; an exception no `ShardonError` is a bug, logged, a 500."""
+    if isinstance(exc, ShardonError):
+        if started or gone:
+            return exc.status, exc.code, None
+        headers = exc.headers()
+        headers.append(("x-request-id", request_id))
+        return exc.status, exc.code, (exc.status, headers, exc.body())
+    if isinstance(exc, (ClientGone, *closed_errors)) or gone:
+        return 499, "client_disconnected", None
+    log.error("request %s failed", request_id, exc_info=exc)
+    if started:
+        return 500, "internal_error", None
+    internal = ShardonError(f"internal error: {type(exc).__name__}")
+    headers = internal.headers()
+    headers.append(("x-request-id", request_id))
+    return 500, "internal_error", (500, headers, internal.body())
 
 
 class ConfigError(Exception):

@@ -109,7 +109,9 @@ async def _forward(ex: Exchange, proto: HTTPProtocol) -> None:
                     await transport.send_bytes(ex.out_data)
                 if action in (END, START_END):
                     return
-                if not (conn.chunks or conn.complete or conn.error is not None):
+                # WAIT: nothing to do until the node sends more (a whole answer's first part may be
+                # in ``chunks`` already). After a send: more may have come meanwhile.
+                if action == WAIT or not (conn.chunks or conn.complete or conn.error is not None):
                     with contextlib.suppress(UpstreamError):  # (kept on the connection: respond sees it)
                         await conn.wait()
     finally:

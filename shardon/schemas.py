@@ -26,7 +26,9 @@ __all__ = [
     "form_routing",
     "model_object",
     "models_list",
+    "priority_of",
     "routing_decoder",
+    "routing_fields",
     "session_decoder",
     "with_fields",
 ]
@@ -126,6 +128,17 @@ PRIORITY_BY_NAME: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "critical"
 PRIORITY_NAMES: tuple[str, ...] = ("low", "normal", "high", "critical")
 
 
+def priority_of(value: str | None, default: int, cap: int) -> int:
+    """A request's priority: its ``X-Priority`` header's (``default`` without one), capped by its
+    key's; BadRequest (400) for a name that is none."""
+    if value is None:
+        return min(default, cap)
+    named = PRIORITY_BY_NAME.get(value.strip().lower())
+    if named is None:
+        raise BadRequest(f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority")
+    return min(named, cap)
+
+
 def with_fields(body: bytes, **fields: object) -> bytes:
     """The same request with some fields set (a model alias, injected stream options).
 
@@ -149,3 +162,17 @@ def models_list(names: list[str], created: int, extra: dict[str, dict[str, objec
     """The ``/v1/models`` body; ``extra``: more fields for some models (clients ignore unknown ones)."""
     extra = extra or {}
     return orjson.dumps({"object": "list", "data": [model_object(n, created, extra.get(n)) for n in names]})
+
+
+def routing_fields(body: bytes) -> RoutingFields:
+    """The routing fields of a JSON body; BadRequest (400, naming the field) when it has none."""
+    try:
+        return routing_decoder.decode(body)
+    except msgspec.MsgspecError as exc:
+        msg = str(exc)
+        if isinstance(exc, msgspec.ValidationError):
+            param = msg.rsplit("`$.", 1)[1].rstrip("`") if "`$." in msg else None
+            if "missing required field" in msg:
+                param = msg.split("`")[1]
+            raise BadRequest(f"invalid request: {msg}", param=param) from None
+        raise BadRequest(f"request body is not valid JSON: {msg}") from None

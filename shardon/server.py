@@ -11,8 +11,9 @@ The HTTP engine that hosts it is picked by name (``server.engine``) from `ENGINE
 
 Both run the same `Gateway`; the test suite runs its end-to-end tests against both.
 
-SIGTERM or SIGINT drains: new requests get 503, requests in flight (streams included) finish up to
-``server.drain_timeout_s``, then the listener closes and the process exits.
+SIGTERM or SIGINT drains: new requests get 503, requests in flight (streams and queued ones included)
+finish up to ``server.drain_timeout_s``; what is left then is cut (`RequestCore.cut`: 503s, a stream
+ended by an SSE error event), the listener closes and the process exits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from .store.access import access_log_for
 log = logging.getLogger("shardon")
 
 EMBEDDED_MOCK_MODEL = "mock-model"
+# After the drain timeout: how long the requests cut are given to end (their answers written).
+_CUT_GRACE_S = 2.0
 
 
 class Engine(Protocol):
@@ -180,9 +183,14 @@ async def run(
         server.begin_drain()
         if not await gateway.drain(config.server.drain_timeout_s):
             log.warning("drain timeout: %d request(s) cut", gateway.in_flight)
+            gateway.core.cut()
+            await gateway.drain(_CUT_GRACE_S)  # their answers written before the connections close
         server.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(serving, 10)
+        # What the engine's stop ended (a connection closed, a coroutine cancelled) is recorded
+        # before the request log closes.
+        await gateway.drain(_CUT_GRACE_S)
     stopping.cancel()
     await gateway.shutdown()
     if mock is not None:

@@ -1,116 +1,37 @@
-"""Shared fixtures: a gateway on its own loop in a thread, mock nodes, free ports."""
+"""Shared fixtures: mock nodes (TLS ones with a private CA too), the gateway on each request path, the
+implementation of a twin pair.
+
+The helpers they use are in tests/support.py (``free_port``, ``wait_until``, ``GatewayThread`` and
+``node_entry`` are importable from here too).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import threading
-import time
+import ssl
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shardon.app import Gateway
-from shardon.config import Config, load_config
+from shardon.config import load_config
+from tests.support import PATHS, TWINS, GatewayThread, free_port, node_entry, path_server, wait_until
+
+__all__ = ["GatewayThread", "free_port", "node_entry", "wait_until"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-class GatewayThread:
-    """``shardon.server.run`` on a uvloop in a daemon thread, bound to a free loopback port."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.gateway: Gateway | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self.exit_code: int | None = None
-
-    @property
-    def port(self) -> int:
-        return self.config.server.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> GatewayThread:
-        self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise RuntimeError("gateway did not start")
-
-        def accepting() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(accepting, timeout)
-        return self
-
-    def _run(self) -> None:
-        import uvloop
-
-        from shardon.server import run
-
-        async def main() -> int:
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-
-            def started(gateway: Gateway) -> None:
-                self.gateway = gateway
-                self._started.set()
-
-            return await run(self.config, stop=self._stop, started=started)
-
-        self.exit_code = uvloop.run(main())
-
-    def call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
-        """Run ``fn`` on the gateway's loop and return its result (reads state safely)."""
-        assert self.loop is not None
-        done = threading.Event()
-        box: list[Any] = []
-
-        def wrapper() -> None:
-            box.append(fn())
-            done.set()
-
-        self.loop.call_soon_threadsafe(wrapper)
-        if not done.wait(timeout):
-            raise TimeoutError
-        return box[0]
-
-    def stop(self) -> None:
-        if self.loop is not None and self._stop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(30)
+@pytest.fixture(params=TWINS)
+def implementation(request: pytest.FixtureRequest) -> str:
+    """Which implementation of a twin pair a test runs on: ``c`` (compiled) or ``py`` (its Python
+    twin); ``tests.support.twin(stem, implementation)`` is the module."""
+    return str(request.param)
 
 
 @pytest.fixture
 def make_mock() -> Iterator[Callable[..., Any]]:
+    """``make_mock(**MockConfig fields)``: a started `MockNodeThread`, stopped at the end."""
     from shardon.upstream.mock import MockConfig, MockNodeThread
 
     nodes: list[MockNodeThread] = []
@@ -126,19 +47,31 @@ def make_mock() -> Iterator[Callable[..., Any]]:
         node.stop()
 
 
-# SHARDON_TEST_ENGINES narrows the engines (tests/test_twins.py runs the native one alone).
-ENGINES = tuple(os.environ.get("SHARDON_TEST_ENGINES", "native,granian").split(","))
-
-
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=[p for p in PATHS if p in os.environ.get("SHARDON_TEST_ENGINES", ",".join(PATHS)).split(",")])
 def engine(request: pytest.FixtureRequest) -> str:
-    """Every end-to-end test runs on both HTTP engines: the native one (its common requests on
-    the callback path, shardon/fastpath.py) and granian (every request on the general path)."""
+    """The request path an end-to-end test runs on (tests/support.py `PATHS`): ``native`` (the
+    native engine's callbacks), ``native-coroutine`` (``server.callbacks: false``) or ``granian``."""
     return str(request.param)
+
+
+def _check_path(gw: GatewayThread) -> None:
+    """Every exchange went its gateway's path: by callbacks on the native engine with callbacks on
+    (but those the test said it sends to the coroutine), by the coroutine elsewhere."""
+    server = gw.config.server
+    path = "granian" if server.engine == "granian" else "native" if server.callbacks else "native-coroutine"
+    callbacks, coroutine = gw.served()
+    if path == "native":
+        assert coroutine == gw.coroutines_expected, f"{coroutine} request(s) left the callback path"
+    else:
+        assert callbacks == 0, f"{callbacks} request(s) served by callbacks on {path}"
 
 
 @pytest.fixture
 def make_gateway(tmp_path: Any, engine: str) -> Iterator[Callable[..., GatewayThread]]:
+    """``make_gateway(raw=None, **sections)``: a started gateway on the test's request path with the
+    config sections given (a store in ``tmp_path``, a 0.2 s health interval, no models of its own
+    unless given). At the end each is stopped, and every exchange it served must have gone the
+    test's path."""
     gateways: list[GatewayThread] = []
 
     def make(raw: dict[str, Any] | None = None, **sections: Any) -> GatewayThread:
@@ -146,8 +79,7 @@ def make_gateway(tmp_path: Any, engine: str) -> Iterator[Callable[..., GatewayTh
 
         raw = dict(raw or {})
         raw.update(sections)
-        server = dict(raw.get("server", {}))
-        server.setdefault("engine", engine)
+        server = path_server(engine) | dict(raw.get("server", {}))
         server.setdefault("port", free_port())
         server.setdefault("drain_timeout_s", 5)
         raw["server"] = server
@@ -167,9 +99,63 @@ def make_gateway(tmp_path: Any, engine: str) -> Iterator[Callable[..., GatewayTh
     yield make
     for gateway in gateways:
         gateway.stop()
+    for gateway in gateways:
+        _check_path(gateway)
 
 
-def node_entry(node: Any, node_id: str, models: Any, **extra: Any) -> dict[str, Any]:
-    entry = {"id": node_id, "url": node.url, "models": models}
-    entry.update(extra)
-    return entry
+# == TLS: a private CA, a node certificate it signed (openssl), TLS mock nodes ====================
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``ca`` (a self-signed CA), ``cert`` and ``key`` (a node's, for localhost and 127.0.0.1,
+    signed by that CA), ``other_ca`` (a CA that signed nothing here)."""
+    where = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for name in ("ca", "other_ca"):
+        _openssl(
+            "req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+            "-subj", f"/CN=Shardon test {name}",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            cwd=where,
+        )  # fmt: skip
+    _openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=localhost", cwd=where)
+    (where / "node.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "node.pem", "-days", "2", "-extfile", "node.ext",
+        cwd=where,
+    )  # fmt: skip
+    return {
+        "ca": where / "ca.pem",
+        "other_ca": where / "other_ca.pem",
+        "cert": where / "node.pem",
+        "key": where / "node.key",
+    }
+
+
+@pytest.fixture
+def make_tls_mock(certificates: dict[str, Path]) -> Iterator[Callable[..., Any]]:
+    """``make(**MockConfig fields)``: a started mock node that speaks TLS (``https://localhost:port``)."""
+    from shardon.upstream.mock import MockConfig
+    from shardon.upstream.mock.tls import TLSMockNodeThread
+
+    nodes: list[Any] = []
+
+    def make(**kwargs: Any) -> Any:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certificates["cert"], certificates["key"])
+        node = TLSMockNodeThread(MockConfig(**kwargs), context)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()

@@ -17,13 +17,13 @@ import pytest
 
 from shardon import listener as listener_module
 from shardon.listener import ACCEPT_PER_PASS, Listener, bind_sockets
-from tests import aio
-from tests.aio import until
+from tests import support
+from tests.support import until
 
 TIMEOUT_S = 10.0
 
 
-on_uvloop = aio.on_uvloop(TIMEOUT_S)
+on_uvloop = support.on_uvloop(TIMEOUT_S)
 
 
 class Echo(asyncio.Protocol):

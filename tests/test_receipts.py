@@ -10,20 +10,20 @@ from typing import Any
 
 import msgspec
 import pytest
-from sse_impls import sse_impl
 
 from shardon.receipts import OutputHasher, receipt_for
 from shardon.store import RequestRecord, format_request_id, request_id_floor
+from tests.support import twin
 
 TEXT_PARTS = ["Hé", "llo", ", 世界", " 🎉", "", " done.\nnew line", ' "quoted" \\ ']
 TEXT = "".join(TEXT_PARTS)
 USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
 
 
-@pytest.fixture(autouse=True, params=["c", "py"])
-def hasher_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+@pytest.fixture(autouse=True)
+def hasher_impl(implementation: str, monkeypatch: pytest.MonkeyPatch) -> type:
     """Every test here runs on the compiled OutputHasher and on its pure-Python twin."""
-    cls = sse_impl(request.param).OutputHasher
+    cls = twin("sse", implementation).OutputHasher
     monkeypatch.setattr(sys.modules[__name__], "OutputHasher", cls)
     return cls
 

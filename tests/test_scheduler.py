@@ -11,17 +11,17 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from twin_impls import twin
 
 from shardon import errors
 from shardon._fast import LeastConnBalancer
 from shardon.config import SchedulerConfig
 from shardon.scheduler import Route, Scheduler
+from tests.support import twin
 
 
-@pytest.fixture(params=["c", "py"])
-def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return twin("shardon._scheduler", str(request.param))
+@pytest.fixture
+def impl(implementation: str) -> ModuleType:
+    return twin("shardon._scheduler", implementation)
 
 
 def run(impl: ModuleType, fn: Callable[[Scheduler], Any], **config: Any) -> Any:

@@ -6,15 +6,15 @@ import json
 import sys
 
 import pytest
-from sse_impls import sse_impl
 
 from shardon.schemas import UsageStripper, with_fields
+from tests.support import twin
 
 
-@pytest.fixture(params=["c", "py"])
-def stripper_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+@pytest.fixture
+def stripper_impl(implementation: str, monkeypatch: pytest.MonkeyPatch) -> type:
     """The stripper tests run on the compiled UsageStripper and on its pure-Python twin."""
-    cls = sse_impl(request.param).UsageStripper
+    cls = twin("sse", implementation).UsageStripper
     monkeypatch.setattr(sys.modules[__name__], "UsageStripper", cls)
     return cls
 

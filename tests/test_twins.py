@@ -1,10 +1,11 @@
-"""The Python twins serve the whole gateway too.
+"""The Python twins serve the whole gateway too: the implementation dimension of the end-to-end tests.
 
 Every twin pair is tested against both implementations in-process (tests/_fast, tests/httpd,
-tests/upstream, tests/test_scheduler.py). This runs the end-to-end suite once more in a subprocess
-with ``SHARDON_NO_EXTENSIONS=1``, on both engines and to its end, so the Python exchange, scheduler,
-node registry, connections, SSE readers, queue, bucket, balancer, tallies and row writer are proven
-where they matter: behind real sockets, with the official client, through every outcome.
+tests/upstream, tests/test_scheduler.py). This runs the end-to-end tests once more in a subprocess
+with ``SHARDON_NO_EXTENSIONS=1``, on every request path (the native engine's callbacks, its
+coroutine, granian: each uses twins) and to its end, so the Python exchange, scheduler, node
+registry, connections, SSE readers, queue, bucket, balancer, tallies and row writer are proven where
+they matter: behind real sockets, with the official client, through every outcome.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
+# The end-to-end tests run again on the twins.
+TWIN_RUN = (
+    "tests/gateway",
+    "tests/routing",
+    "tests/fleet",
+    "tests/store/test_access.py",
+    "tests/deploy/test_trusted_proxies.py",
+    "tests/lifecycle/test_load_failures.py",
+    "tests/test_serve.py",
+)
 
 
 @pytest.mark.timeout(900)
@@ -34,10 +45,7 @@ def test_gateway_suite_passes_on_the_python_twins() -> None:
             "-p",
             "no:cacheprovider",
             "-rfE",
-            "tests/gateway",
-            "tests/routing",
-            "tests/fleet",
-            "tests/store/test_access.py",
+            *TWIN_RUN,
         ],
         cwd=ROOT,
         env=env,

@@ -1,10 +1,11 @@
 """Fixtures for the ``shardon._fast`` tests: every behaviour runs against both implementations.
 
-The ``impl`` fixture is parametrised over the compiled modules (``c``) and their pure-Python twins
-(``py``), imported directly, not through the selector. The ``c`` case is skipped, with the reason,
-only when the extensions have not been built; ``test_compiled_extensions_loaded`` is the one test
-that fails in that case (unless ``SHARDON_NO_EXTENSIONS`` is set). ``row_writer`` and
-``row_writers`` do the same for the request log's RowWriter, which is loaded on its own.
+The ``impl`` fixture follows the ``implementation`` one (tests/conftest.py): the compiled modules
+(``c``) or their pure-Python twins (``py``), imported directly, not through the selector. The ``c``
+case is skipped, with the reason, only when the extensions have not been built;
+``test_compiled_extensions_loaded`` is the one test that fails in that case (unless
+``SHARDON_NO_EXTENSIONS`` is set). ``row_writer`` and ``row_writers`` do the same for the request
+log's RowWriter, which is loaded on its own.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fast_impls import NOT_BUILT, PY, ROWWRITER_NOT_LOADED, C, RowWriterClass, RowWriterLike
+
+from tests._fast.fast_impls import NOT_BUILT, PY, ROWWRITER_NOT_LOADED, C, RowWriterClass, RowWriterLike
 
 
-@pytest.fixture(params=["c", "py"])
-def impl(request: pytest.FixtureRequest) -> SimpleNamespace:
+@pytest.fixture
+def impl(implementation: str) -> SimpleNamespace:
     """Namespace with FairQueue, TokenBucket, LeastConnBalancer and RowWriter of one implementation.
 
     ``RowWriter`` is None in the compiled namespace when only that module failed to load: use the
     ``row_writer`` fixture for it.
     """
-    if request.param == "py":
+    if implementation == "py":
         return PY
     if C is None:
         pytest.skip(NOT_BUILT)
@@ -48,10 +50,10 @@ def _compiled_row_writer() -> RowWriterClass:
     return writer
 
 
-@pytest.fixture(params=["c", "py"])
-def row_writer(request: pytest.FixtureRequest) -> RowWriterClass:
+@pytest.fixture
+def row_writer(implementation: str) -> RowWriterClass:
     """The RowWriter class of one implementation (the compiled one skipped, with why, if unavailable)."""
-    if request.param == "py":
+    if implementation == "py":
         writer: RowWriterClass = PY.RowWriter
         return writer
     return _compiled_row_writer()

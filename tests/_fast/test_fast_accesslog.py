@@ -13,18 +13,18 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twin_impls import twin
 
 from shardon.store import REQUEST_COLUMNS, RequestRecord, format_request_id
+from tests.support import twin
 
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 T0 = 1_765_000_000.25  # 2025-12-06T05:46:40.250Z
 ID = 0x18C2F3A40B400001
 
 
-@pytest.fixture(params=["c", "py"])
-def mod(request: pytest.FixtureRequest) -> ModuleType:
-    return twin("accesslog", request.param)
+@pytest.fixture
+def mod(implementation: str) -> ModuleType:
+    return twin("accesslog", implementation)
 
 
 def batch(rows: list[Any]) -> tuple[bytes, bytes, int]:

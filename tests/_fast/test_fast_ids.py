@@ -5,14 +5,15 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
-from twin_impls import twin
+
+from tests.support import twin
 
 BASE = 1_796_000_000.0
 
 
-@pytest.fixture(params=["c", "py"])
-def ids(request: pytest.FixtureRequest) -> ModuleType:
-    return twin("ids", str(request.param))
+@pytest.fixture
+def ids(implementation: str) -> ModuleType:
+    return twin("ids", implementation)
 
 
 def test_an_id_is_the_milliseconds_shifted(ids: ModuleType) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from queue_model import NaiveFairQueue, drain
+
+from tests._fast.queue_model import NaiveFairQueue, drain
 
 SETTINGS = settings(
     max_examples=300,

@@ -7,7 +7,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from queue_model import NaiveFairQueue, drain
+
+from tests._fast.queue_model import NaiveFairQueue, drain
 
 # -- basics ------------------------------------------------------------------------------------------
 

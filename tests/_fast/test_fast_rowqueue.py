@@ -11,9 +11,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from twin_impls import twin
 
 from shardon.store import RequestRecord
+from tests.support import twin
 
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 ENCODER = msgspec.msgpack.Encoder()
@@ -24,9 +24,9 @@ def _load(name: str) -> ModuleType:
     return twin("rowqueue", name)
 
 
-@pytest.fixture(params=["c", "py"])
-def rq_mod(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.param)
+@pytest.fixture
+def rq_mod(implementation: str) -> ModuleType:
+    return _load(implementation)
 
 
 class Wakes:

@@ -19,7 +19,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from fast_impls import RowWriterClass, RowWriterLike
+
+from tests._fast.fast_impls import RowWriterClass, RowWriterLike
 
 OpenWriter = Callable[..., RowWriterLike]
 

@@ -10,9 +10,9 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from fast_impls import NOT_BUILT, ROOT, load_compiled, load_rowwriter
 
 from shardon._fast import _balancer_py, _bucket_py, _queue_py, _rowwriter_py
+from tests._fast.fast_impls import NOT_BUILT, ROOT, load_compiled, load_rowwriter
 
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 

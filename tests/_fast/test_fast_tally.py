@@ -11,7 +11,8 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
-from twin_impls import twin
+
+from tests.support import twin
 
 FORCED = os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
 BOUNDS = (0.125, 0.5, 2.0)  # binary fractions: the test's differences are exact
@@ -21,9 +22,9 @@ def _load(name: str) -> ModuleType:
     return twin("tally", name)
 
 
-@pytest.fixture(params=["c", "py"])
-def tally_mod(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.param)
+@pytest.fixture
+def tally_mod(implementation: str) -> ModuleType:
+    return _load(implementation)
 
 
 def rec(**kw: Any) -> SimpleNamespace:
@@ -323,12 +324,11 @@ def test_record_fields_read_like_getattr() -> None:
         delattr(Mutable, "model")
 
 
-@pytest.mark.parametrize("impl", ["c", "py"])
-def test_memory_is_bounded_whatever_the_clients_send(impl: str) -> None:
+def test_memory_is_bounded_whatever_the_clients_send(implementation: str) -> None:
     import gc
     import tracemalloc
 
-    t = new(_load(impl), max_series=10)
+    t = new(_load(implementation), max_series=10)
     records = [
         rec(model=f"model-{i}", tenant=f"tenant-{i % 7}", prompt_tokens=1, completion_tokens=2) for i in range(6000)
     ]

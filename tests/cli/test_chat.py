@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from shardon.commands import pick_chat_model
-from tests.served import Terminal
+from tests.support import Terminal
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.test_auth import call
+from tests.support import call
 
 
 def shardon(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

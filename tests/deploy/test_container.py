@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port, node_entry, wait_until
+from tests.support import free_port, node_entry, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"

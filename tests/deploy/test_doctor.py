@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from shardon import cli, doctor
-from tests.conftest import free_port, node_entry
+from tests.support import free_port, node_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import node_entry
+from tests.support import node_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 USERS = 50

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, node_entry, wait_until
+from tests.support import free_port, node_entry, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "deploy" / "nginx" / "shardon.conf"

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from shardon.config import load_config
-from tests.conftest import free_port, wait_until
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "shardon.service"

@@ -1,18 +1,14 @@
 """``server.trusted_proxies``: a forwarded client address is believed only from a trusted proxy.
 
-The rule itself (shardon/proxies.py) is tested directly; then end to end on both engines, the
-callback path and the general path: the request log's ``client_addr`` and the loopback-only admin
-check. The last test runs the end-to-end ones again on the pure-Python twins (the callback path's
-twin reads the address too). tests/deploy/test_nginx.py does the same with a real nginx in front.
+The rule itself (shardon/proxies.py) is tested directly; then end to end on every request path:
+the request log's ``client_addr`` and the loopback-only admin check (tests/test_twins.py runs them
+on the pure-Python twins too). tests/deploy/test_nginx.py does the same with a real nginx in front.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +17,8 @@ import pytest
 from shardon.config import load_config
 from shardon.errors import ConfigError
 from shardon.proxies import ClientAddress, peer_host
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 STREAM = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"stream":true}'
 
@@ -119,11 +114,10 @@ def send(gw: Any, body: bytes, headers: dict[str, str]) -> str:
         conn.close()
 
 
-@pytest.mark.parametrize("callbacks", [True, False], ids=["callbacks", "coroutine"])
-def test_e2e_request_log_and_admin_see_the_forwarded_client(make_mock: Any, make_gateway: Any, callbacks: bool) -> None:
+def test_e2e_request_log_and_admin_see_the_forwarded_client(make_mock: Any, make_gateway: Any) -> None:
     node = make_mock(models=["m1"], chunks=3, name="n")
     nodes = [node_entry(node, "n", ["m1"], max_concurrent=8)]
-    trusting = make_gateway(nodes=nodes, server={"trusted_proxies": ["127.0.0.1"], "callbacks": callbacks})
+    trusting = make_gateway(nodes=nodes, server={"trusted_proxies": ["127.0.0.1"]})
     forged = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
     for body in (CHAT, STREAM):
         assert logged_client(trusting, send(trusting, body, forged)) == "203.0.113.7"
@@ -137,33 +131,8 @@ def test_e2e_request_log_and_admin_see_the_forwarded_client(make_mock: Any, make
     assert status == 200
 
     # Not trusted (the default): the headers change nothing.
-    plain = make_gateway(nodes=nodes, server={"callbacks": callbacks})
+    plain = make_gateway(nodes=nodes)
     for body in (CHAT, STREAM):
         assert logged_client(plain, send(plain, body, forged)).startswith("127.0.0.1:")
     status, _ = request(plain, "/admin/stats", None, {"X-Forwarded-For": "203.0.113.7"})
     assert status == 200
-
-
-@pytest.mark.timeout(300)
-def test_e2e_on_the_python_twins() -> None:
-    if os.environ.get("SHARDON_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes"):
-        pytest.skip("this whole run is on the twins already")
-    env = dict(os.environ, SHARDON_NO_EXTENSIONS="1", SHARDON_TEST_ENGINES="native")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"{__file__}::{test_e2e_request_log_and_admin_see_the_forwarded_client.__name__}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "2 passed" in result.stdout, result.stdout[-2000:]

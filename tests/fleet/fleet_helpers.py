@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from tests.conftest import GatewayThread, wait_until
+from tests.support import GatewayThread, wait_until
 
 ADMIN = "sk-admin-fleet"
 NODE_SECRET = "node-secret-7f3c9a"  # a node's api_key: must never show

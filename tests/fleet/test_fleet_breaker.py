@@ -10,12 +10,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from twin_impls import twin
 
 from shardon._fast import LeastConnBalancer
 from shardon.config import NodeConfig, SchedulerConfig, UpstreamConfig
 from shardon.metrics import Metrics
 from shardon.nodeload import NodeLoad
+from tests.support import twin
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from shardon.cli import main
-from tests.conftest import node_entry
 from tests.fleet.fleet_helpers import ADMIN, NODE_SECRET, chat
+from tests.support import node_entry
 
 
 def shardon(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -11,8 +11,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import node_entry, wait_until
 from tests.fleet.fleet_helpers import ADMIN, call
+from tests.support import node_entry, wait_until
 
 MIB = 1 << 20
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import node_entry, wait_until
 from tests.fleet.fleet_helpers import ADMIN, call, chat, node_state, wait_circuit
+from tests.support import node_entry, wait_until
 
 
 def config(tmp_path: Path, *nodes: dict[str, Any], **upstream: Any) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import node_entry, wait_until
 from tests.fleet.fleet_helpers import ADMIN, call, chat, node_state
+from tests.support import node_entry, wait_until
 
 VLLM = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

@@ -10,8 +10,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import node_entry, wait_until
 from tests.fleet.fleet_helpers import ADMIN, NODE_SECRET, Stream, call, chat, node_state
+from tests.support import node_entry, wait_until
 
 V1_KEY = "sk-team-fleet"
 

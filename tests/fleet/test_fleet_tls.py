@@ -7,8 +7,8 @@ from typing import Any
 
 import openai
 
-from tests.conftest import node_entry, wait_until
 from tests.fleet.fleet_helpers import ADMIN, NODE_SECRET, call, chat, node_state
+from tests.support import node_entry, wait_until
 
 
 def test_an_https_node_with_its_ca_serves(make_tls_mock: Any, make_gateway: Any, certificates: dict[str, Path]) -> None:

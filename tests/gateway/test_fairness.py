@@ -19,22 +19,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import node_entry, wait_until
-from tests.gateway.test_auth import call
-from tests.gateway.test_forwarding import post
-from tests.twin_impls import twin
+from tests.support import call, node_entry, post, twin, wait_until
 
 SERVICE_MS = 60  # how long the node takes for each request
 
 
-@pytest.fixture(params=["c", "py"])
-def queue_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture
+def queue_impl(implementation: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The gateway's routes use this implementation of FairQueue (set before the gateway starts)."""
     import shardon.scheduler
 
     scheduler = "shardon._scheduler_c" if shardon.scheduler.COMPILED else "shardon._scheduler_py"
-    monkeypatch.setattr(f"{scheduler}.FairQueue", twin("queue", request.param).FairQueue)
-    return str(request.param)
+    monkeypatch.setattr(f"{scheduler}.FairQueue", twin("queue", implementation).FairQueue)
+    return implementation
 
 
 def _body(text: str, ms: int = SERVICE_MS) -> bytes:

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
+import hashlib
 import json
 from typing import Any
 
 import pytest
 
-from tests.conftest import node_entry
-
-
-def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+from tests.support import dechunk, node_entry, post, raw_request, read_until, rows
 
 
 @pytest.fixture
@@ -85,3 +74,53 @@ def test_node_5xx_is_retried_then_passed_through(single: Any) -> None:
     assert status == 500
     assert json.loads(body)["error"]["message"]
     assert node.stats.per_path["/v1/completions"] == 3
+
+
+def test_an_answer_that_arrives_in_several_reads_is_answered_whole(make_mock: Any, make_gateway: Any) -> None:
+    """~170 KB: more than one read from the node, less than the size relayed as it arrives
+    (regression: the coroutine driver spun on the first part, and the gateway's loop with it)."""
+    node = make_mock(models=["m1"], chunks=20_000, name="n")
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    body = b'{"model":"m1","prompt":"x","max_tokens":20000}'
+    status, _, via_gateway = post(gw.url, "/v1/completions", body)
+    _, _, direct = post(node.url, "/v1/completions", body)
+    assert status == 200 and len(via_gateway) > 128 * 1024
+    strip = lambda raw: {k: v for k, v in json.loads(raw).items() if k not in ("id", "created")}  # noqa: E731
+    assert strip(via_gateway) == strip(direct)
+
+
+def test_a_long_answer_is_relayed_as_it_arrives(make_mock: Any, make_gateway: Any) -> None:
+    """A non-streamed answer over 256 KiB is not held whole by Shardon: the client has the first
+    part while the node still holds the rest; the whole arrives byte for byte, its receipt hashed."""
+    node = make_mock(models=["m1"], chunks=50_000, name="n")
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    body = {"model": "m1", "prompt": "x", "max_tokens": 50_000}
+    first = 300 * 1024  # the node sends the head and this much of its body, then waits for the test
+    with raw_request(gw.port, json.dumps({**body, "mock": {"hold_after": first}}).encode()) as sock:
+        got = read_until(sock, lambda raw: len(raw_body(raw)) >= first)
+        assert got.startswith(b"HTTP/1.1 200") and len(raw_body(got)) == first
+        assert node.gate.waiting == 1  # the rest is still at the node
+        node.gate.open()
+        got += read_until(sock, lambda raw: raw_body(got + raw, complete=True) is not None)
+    whole = raw_body(got, complete=True)
+    _, _, direct = post(node.url, "/v1/completions", body)
+    assert whole is not None and len(whole) > 256 * 1024
+    strip = lambda raw: {k: v for k, v in json.loads(raw).items() if k not in ("id", "created")}  # noqa: E731
+    assert strip(whole) == strip(direct)
+    text = json.loads(whole)["choices"][0]["text"]
+    (row,) = rows(gw.url)["data"]
+    assert row["status"] == 200 and row["bytes_out"] == len(whole)
+    assert row["receipt"]["output_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def raw_body(raw: bytes, complete: bool = False) -> Any:
+    """The body of a response read raw so far (chunked or not); with ``complete``, None until it
+    is all there."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return None if complete else b""
+    if b"transfer-encoding: chunked" in head.lower():
+        body, ended = dechunk(rest)
+        return body if ended or not complete else None
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return rest if len(rest) >= length or not complete else None

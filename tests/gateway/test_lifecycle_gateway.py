@@ -1,4 +1,5 @@
-"""Models started on demand, end to end: the real llama-cpp-python server on a tiny GGUF model."""
+"""Models started on demand, end to end: the real llama-cpp-python server on a tiny GGUF model (a
+load that fails: tests/lifecycle/test_load_failures.py, which needs no llama-cpp-python)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,12 @@ import concurrent.futures
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import wait_until
-from tests.gateway.test_auth import call
-from tests.gateway.test_forwarding import post
+from tests.support import call, post, wait_until
 
 pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server] (the demo or llama extra)")
 pytestmark = pytest.mark.slow
@@ -112,32 +110,3 @@ def test_idle_ttl_unloads_and_budget_evicts(make_gateway: Any, tiny_model: str, 
     assert states["b"]["state"] == "ready" and states["a"]["state"] == "unloaded"
     # b's idle TTL is 1 s: it goes away by itself.
     wait_until(lambda: models_by_name(gw)["b"]["state"] == "unloaded", timeout=15)
-
-
-def test_a_backend_that_never_gets_ready_fails_with_503(make_gateway: Any, tmp_path: Path) -> None:
-    fake = tmp_path / "stall.py"
-    fake.write_text("import time, sys\nprint('starting', flush=True)\ntime.sleep(600)\n")
-    model = tmp_path / "fake.gguf"
-    model.write_bytes(b"GGUF")
-    gw = make_gateway(
-        models=[
-            {
-                "name": "stuck",
-                "path": str(model),
-                "memory_mb": 10,
-                "stall_timeout_s": 1,
-                "ready_timeout_s": 5,
-                "command": ["{python}", str(fake)],
-            }
-        ],
-        models_dir=str(tmp_path / "empty"),
-        demo=False,
-        scheduler={"queue_timeout_s": 30},
-    )
-    started = time.monotonic()
-    status, _, body = post(gw.url, "/v1/chat/completions", chat("stuck"))
-    assert status == 503
-    err = json.loads(body)["error"]
-    assert err["code"] == "model_load_failed" and "stuck" in err["message"]
-    assert time.monotonic() - started < 10
-    assert models_by_name(gw)["stuck"]["state"] == "failed"

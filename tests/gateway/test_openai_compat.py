@@ -7,7 +7,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import node_entry
+from tests.support import node_entry
 
 
 @pytest.fixture

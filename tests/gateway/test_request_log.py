@@ -7,127 +7,187 @@ import hashlib
 import http.client
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import node_entry, wait_until
-from tests.gateway.test_auth import call
-from tests.gateway.test_forwarding import post
-from tests.gateway.test_scheduling import _raw_request
+from tests.support import (
+    call,
+    hold,
+    in_background,
+    node_entry,
+    one_row,
+    post,
+    queued,
+    raw_request,
+    read_until,
+    send,
+    wait_until,
+)
+from tests.support import rows as _rows
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
+AUTH = {"Authorization": "Bearer sk-u"}
 
 
 def rows(gw: Any, query: str = "") -> dict[str, Any]:
-    status, _, body = call(gw.url, "GET", "/admin/requests?" + query)
-    assert status == 200, body
-    return body
+    return _rows(gw.url, query)
 
 
-def one_row(gw: Any, request_id: str) -> dict[str, Any]:
-    def fetch() -> Any:
-        status, _, body = call(gw.url, "GET", f"/admin/requests/{request_id}")
-        return body if status == 200 else None
+# == one row per request, whatever its fate ============================================================
+#
+# Each outcome sends its requests and says, for each, (its x-request-id, the status and error_type its
+# row must have); the test then checks those rows and that the log holds nothing else.
 
-    return wait_until(fetch, timeout=5)
+Sent = list[tuple[str, int, str | None]]
 
 
-def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_path: Path) -> None:
-    node = make_mock(models=["m1"], chunks=6, name="n")
+def _ok(node: Any, gw: Any) -> Sent:
+    status, headers, body = post(gw.url, "/v1/chat/completions", CHAT, AUTH)
+    assert status == 200
+    row = one_row(gw.url, headers["x-request-id"])
+    text = json.loads(body)["choices"][0]["message"]["content"]
+    assert row["model"] == "m1" and row["node_id"] == "n" and row["tenant"] == "t" and row["key_id"] == "ku"
+    assert row["prompt_tokens"] >= 1 and row["completion_tokens"] == 3
+    assert row["receipt"]["output_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    return [(headers["x-request-id"], 200, None)]
+
+
+def _refused(body: bytes, headers: dict[str, str], status: int, error: str) -> Callable[[Any, Any], Sent]:
+    def send(node: Any, gw: Any) -> Sent:
+        got, answer_headers, _ = post(gw.url, "/v1/chat/completions", body, headers)
+        assert got == status
+        return [(answer_headers["x-request-id"], status, error)]
+
+    return send
+
+
+def _limited(node: Any, gw: Any) -> Sent:
+    # A 2/min key: its burst of 2 is spent, the next token is 30 s away, past the 0.3 s deadline.
+    sent: Sent = []
+    for status in (200, 200, 429):
+        got, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-t"})
+        assert got == status
+        sent.append((headers["x-request-id"], status, None if status == 200 else "rate_limit_exceeded"))
+    return sent
+
+
+def _full_and_deadline(node: Any, gw: Any) -> Sent:
+    # Behind a request the node holds: one waits (and reaches its deadline), the next finds the queue full.
+    blocker = hold(node, gw.url, headers=AUTH)
+    waiting = in_background(post, gw.url, "/v1/chat/completions", CHAT, AUTH)
+    wait_until(lambda: queued(gw) == 1)
+    status, full, _ = post(gw.url, "/v1/chat/completions", CHAT, AUTH)
+    assert status == 503
+    status, deadline, _ = waiting.result(10)
+    assert status == 504
+    node.gate.open()
+    status, held, _ = blocker.result(10)
+    assert status == 200
+    return [
+        (held["x-request-id"], 200, None),
+        (full["x-request-id"], 503, "queue_full"),
+        (deadline["x-request-id"], 504, "queue_timeout"),
+    ]
+
+
+def _gone(node: Any, gw: Any) -> Sent:
+    # The client leaves mid-stream (the node holds the stream after its first token).
+    with raw_request(
+        gw.port, b'{"model":"m1","prompt":"x","stream":true,"mock":{"hold_after":1}}', b"Authorization: Bearer sk-u\r\n"
+    ) as sock:
+        head = read_until(sock, lambda got: b"data: " in got)
+    request_id = head.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    wait_until(lambda: node.stats.cancelled == 1)
+    row = one_row(gw.url, request_id)
+    assert row["stream"] is True and row["completion_tokens"] == 1
+    return [(request_id, 499, "client_disconnected")]
+
+
+def _midstream(node: Any, gw: Any) -> Sent:
+    body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"fail":"mid"}}'
+    status, headers, _ = post(gw.url, "/v1/completions", body, AUTH)
+    assert status == 200  # the failure is told in-band
+    return [(headers["x-request-id"], 502, "upstream_error")]
+
+
+def _node_500(node: Any, gw: Any) -> Sent:
+    body = b'{"model":"m1","prompt":"x","mock":{"fail":"status500"}}'
+    status, headers, _ = post(gw.url, "/v1/completions", body, AUTH)
+    assert status == 500  # retried, then the node's own answer
+    row = one_row(gw.url, headers["x-request-id"])
+    assert row["retries"] == 2
+    return [(headers["x-request-id"], 500, None)]
+
+
+OUTCOMES: dict[str, Callable[[Any, Any], Sent]] = {
+    "ok": _ok,
+    "bad": _refused(b"{nope", AUTH, 400, "invalid_request"),
+    "unauth": _refused(CHAT, {}, 401, "invalid_api_key"),
+    "forbidden": _refused(CHAT.replace(b"m1", b"m2"), {"Authorization": "Bearer sk-t"}, 403, "model_not_allowed"),
+    "unknown": _refused(CHAT.replace(b"m1", b"zz"), AUTH, 404, "model_not_found"),
+    "too_large": _refused(b'{"model":"m1","prompt":"' + b"x" * 5000 + b'"}', AUTH, 413, "request_too_large"),
+    "limited": _limited,
+    "full_and_deadline": _full_and_deadline,
+    "gone": _gone,
+    "midstream": _midstream,
+    "node_500": _node_500,
+}
+
+
+@pytest.mark.parametrize("outcome", list(OUTCOMES))
+def test_every_outcome_leaves_one_row(make_mock: Any, make_gateway: Any, tmp_path: Path, outcome: str) -> None:
+    node = make_mock(models=["m1", "m2"], chunks=6, name="n")
     gw = make_gateway(
-        nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)],
+        nodes=[node_entry(node, "n", ["m1", "m2"], max_concurrent=1)],
         scheduler={"max_queue_size": 1, "queue_timeout_s": 0.3},
-        tenants=[{"name": "t", "keys": [{"key": "sk-t", "id": "kt", "rpm": 60}, {"key": "sk-u", "id": "ku"}]}],
+        server={"max_body_bytes": 4096},
+        tenants=[
+            {
+                "name": "t",
+                "keys": [{"key": "sk-t", "id": "kt", "rpm": 2, "models": ["m1"]}, {"key": "sk-u", "id": "ku"}],
+            }
+        ],
         store={"path": str(tmp_path / "log.db"), "flush_interval_ms": 20},
     )
-    auth = {"Authorization": "Bearer sk-u"}
-    ids: dict[str, str] = {}
-    # success (with a known output), 400, 401, 404
-    status, headers, body = post(gw.url, "/v1/chat/completions", CHAT, auth)
-    assert status == 200
-    ids["ok"] = headers["x-request-id"]
-    text = json.loads(body)["choices"][0]["message"]["content"]
-    for name, req, hdrs, expect in [
-        ("bad", b"{nope", auth, 400),
-        ("unauth", CHAT, {}, 401),
-        ("unknown", CHAT.replace(b"m1", b"zz"), auth, 404),
-    ]:
-        status, headers, _ = post(gw.url, "/v1/chat/completions", req, hdrs)
-        assert status == expect
-        ids[name] = headers["x-request-id"]
-    # 429: a 60/min key's burst of 60 is spent, the next needs 1 s > the 0.3 s deadline
-    for _ in range(60):
-        post(gw.url, "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-t"})
-    status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-t"})
-    assert status == 429
-    ids["limited"] = headers["x-request-id"]
-    # 504 (deadline) and 503 (queue full) behind a request holding the only slot
-    hold = json.dumps({"model": "m1", "prompt": "hold", "mock": {"ttft_ms": 700, "chunks": 1}}).encode()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        blocker = pool.submit(post, gw.url, "/v1/completions", hold, auth)
-        wait_until(lambda: node.stats.in_flight == 1)
-        queued = pool.submit(post, gw.url, "/v1/chat/completions", CHAT, auth)
-        wait_until(lambda: gw.call(lambda: gw.gateway.scheduler.routes["m1"].waiting) == 1)
-        status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, auth)
-        assert status == 503
-        ids["full"] = headers["x-request-id"]
-        status, headers, _ = queued.result(5)
-        assert status == 504
-        ids["deadline"] = headers["x-request-id"]
-        assert blocker.result(5)[0] == 200
-    # 499: the client leaves mid-stream
-    stream_body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"delay_ms":50}}'
-    sock = _raw_request(gw.port, stream_body, b"Authorization: Bearer sk-u\r\n")
-    assert sock.recv(100).startswith(b"HTTP/1.1 200")
-    sock.close()
-    # 502 in-band: the node fails mid-stream
-    status, headers, _ = post(
-        gw.url, "/v1/completions", b'{"model":"m1","prompt":"x","stream":true,"mock":{"fail":"mid"}}', auth
-    )
-    assert status == 200
-    ids["midstream"] = headers["x-request-id"]
-
-    expected = {
-        "ok": 200,
-        "bad": 400,
-        "unauth": 401,
-        "unknown": 404,
-        "limited": 429,
-        "full": 503,
-        "deadline": 504,
-        "midstream": 502,
-    }
-    for name, request_id in ids.items():
-        row = one_row(gw, request_id)
-        assert row["status"] == expected[name], (name, row)
+    sent = OUTCOMES[outcome](node, gw)
+    for request_id, status, error in sent:
+        row = one_row(gw.url, request_id)
+        assert (row["status"], row["error_type"]) == (status, error), row
         assert row["id"] == request_id  # the row shows the id as the client got it
         assert row["finished_at"] >= row["received_at"]
-    # ids are 16 hex digits in arrival order (the request log's integer key)
-    order = ["ok", "bad", "unauth", "unknown", "limited"]
-    assert [ids[n] for n in order] == sorted(ids[n] for n in order)
-    assert all(len(ids[n]) == 16 and int(ids[n], 16) > 0 for n in order)
-    ok = one_row(gw, ids["ok"])
-    assert ok["model"] == "m1" and ok["node_id"] == "n" and ok["tenant"] == "t" and ok["key_id"] == "ku"
-    assert ok["prompt_tokens"] >= 1 and ok["completion_tokens"] == 3
-    assert ok["receipt"]["output_sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    assert one_row(gw, ids["deadline"])["error_type"] == "queue_timeout"
-    assert one_row(gw, ids["midstream"])["error_type"] == "upstream_error"
-    # a malformed id is a 400 on the id; a well-formed unknown one a 404
-    for bad in ("nope", ids["ok"] + "0", ids["ok"][:-1], "0x" + ids["ok"][2:]):
+    # Exactly one row per request: nothing else was logged.
+    assert sorted(r["id"] for r in rows(gw, "limit=1000")["data"]) == sorted(r for r, _, _ in sent)
+
+
+def test_only_api_requests_are_logged(make_mock: Any, make_gateway: Any) -> None:
+    """Health checks, scrapes, the model list and requests to no route leave no row (nor access line)."""
+    node = make_mock(models=["m1"], chunks=2)
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    for path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/nothing"):
+        assert send(gw.url, "GET", path)[0] in (200, 404, 405)
+    assert post(gw.url, "/v2/chat/completions", CHAT)[0] == 404
+    assert post(gw.url, "/v1/embeddings", b'{"model":"m1","input":"x"}')[0] == 200
+    assert [r["endpoint"] for r in rows(gw)["data"]] == ["/v1/embeddings"]
+
+
+def test_request_ids_are_hex_in_arrival_order_and_looked_up_by_it(make_mock: Any, make_gateway: Any) -> None:
+    node = make_mock(models=["m1"], chunks=2)
+    gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
+    ids = [post(gw.url, "/v1/chat/completions", body)[1]["x-request-id"] for body in (CHAT, b"{nope", CHAT)]
+    assert ids == sorted(ids) and len(set(ids)) == 3  # the request log's integer key, in arrival order
+    assert all(len(i) == 16 and int(i, 16) > 0 for i in ids)
+    assert [one_row(gw.url, i)["status"] for i in ids] == [200, 400, 200]
+    # A malformed id is a 400 on the id; a well-formed unknown one a 404.
+    for bad in ("nope", ids[0] + "0", ids[0][:-1], "0x" + ids[0][2:]):
         status, _, body = call(gw.url, "GET", f"/admin/requests/{bad}")
         assert status == 400 and body["error"]["param"] == "id", (bad, body)
     status, _, body = call(gw.url, "GET", f"/admin/requests/{'f' * 15}0")
     assert status == 404 and "f" * 15 + "0" in body["error"]["message"], body
-    gone = wait_until(lambda: rows(gw, "status=499")["data"])
-    assert len(gone) == 1 and gone[0]["stream"] is True
-    # Exactly one row per request: the total is what was sent
-    # (ok 1 + bad/unauth/unknown 3 + burst 60 + limited 1 + blocker/full/deadline 3 + gone 1 + mid 1).
-    wait_until(lambda: rows(gw, "limit=0")["total"] == 70)
-    time.sleep(0.2)
-    assert rows(gw, "limit=0")["total"] == 70
 
 
 def test_stream_receipt_matches_what_the_client_received(make_mock: Any, make_gateway: Any) -> None:
@@ -139,7 +199,7 @@ def test_stream_receipt_matches_what_the_client_received(make_mock: Any, make_ga
         )
         request_id = raw.headers["x-request-id"]
         text = "".join((c.choices[0].delta.content or "") for c in raw.parse() if c.choices)
-    row = one_row(gw, request_id)
+    row = one_row(gw.url, request_id)
     assert row["receipt"]["output_sha256"] == hashlib.sha256(text.encode()).hexdigest()
     assert row["completion_tokens"] == 7
 
@@ -177,7 +237,7 @@ def test_burst_of_5000_loses_no_row_and_survives_restart(make_mock: Any, make_ga
     ids = [r["id"] for r in page1 + page2]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 200  # newest first, by id
     assert [r["received_at"] for r in page1] == sorted((r["received_at"] for r in page1), reverse=True)
-    assert one_row(gw2, page2[-1]["id"])["received_at"] == page2[-1]["received_at"]  # found by its hex id
+    assert one_row(gw2.url, page2[-1]["id"])["received_at"] == page2[-1]["received_at"]  # found by its hex id
     assert gw2.call(lambda: gw2.gateway.request_log.newest_id) == int(page1[0]["id"], 16)  # restart seeded it
 
 
@@ -245,7 +305,7 @@ def test_embeddings_usage_is_logged_without_an_output_hash(make_mock: Any, make_
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])])
     status, headers, body = post(gw.url, "/v1/embeddings", b'{"model":"m1","input":["hello there","x"]}')
     assert status == 200
-    row = one_row(gw, headers["x-request-id"])
+    row = one_row(gw.url, headers["x-request-id"])
     assert row["prompt_tokens"] == json.loads(body)["usage"]["prompt_tokens"] > 0
     assert row["output_sha256"] is None
 
@@ -255,7 +315,7 @@ def test_metrics_off_still_serves_and_logs(make_mock: Any, make_gateway: Any) ->
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], metrics={"enabled": False})
     status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT, {})
     assert status == 200
-    assert one_row(gw, headers["x-request-id"])["status"] == 200
+    assert one_row(gw.url, headers["x-request-id"])["status"] == 200
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     conn.request("GET", "/metrics")
     resp = conn.getresponse()

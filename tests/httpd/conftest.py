@@ -10,10 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
-from twin_impls import twin
+
+from tests.support import twin
 
 
-@pytest.fixture(params=["c", "py"])
-def wire(request: pytest.FixtureRequest) -> ModuleType:
+@pytest.fixture
+def wire(implementation: str) -> ModuleType:
     """One implementation of the client connection: ``wire.HTTPConnection`` is the server's class."""
-    return twin("shardon.httpd._connection", str(request.param))
+    return twin("shardon.httpd._connection", implementation)

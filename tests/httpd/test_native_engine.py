@@ -27,8 +27,8 @@ import pytest
 
 from shardon.errors import PayloadTooLarge, ProtocolClosed
 from shardon.httpd import NativeServer
-from tests import aio
-from tests.aio import until
+from tests import support
+from tests.support import until
 
 SCENARIO_TIMEOUT = 15.0
 READ_TIMEOUT = 5.0
@@ -40,7 +40,7 @@ App = Callable[[Any, Any], Coroutine[Any, Any, None]]
 # ---------------------------------------------------------------------------------------------- harness
 
 
-on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
+on_uvloop = support.on_uvloop(SCENARIO_TIMEOUT)
 
 
 @dataclass
@@ -741,7 +741,7 @@ async def test_idle_keep_alive_connection_closed_after_timeout(wire: ModuleType)
         started = time.monotonic()
         await idle.assert_closed()
         await silent.assert_closed()
-        assert time.monotonic() - started < 2.5  # the first or second sweep
+        assert time.monotonic() - started < 10  # a sweep after the timeout, not never
         # A connection with a request in flight is not idle, however long the request takes.
         await served.accepted(1)
         release.set()
@@ -934,8 +934,10 @@ async def test_client_disconnect_and_send_after_it(wire: ModuleType) -> None:
 @on_uvloop
 async def test_client_leaving_while_the_body_is_read(wire: ModuleType) -> None:
     outcome: list[str] = []
+    reading: list[str] = []
 
     async def app(scope: Any, proto: Any) -> None:
+        reading.append(scope.path)
         try:
             await proto()
         except ProtocolClosed:
@@ -947,7 +949,7 @@ async def test_client_leaving_while_the_body_is_read(wire: ModuleType) -> None:
         client = await served.connect()
         await client.send(http("POST", "/", headers=[("Content-Length", "100")]) + b"0123456789")
         await served.accepted(1)
-        await asyncio.sleep(0.02)
+        await until(lambda: reading)  # the application waits for the rest of the body
         client.close()
         await until(lambda: outcome)
         assert outcome == ["ProtocolClosed"]
@@ -1062,9 +1064,11 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(wire: Mo
 @on_uvloop
 async def test_stop_closes_everything_and_serve_returns(wire: ModuleType) -> None:
     lost: list[str] = []
+    holding: list[str] = []
 
     async def app(scope: Any, proto: Any) -> None:
         if scope.path == "/hold":
+            holding.append(scope.path)
             await proto.client_disconnect()
             lost.append(scope.path)
             return
@@ -1080,7 +1084,7 @@ async def test_stop_closes_everything_and_serve_returns(wire: ModuleType) -> Non
         busy = await served.connect()
         await busy.send(http("GET", "/hold"))
         await served.accepted(2)
-        await asyncio.sleep(0.01)
+        await until(lambda: holding)  # the request is in the application
         server.stop()
         await asyncio.wait_for(serving_task, READ_TIMEOUT)
         await idle.assert_closed()

@@ -15,6 +15,7 @@ from typing import Any
 
 from shardon.lifecycle.config import ModelConfig
 from shardon.lifecycle.manager import BackendEndpoint, LifecycleManager
+from tests.support import until
 
 FAKE_BACKEND = str(Path(__file__).with_name("fake_backend.py"))
 MB = 1024 * 1024
@@ -130,17 +131,9 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` on the running loop until truthy; fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """`tests.support.until`, with the longer default a backend's start needs."""
+    return await until(predicate, timeout)
 
 
 def status_of(mgr: LifecycleManager, name: str) -> dict[str, Any]:

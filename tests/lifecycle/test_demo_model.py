@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.served import Terminal, serving
+from tests.support import Terminal, serving
 
 pytest.importorskip("llama_cpp.server", reason="the demo extra is not installed")
 try:

@@ -14,9 +14,8 @@ from shardon.errors import BadRequest
 from shardon.lifecycle.catalog import CatalogEntry
 from shardon.lifecycle.requests import applied_max_tokens, shape_request
 from shardon.schemas import routing_decoder
-from tests.conftest import wait_until
-from tests.gateway.test_auth import call
 from tests.lifecycle.helpers import fake_command
+from tests.support import call, wait_until
 
 CHAT = "/v1/chat/completions"
 

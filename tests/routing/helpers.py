@@ -8,6 +8,9 @@ import json
 import socket
 from typing import Any
 
+from tests.support import get
+
+ADMIN = "sk-admin-test"
 SYSTEM = "You are the assistant of a small shop. Answer briefly and politely. " * 8
 
 
@@ -59,3 +62,8 @@ def hold(port: int, body: bytes, path: str = "/v1/chat/completions", headers: by
         + body
     )
     return sock
+
+
+def metrics(url: str) -> str:
+    """The gateway's ``/metrics`` text."""
+    return get(url, "/metrics")[2].decode()

@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import node_entry, wait_until
-from tests.gateway.test_auth import ADMIN, call
-from tests.routing.helpers import Client
+from tests.routing.helpers import ADMIN, Client
+from tests.support import call, node_entry, wait_until
 
 CHAT = b'{"model":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from tests.conftest import node_entry, wait_until
 from tests.routing.helpers import Client, hold, inflight, turns
+from tests.support import node_entry, wait_until
 
 
 def test_a_conversation_stays_on_its_node_and_moves_past_the_load_bound(make_mock: Any, make_gateway: Any) -> None:

@@ -10,10 +10,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import node_entry, wait_until
-from tests.gateway.test_auth import call
-from tests.gateway.test_forwarding import post
-from tests.routing.test_split import _metrics
+from tests.routing.helpers import metrics
+from tests.support import call, node_entry, post, wait_until
 
 
 def chat(text: str, **extra: Any) -> bytes:
@@ -105,7 +103,7 @@ def test_overflow_takes_only_what_the_local_node_cannot_serve_in_time(
     assert team_a["overflow"]["requests"] == overflowed and team_a["overflow"]["completion_tokens"] == 3 * overflowed
 
     def counted() -> Any:
-        families = {f.name: f for f in text_string_to_metric_families(_metrics(gw.url))}
+        families = {f.name: f for f in text_string_to_metric_families(metrics(gw.url))}
         count = {
             s.labels["tenant"]: s.value for s in families["shardon_overflow_requests"].samples if "_total" in s.name
         }

@@ -25,7 +25,7 @@ from shardon.routing.policies import (
     rendezvous,
     session_key,
 )
-from tests.twin_impls import twin
+from tests.support import twin
 
 SYSTEM = "You are a careful assistant. " * 20
 

@@ -9,9 +9,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import node_entry, wait_until
-from tests.gateway.test_auth import call
-from tests.routing.helpers import Client
+from tests.routing.helpers import Client, metrics
+from tests.support import call, node_entry, wait_until
 
 CHAT = b'{"model":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 
@@ -64,25 +63,13 @@ def test_the_split_follows_its_weights_over_2000_requests(make_mock: Any, make_g
     def counts() -> dict[str, float]:
         return {
             s.labels["variant"]: s.value
-            for f in text_string_to_metric_families(_metrics(gw.url))
+            for f in text_string_to_metric_families(metrics(gw.url))
             if f.name == "shardon_variant_requests"
             for s in f.samples
             if s.name.endswith("_total")
         }
 
     wait_until(lambda: counts() == {"chat-v1": variants["chat-v1"], "chat-v2": variants["chat-v2"]})
-
-
-def _metrics(url: str) -> str:
-    import http.client
-
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def test_a_sticky_split_keeps_each_session_on_its_variant(make_mock: Any, make_gateway: Any, tmp_path: Path) -> None:

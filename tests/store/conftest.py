@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import open_log
 
 from shardon.store import RequestLog, records
+from tests.store.store_helpers import open_log
 
 
 @pytest.fixture

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -113,29 +110,6 @@ def dataset(rl: RequestLog) -> None:
             )
         )
     assert rl.flush()
-
-
-def admin_get(url: str, path: str) -> tuple[int, Any]:
-    """GET an admin endpoint of a gateway (loopback: no admin key needed); (status, JSON body)."""
-    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
-
-
-def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """POST to a gateway; (status, lower-cased response headers, body)."""
-    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        conn.close()
 
 
 def compactor_of(rl: RequestLog) -> threading.Thread:

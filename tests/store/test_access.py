@@ -13,11 +13,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import admin_get, open_log, post, rec
 
 from shardon.store import AccessLog, RequestRecord
 from shardon.store import access as access_mod
-from tests.conftest import node_entry, wait_until
+from tests.store.store_helpers import open_log, rec
+from tests.support import call, node_entry, post, wait_until
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 
@@ -181,7 +181,7 @@ def test_close_writes_what_waits(tmp_path: Path) -> None:
 
 def _leave_mid_stream(port: int) -> None:
     """A streamed request whose client reads the head and hangs up (the gateway logs a 499)."""
-    body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"delay_ms":50}}'
+    body = b'{"model":"m1","prompt":"x","stream":true,"mock":{"chunks":50,"hold_after":1}}'  # held after a token
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -230,7 +230,7 @@ def test_json_format_and_the_status_counters(make_mock: Any, make_gateway: Any, 
     entry = json.loads(line)
     assert entry["request_id"] == headers["x-request-id"] and entry["status"] == 200 and entry["method"] == "POST"
     assert entry["path"] == "/v1/chat/completions" and entry["node"] == "n" and type(entry["duration_ms"]) is float
-    status, body = admin_get(gw.url, "/admin/status")
+    status, _, body = call(gw.url, "GET", "/admin/status")
     assert status == 200
     assert body["access_log"]["path"] == str(path) and body["access_log"]["written"] == 1
     assert body["access_log"]["dropped"] == 0
@@ -251,8 +251,8 @@ def test_access_log_off_writes_no_line(make_mock: Any, make_gateway: Any, tmp_pa
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], log={"access_log": False, "access_log_path": str(path)})
     for body in (CHAT, CHAT.replace(b"m1", b"zz")):
         post(gw.url, "/v1/chat/completions", body)
-    status, page = admin_get(gw.url, "/admin/requests")
+    status, _, page = call(gw.url, "GET", "/admin/requests")
     assert status == 200 and page["total"] == 2  # both ended (their rows are logged)
-    assert "access_log" not in admin_get(gw.url, "/admin/status")[1]
+    assert "access_log" not in call(gw.url, "GET", "/admin/status")[2]
     gw.stop()
     assert not path.exists()

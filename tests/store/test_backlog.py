@@ -12,7 +12,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from store_helpers import (
+
+from shardon.store import RequestLog, encode_frame, read_segment
+from shardon.store import backlog as backlog_mod
+from shardon.store import log as log_mod
+from tests.store.store_helpers import (
     audit_count,
     backlog,
     compactor_held,
@@ -26,11 +30,7 @@ from store_helpers import (
     segments,
     write_segment,
 )
-
-from shardon.store import RequestLog, encode_frame, read_segment
-from shardon.store import backlog as backlog_mod
-from shardon.store import log as log_mod
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 
 def test_frame_round_trip_rows_and_audits(tmp_path: Path) -> None:

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from store_helpers import open_log, post
-
 from shardon.auth import CreateKey, KeyStore, digest
 from shardon.config import AuthConfig
 from shardon.store import KeyTable
 from shardon.store.keys import KeyRow
-from tests.conftest import node_entry
+from tests.store.store_helpers import open_log
+from tests.support import node_entry, post
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
 

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import (
+
+from shardon.store import RequestIds, RequestLog, RequestRecord, queries, records, request_id_floor
+from shardon.store import backlog as backlog_mod
+from tests.store.store_helpers import (
     BASE,
-    admin_get,
     backlog,
     cfg,
     compactor_held,
@@ -27,10 +29,7 @@ from store_helpers import (
     rid,
     ro,
 )
-
-from shardon.store import RequestIds, RequestLog, RequestRecord, queries, records, request_id_floor
-from shardon.store import backlog as backlog_mod
-from tests.conftest import node_entry, wait_until
+from tests.support import call, node_entry, post, wait_until
 
 
 def test_burst_from_event_loop_loses_nothing(rlog: RequestLog) -> None:
@@ -286,8 +285,17 @@ def test_os_thread_names(rlog: RequestLog) -> None:
 def test_status_reports_backlog_bytes(make_mock: Any, make_gateway: Any, tmp_path: Path) -> None:
     node = make_mock(models=["m1"], name="n")
     gw = make_gateway(nodes=[node_entry(node, "n", ["m1"])], store={"path": str(tmp_path / "s.db")})
-    status, body = admin_get(gw.url, "/admin/status")
-    assert status == 200, body
-    counters = body["request_log"]
-    assert type(counters["backlog_bytes"]) is int and counters["backlog_bytes"] >= 0 and counters["dropped"] == 0
-    assert set(counters) >= {"path", "pending", "backlog_bytes", "written", "dropped"}
+    db = tmp_path / "s.db"
+
+    def counters() -> dict[str, Any]:
+        status, _, body = call(gw.url, "GET", "/admin/status")
+        assert status == 200, body
+        return dict(body["request_log"])
+
+    assert set(counters()) >= {"path", "pending", "backlog_bytes", "written", "dropped"}
+    with compactor_held(gw.gateway.request_log):  # rows stay in the backlog, none reach SQLite
+        assert post(gw.url, "/v1/completions", b'{"model":"m1","prompt":"x"}')[0] == 200
+        on_disk = wait_until(lambda: backlog(db).is_dir() and sum(p.stat().st_size for p in backlog(db).iterdir()))
+        assert counters()["backlog_bytes"] == on_disk > 0
+    wait_until(lambda: counters()["backlog_bytes"] == 0)  # moved into SQLite
+    assert counters()["dropped"] == 0

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import pytest
-from store_helpers import BASE, dataset, hexid, rec, rid, ro
 
 from shardon.store import REQUEST_COLUMNS, RequestLog, format_request_id, parse_status_filter, queries, request_id_floor
 from shardon.store.queries import (
@@ -18,6 +17,7 @@ from shardon.store.queries import (
     parse_stats_query,
     parse_usage_query,
 )
+from tests.store.store_helpers import BASE, dataset, hexid, rec, rid, ro
 
 
 def test_filters_and_pagination(rlog: RequestLog) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import BASE, cfg, rec, ro
 
 from shardon.store import (
     REQUEST_COLUMNS,
@@ -21,6 +20,7 @@ from shardon.store import (
     schema,
 )
 from shardon.store.schema import SCHEMA_VERSION
+from tests.store.store_helpers import BASE, cfg, rec, ro
 
 # The requests table as versions 1 and 2 created it (a copy, not derived from shardon.store).
 V2_REQUESTS = (

@@ -21,23 +21,22 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from twin_impls import twin
 
 from shardon.upstream.base import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from tests import aio
-from tests.aio import until
+from tests import support
+from tests.support import twin, until
 
 SCENARIO_TIMEOUT = 10.0
 HIGH_WATER = 256 * 1024  # the connection's read high-water mark (``_HIGH_WATER``)
 
 
-@pytest.fixture(params=["c", "py"])
-def wire(request: pytest.FixtureRequest) -> ModuleType:
+@pytest.fixture
+def wire(implementation: str) -> ModuleType:
     """One implementation of the upstream connection (the compiled one runs under SHARDON_NO_EXTENSIONS too)."""
-    return twin("shardon.upstream._connection", str(request.param))
+    return twin("shardon.upstream._connection", implementation)
 
 
-on_uvloop = aio.on_uvloop(SCENARIO_TIMEOUT)
+on_uvloop = support.on_uvloop(SCENARIO_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------------------------- the node

@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from shardon.upstream.mock import MockConfig, MockNode, MockNodeThread, new_event_loop
+from tests.support import until, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,32 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def mock_node() -> Iterator[Callable[..., MockNodeThread]]:
-    nodes: list[MockNodeThread] = []
-
-    def make(**kwargs: Any) -> MockNodeThread:
-        node = MockNodeThread(MockConfig(**kwargs)).start()
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop()
+def mock_node(make_mock: Callable[..., MockNodeThread]) -> Callable[..., MockNodeThread]:
+    """``mock_node(**MockConfig fields)``: tests/conftest.py's ``make_mock``."""
+    return make_mock
 
 
 def client(node: MockNodeThread, api_key: str = "x") -> openai.OpenAI:
     return openai.OpenAI(base_url=node.url + "/v1", api_key=api_key, max_retries=0, timeout=10.0)
-
-
-def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.005)
 
 
 class Message:
@@ -320,7 +302,7 @@ def test_keep_alive_reuses_connection(mock_node: Callable[..., MockNodeThread]) 
         assert msgs[1].events()[-1] == b"[DONE]"
         assert not reader.eof
         assert node.stats.connections_open == 1
-    eventually(lambda: node.stats.connections_open == 0)
+    wait_until(lambda: node.stats.connections_open == 0)
     assert node.stats.total_requests == 3 and node.stats.completed == 3
 
 
@@ -375,17 +357,27 @@ def test_stream_chunk_timing(mock_node: Callable[..., MockNodeThread]) -> None:
         start = time.monotonic()
         sock.sendall(http("POST", "/v1/chat/completions", chat(stream=True)))
         reader = Reader(sock)
-        reader.read_until(lambda: bool(reader.messages) and reader.messages[0].status == 200)
-        headers_at = time.monotonic() - start
         msg = reader.read(timeout=5.0)[0]
     assert msg.complete
     token_times = [t - start for t, piece in msg.pieces if b'"tok' in piece]
     assert len(token_times) == 5  # every token arrived in its own HTTP chunk
-    assert headers_at < 0.09  # headers are sent at once, before the first token
-    assert 0.09 <= token_times[0] < 1.0
+    # Timers never fire early: the first token after ttft_ms, each next one delay_ms later.
+    assert token_times[0] >= 0.1
     gaps = [b - a for a, b in itertools.pairwise(token_times)]
-    assert all(0.03 <= g < 0.5 for g in gaps), gaps
-    assert token_times[-1] < 2.0
+    assert all(g >= 0.03 for g in gaps), gaps
+
+
+def test_stream_headers_are_sent_before_the_first_token(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=3)
+    with connect(node) as sock:
+        sock.sendall(http("POST", "/v1/chat/completions", chat(stream=True, mock={"hold_after": 0})))
+        reader = Reader(sock)
+        reader.read_until(lambda: bool(reader.messages) and reader.messages[0].status == 200)
+        wait_until(lambda: node.gate.waiting == 1)
+        assert reader.messages[0].body == b""  # the head, and no token until the gate lets it go
+        node.gate.release()
+        msg = reader.read()[0]
+    assert msg.complete and len(msg.events()) == 3 + 2
 
 
 def test_per_request_overrides(mock_node: Callable[..., MockNodeThread]) -> None:
@@ -396,7 +388,7 @@ def test_per_request_overrides(mock_node: Callable[..., MockNodeThread]) -> None
     msg = request(node, "POST", "/v1/completions", {"prompt": "p", "mock": {"chunks": 3, "delay_ms": 30}})
     elapsed = time.monotonic() - start
     assert msg.json()["choices"][0]["text"] == "tok0 tok1 tok2 "
-    assert 0.05 <= elapsed < 2.0  # a non-streaming answer waits for the last token
+    assert elapsed >= 0.06  # a non-streaming answer waits for the last token (2 x 30 ms)
     zero = request(node, "POST", "/v1/chat/completions", chat(stream=True, mock={"chunks": 0}))
     events = zero.events()
     assert len(events) == 2 and events[1] == b"[DONE]"
@@ -449,7 +441,7 @@ def test_max_concurrent_rejects_with_503(mock_node: Callable[..., MockNodeThread
     try:
         for sock in socks:
             sock.sendall(http("POST", "/v1/chat/completions", chat(mock={"fail": "hang"})))
-        eventually(lambda: node.stats.in_flight == 2)
+        wait_until(lambda: node.stats.in_flight == 2)
         err = assert_openai_error(request(node, "POST", "/v1/chat/completions", chat()), 503)
         assert err["code"] == "overloaded"
         with client(node) as c, pytest.raises(openai.InternalServerError) as info:
@@ -459,7 +451,7 @@ def test_max_concurrent_rejects_with_503(mock_node: Callable[..., MockNodeThread
     finally:
         for sock in socks:
             sock.close()
-    eventually(lambda: node.stats.in_flight == 0 and node.stats.cancelled == 2)
+    wait_until(lambda: node.stats.in_flight == 0 and node.stats.cancelled == 2)
     assert request(node, "POST", "/v1/chat/completions", chat()).status == 200
     assert node.stats.rejected == 2 and node.stats.max_in_flight == 2
 
@@ -479,7 +471,7 @@ def test_fail_before(mock_node: Callable[..., MockNodeThread]) -> None:
             messages=[{"role": "user", "content": "x"}],
             extra_body={"mock": {"fail": "before"}},
         )
-    eventually(lambda: node.stats.in_flight == 0)
+    wait_until(lambda: node.stats.in_flight == 0)
     assert node.stats.aborted == 2 and node.stats.cancelled == 0
 
 
@@ -500,7 +492,7 @@ def test_fail_mid_stream(mock_node: Callable[..., MockNodeThread]) -> None:
         assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events] == [
             f"tok{i} " for i in range(expected)
         ]
-    eventually(lambda: node.stats.in_flight == 0)
+    wait_until(lambda: node.stats.in_flight == 0)
     assert node.stats.aborted == 4 and node.stats.completed == 0
 
 
@@ -537,7 +529,7 @@ def test_fail_hang_until_client_leaves(mock_node: Callable[..., MockNodeThread])
         with pytest.raises(TimeoutError):
             sock.recv(100)
         assert node.stats.in_flight == 1
-    eventually(lambda: node.stats.cancelled == 1 and node.stats.in_flight == 0)
+    wait_until(lambda: node.stats.cancelled == 1 and node.stats.in_flight == 0)
     assert node.stats.completed == 0 and node.stats.connections_open == 0
 
 
@@ -572,15 +564,15 @@ def test_cancellation_mid_stream_is_counted(mock_node: Callable[..., MockNodeThr
         reader = Reader(sock)
         reader.read_until(lambda: b'"tok2 "' in reader.raw)
         assert node.stats.in_flight == 1
-    eventually(lambda: node.stats.cancelled == 1 and node.stats.in_flight == 0, timeout=2.0)
+    wait_until(lambda: node.stats.cancelled == 1 and node.stats.in_flight == 0, timeout=2.0)
     assert node.stats.completed == 0 and node.stats.connections_open == 0
     assert not node.node._conns  # timers stopped with the connection
 
     # a non-streaming request waiting for its generation is cancelled the same way
     with connect(node) as sock:
         sock.sendall(http("POST", "/v1/chat/completions", chat(mock={"ttft_ms": 5000})))
-        eventually(lambda: node.stats.in_flight == 1)
-    eventually(lambda: node.stats.cancelled == 2 and node.stats.in_flight == 0, timeout=2.0)
+        wait_until(lambda: node.stats.in_flight == 1)
+    wait_until(lambda: node.stats.cancelled == 2 and node.stats.in_flight == 0, timeout=2.0)
 
 
 # ---------------------------------------------------------------------------------------------- observability
@@ -617,6 +609,93 @@ def test_mock_stats_reset_and_fail_endpoints(mock_node: Callable[..., MockNodeTh
     assert request(node, "GET", "/mock/stats").json()["total_requests"] == 2  # control calls not counted
 
 
+# ---------------------------------------------------------------------------------------------- the gate
+
+
+def test_a_closed_gate_holds_every_generation_until_released(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=2)
+    node.gate.close()
+    socks = [connect(node) for _ in range(3)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(http("POST", "/v1/completions", {"prompt": f"p{i}"}))
+            wait_until(lambda n=i + 1: node.gate.waiting == n)
+        # Held: in flight on the node, nothing answered; control calls and health checks still are.
+        assert node.stats.in_flight == 3 and node.stats.completed == 0
+        assert request(node, "GET", "/health").status == 200
+        assert [json.loads(b)["prompt"] for b in node.gate.bodies] == ["p0", "p1", "p2"]
+        assert node.gate.release(1) == 1  # the oldest goes on
+        assert json.loads(Reader(socks[0]).read()[0].body)["choices"][0]["text"] == "tok0 tok1 "
+        assert node.gate.waiting == 2 and node.gate.state == "closed"
+        assert node.gate.open() == 2  # the rest go on, and nothing more is held
+        assert all(Reader(sock).read()[0].status == 200 for sock in socks[1:])
+        assert request(node, "POST", "/v1/completions", {"prompt": "later", "mock": {"hold": True}}).status == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_request_can_ask_to_be_held(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=2)
+    with connect(node) as held, connect(node) as other:
+        held.sendall(http("POST", "/v1/chat/completions", chat(mock={"hold": True})))
+        wait_until(lambda: node.gate.waiting == 1)
+        other.sendall(http("POST", "/v1/chat/completions", chat()))  # an open gate: not held
+        assert Reader(other).read()[0].status == 200
+        assert node.gate.waiting == 1 and node.stats.in_flight == 1
+        node.gate.release()
+        assert Reader(held).read()[0].json()["choices"][0]["message"]["content"] == "tok0 tok1 "
+
+
+def test_hold_after_holds_a_stream_after_its_first_tokens(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=5)
+    with connect(node) as sock:
+        sock.sendall(http("POST", "/v1/completions", {"prompt": "x", "stream": True, "mock": {"hold_after": 2}}))
+        reader = Reader(sock)
+        reader.read_until(lambda: len(reader.messages) == 1 and reader.messages[0].body.count(b"data: ") == 2)
+        wait_until(lambda: node.gate.waiting == 1)
+        assert not reader.messages[0].complete
+        node.gate.release()
+        msg = reader.read()[0]
+    assert msg.complete
+    assert len(msg.events()) == 5 + 2
+
+
+def test_hold_after_holds_a_whole_answer_after_its_first_bytes(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=100)
+    with connect(node) as sock:
+        sock.sendall(http("POST", "/v1/completions", {"prompt": "x", "mock": {"hold_after": 100}}))
+        reader = Reader(sock)
+        reader.read_until(lambda: len(reader.messages) == 1 and len(reader.messages[0].body) == 100)
+        wait_until(lambda: node.gate.waiting == 1)
+        assert not reader.messages[0].complete
+        node.gate.release()
+        msg = reader.read()[0]
+    assert msg.complete and msg.json()["choices"][0]["text"] == "".join(f"tok{i} " for i in range(100))
+
+
+def test_a_held_request_whose_client_leaves_is_cancelled(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node()
+    with connect(node) as sock:
+        sock.sendall(http("POST", "/v1/completions", {"prompt": "x", "mock": {"hold": True}}))
+        wait_until(lambda: node.gate.waiting == 1)
+    wait_until(lambda: node.stats.cancelled == 1)
+    assert node.gate.waiting == 0 and node.stats.in_flight == 0
+    assert node.gate.release() == 0
+
+
+def test_the_gate_over_http(mock_node: Callable[..., MockNodeThread]) -> None:
+    node = mock_node(chunks=1)
+    assert request(node, "POST", "/mock/gate", {"action": "close"}).json() == {"state": "closed", "waiting": 0}
+    with connect(node) as sock:
+        sock.sendall(http("POST", "/v1/completions", {"prompt": "x"}))
+        wait_until(lambda: request(node, "GET", "/mock/stats").json()["gate"] == {"state": "closed", "waiting": 1})
+        assert request(node, "POST", "/mock/gate", {"action": "release", "n": 1}).json()["waiting"] == 0
+        assert Reader(sock).read()[0].status == 200
+    assert request(node, "POST", "/mock/gate", {"action": "open"}).json() == {"state": "open", "waiting": 0}
+    assert request(node, "POST", "/mock/gate", {"action": "ajar"}).status == 400
+
+
 # ------------------------------------------------------------------------------------- in-process API, CLI
 
 
@@ -634,8 +713,7 @@ def test_async_api(loop_kind: str) -> None:
                 data = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
                 assert data["choices"][0]["message"]["content"] == "tok0 tok1 "
                 writer.write(http("POST", "/v1/chat/completions", chat(mock={"fail": "hang"})))
-                await asyncio.sleep(0.05)
-                assert node.stats.in_flight == 1
+                await until(lambda: node.stats.in_flight == 1)
                 await node.stop()  # closes the hanging connection too
                 assert await asyncio.wait_for(reader.read(), 5) == b""
                 assert node.stats.connections_open == 0

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from shardon.config import load_config
-from tests.conftest import GatewayThread, free_port
+from tests.support import GatewayThread, free_port
 from tests.web.helpers import ADMIN, TEAM_KEY, admin, chat
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "ui-screenshots"

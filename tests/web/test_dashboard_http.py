@@ -10,7 +10,7 @@ import pytest
 
 from shardon.web.dashboard import STATIC
 from shardon.web.sessions import COOKIE, MAX_FAILURES
-from tests.conftest import node_entry
+from tests.support import node_entry
 from tests.web.helpers import ADMIN, TEAM_KEY, Session, admin, chat, request, sign_in
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shardon.web.overview import parse_overview_query
-from tests.conftest import node_entry, wait_until
+from tests.support import node_entry, post, wait_until
 from tests.web.helpers import ADMIN, TEAM_KEY, admin, chat
 
 
@@ -72,19 +72,25 @@ def test_totals_models_nodes_and_series_agree_with_the_request_log(site: Any) ->
 def test_in_flight_and_queued_are_shown_while_they_last(site: Any) -> None:
     gw = site
     admin(gw.url, "/admin/overview")  # starts sampling
-    slow = {"mock": {"delay_ms": 300}}  # about a second each (4 tokens)
+    held = {"mock": {"hold": True}}  # each held at the node until the test lets it go
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(chat, gw.url, TEAM_KEY, model="m2", **slow) for _ in range(6)]
-        # m2 lives on node-a alone (4 slots): 4 run, 2 wait.
+        futures = [pool.submit(chat, gw.url, TEAM_KEY, model="m2", **held) for _ in range(6)]
+        # m2 lives on node-a alone (4 slots): 4 run, 2 wait; the samples (every 2 s) see it too.
         view = wait_until(
-            lambda: (v := admin(gw.url, "/admin/overview").json())["in_flight"] == 6 and v["queued"] == 2 and v,
-            timeout=5,
+            lambda: (
+                (v := admin(gw.url, "/admin/overview").json())["in_flight"] == 6
+                and v["queued"] == 2
+                and max((x for x in v["series"]["in_flight"] if x is not None), default=0) == 6
+                and max((x for x in v["series"]["queued"] if x is not None), default=0) == 2
+                and v
+            ),
+            timeout=15,
         )
         by_node = {n["node"]: n for n in view["nodes"]}
         assert by_node["node-a"]["in_flight"] == 4 and by_node["node-b"]["in_flight"] == 0
         assert {m["model"]: m["queued"] for m in view["models"]}["m2"] == 2
-        assert max(v for v in view["series"]["in_flight"] if v is not None) == 6
-        assert max(v for v in view["series"]["queued"] if v is not None) == 2
+        node_a = gw.call(lambda: gw.gateway.registry.nodes["node-a"].config.url)
+        assert post(node_a, "/mock/gate", {"action": "open"})[0] == 200
         assert [f.result().status for f in futures] == [200] * 6
     after = admin(gw.url, "/admin/overview").json()
     assert after["in_flight"] == 0 and after["queued"] == 0

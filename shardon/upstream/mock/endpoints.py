@@ -1,6 +1,6 @@
 """The mock node's other endpoints: the rest of the OpenAI API, and the load a node reports.
 
-`shardon.upstream.mock` hands every request it has no route for to `handle`. Answers are
+`MockNode` hands every request it has no route for to `handle`. Answers are
 deterministic and derived from what was sent, so a test can tell that the bytes arrived intact:
 
     POST /v1/responses              a Response; ``"stream": true``: its SSE events, one delta per token
@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from ..multipart import FormError, boundary_of, form_data
+from ...multipart import FormError, boundary_of, form_data
 
 __all__ = ["Reported", "handle"]
 

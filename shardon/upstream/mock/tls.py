@@ -10,7 +10,10 @@ import asyncio
 import ssl
 from typing import Any, cast
 
-from .mock import MockConfig, MockNode, MockNodeThread, _Conn
+from .config import MockConfig
+from .node import MockNode
+from .protocol import Conn
+from .thread import MockNodeThread
 
 __all__ = ["TLSMockNode", "TLSMockNodeThread"]
 
@@ -33,7 +36,7 @@ class TLSMockNode(MockNode):
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.host = host
-        server = await loop.create_server(lambda: _Conn(self), host, port, ssl=self.context, backlog=256)
+        server = await loop.create_server(lambda: Conn(self), host, port, ssl=self.context, backlog=256)
         self._listeners = [cast(Any, server)]  # closed by MockNode.stop like a listener
         self.port = server.sockets[0].getsockname()[1]
         return self.port
