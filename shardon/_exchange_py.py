@@ -32,9 +32,9 @@ from .schemas import (
     PRIORITY_NAMES,
     answer_usage,
     form_routing,
+    node_body,
     priority_of,
     routing_fields,
-    with_fields,
 )
 from .store import RequestRecord, format_request_id, request_ids
 from .upstream.base import UpstreamError
@@ -64,7 +64,6 @@ _SENT = 6  # the request is on the node
 
 # A non-streamed answer not whole by this size is relayed as it arrives.
 _WHOLE_LIMIT = 256 * 1024
-_INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
 _EMBEDDINGS = "/v1/embeddings"
 _clock = time.time
 _monotonic = time.monotonic
@@ -147,10 +146,8 @@ class RequestCore:
         return True
 
     def cut(self) -> None:
-        """The drain timeout has passed: every exchange still in flight ends now, as a 503
-        (``shutting_down``). The waiting ones are told at once; those on a node see its connection
-        closed, which stops the generation (a stream ends with an SSE error event); the engine's
-        stop ends the rest (a client connection closed, a coroutine cancelled)."""
+        """The drain timeout has passed: what is in flight ends now, as a 503 (``shutting_down``):
+        waiters told at once, node connections closed (a stream ends with an SSE error event)."""
         self.cutting = True
         self.scheduler.cancel_all(errors.Draining())
         for node in list(self.registry.nodes.values()):
@@ -298,6 +295,7 @@ class Exchange:
         length = headers.get("content-length")
         max_body = self.endpoint.max_body
         if length is not None and length.isdigit() and int(length) > max_body:
+            self.rec.bytes_in = int(length)  # (what it would have been, as a body read and refused logs)
             raise errors.PayloadTooLarge(f"request body exceeds {max_body} bytes")
 
     def prepare(self, headers: Any, body: bytes) -> None:
@@ -491,18 +489,8 @@ class Exchange:
             conn.send(self.node.request_head_as(self.endpoint.line, content_type, len(body)), body)
             conn.wait_started = _monotonic()
             return
-        if served != model:
-            fields: dict[str, Any] = {"model": served}
-            if self.inject:
-                fields["stream_options"] = {"include_usage": True}
-            body = with_fields(body, **fields)
-        elif self.inject:
-            if self.req.stream_options is None:
-                # The same JSON object with one member more, without decoding and re-encoding it
-                # (the client sent no stream_options, so the key is not repeated).
-                body = _INCLUDE_USAGE + body.lstrip()[1:]
-            else:
-                body = with_fields(body, stream_options={"include_usage": True})
+        if served != model or self.inject:
+            body = node_body(body, self.req, served, self.inject)
         conn.send(self.node.request_head(self.endpoint.line, len(body)), body)
         conn.wait_started = _monotonic()  # the read timeout applies from now
 
@@ -802,6 +790,7 @@ class Exchange:
             headers = request.headers
             self.authorize(headers)  # (the caller first, as the coroutine does: then the body's size)
             if request.too_large:
+                self.announced(headers)  # (raises as the coroutine does, when the size was announced)
                 raise errors.PayloadTooLarge(f"request body exceeds {self.endpoint.max_body} bytes")
             chunks = request.body
             self.prepare(headers, chunks[0] if len(chunks) == 1 else b"".join(chunks))

@@ -26,6 +26,7 @@ __all__ = [
     "form_routing",
     "model_object",
     "models_list",
+    "node_body",
     "priority_of",
     "routing_decoder",
     "routing_fields",
@@ -137,6 +138,26 @@ def priority_of(value: str | None, default: int, cap: int) -> int:
     if named is None:
         raise BadRequest(f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority")
     return min(named, cap)
+
+
+_INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
+
+
+def node_body(body: bytes, req: RoutingFields, served: str, ask_usage: bool) -> bytes:
+    """The JSON body a node gets: the client's, with the model renamed to the name the node serves
+    it by (``served``), and a stream's usage asked for (``ask_usage``) when the client did not."""
+    if served != req.model:
+        fields: dict[str, object] = {"model": served}
+        if ask_usage:
+            fields["stream_options"] = {"include_usage": True}
+        return with_fields(body, **fields)
+    if not ask_usage:
+        return body
+    if req.stream_options is None:
+        # The same JSON object with one member more, without decoding and re-encoding it (the
+        # client sent no stream_options, so the key is not repeated).
+        return _INCLUDE_USAGE + body.lstrip()[1:]
+    return with_fields(body, stream_options={"include_usage": True})
 
 
 def with_fields(body: bytes, **fields: object) -> bytes:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from shardon.schemas import UsageStripper, with_fields
+from shardon import errors
+from shardon.schemas import UsageStripper, node_body, priority_of, routing_fields, with_fields
 from tests.support import twin
 
 
@@ -53,3 +54,50 @@ def test_with_fields_merges_and_keeps_unknown_fields() -> None:
     body = b'{"model":"a","stream_options":{"other":1},"guided_json":{"x":[1]}}'
     out = json.loads(with_fields(body, model="b", stream_options={"include_usage": True}))
     assert out == {"model": "b", "stream_options": {"other": 1, "include_usage": True}, "guided_json": {"x": [1]}}
+
+
+@pytest.mark.parametrize(
+    ("body", "served", "ask", "expect"),
+    [
+        (b'{"model":"m","stream":true}', "m", False, None),  # the client's bytes
+        (b' {"model":"m","stream":true}', "m", True, {"stream_options": {"include_usage": True}}),
+        (
+            b'{"model":"m","stream":true,"stream_options":{"x":1}}',
+            "m",
+            True,
+            {"stream_options": {"x": 1, "include_usage": True}},  # merged,
+        ),
+        (b'{"model":"m","x":[1]}', "served-m", False, {"model": "served-m"}),
+        (
+            b'{"model":"m","stream":true}',
+            "served-m",
+            True,
+            {"model": "served-m", "stream_options": {"include_usage": True}},
+        ),
+    ],
+)
+def test_the_body_a_node_gets(body: bytes, served: str, ask: bool, expect: dict[str, object] | None) -> None:
+    out = node_body(body, routing_fields(body), served, ask)
+    if expect is None:
+        assert out is body
+    else:
+        assert json.loads(out) == {**json.loads(body), **expect}  # unknown fields kept
+
+
+def test_a_body_without_routing_fields_is_a_400_naming_the_field() -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        routing_fields(b'{"messages":[]}')
+    assert info.value.param == "model"
+    with pytest.raises(errors.BadRequest) as info:
+        routing_fields(b'{"model":"m","stream":"yes"}')
+    assert info.value.param == "stream"
+    with pytest.raises(errors.BadRequest, match="not valid JSON"):
+        routing_fields(b"{nope")
+
+
+def test_priority_is_the_headers_capped_by_the_key() -> None:
+    assert priority_of(None, 1, 3) == 1 and priority_of(None, 1, 0) == 0
+    assert priority_of(" High ", 1, 3) == 2 and priority_of("critical", 1, 2) == 2
+    with pytest.raises(errors.BadRequest) as info:
+        priority_of("urgent", 1, 3)
+    assert info.value.param == "X-Priority"

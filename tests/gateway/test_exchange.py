@@ -127,9 +127,10 @@ def test_a_refused_connect_is_retried_on_another_node(make_mock: Any, make_gatew
     for _ in range(4):
         status, headers, _ = post(gw.url, "/v1/chat/completions", CHAT)
         assert status == 200 and headers["x-shardon-node"] == "good"
-    # Ties between idle nodes rotate, and a retry's pick turns the rotation too: each request is
-    # tried on the dead node first, then retried once on the other.
-    assert [r["retries"] for r in rows(gw)] == [1] * 4
+    # The first request that picks the dead node is refused at connect and retried on the good
+    # one; the refusal opens the dead node's circuit at once, so the others go straight to the good.
+    assert sorted(r["retries"] for r in rows(gw)) == [0, 0, 0, 1]
+    assert gw.call(lambda: dead.circuit) != 0 and "refused" in str(gw.call(lambda: dead.last_error)).lower()
 
 
 def test_node_5xx_is_retried_elsewhere(make_mock: Any, make_gateway: Any) -> None:

@@ -84,13 +84,17 @@ CASES: dict[str, Callable[[Any, Any], list[tuple[int, dict[str, str], bytes]]]] 
 def run_case(make_mock: Any, make_gateway: Any, path: str, case: str) -> tuple[list[Any], list[dict[str, Any]]]:
     node = make_mock(models=["m1", "m2"], chunks=5, name="n")
     bad = make_mock(models=["m2"], chunks=5, name="bad")
-    bad.set_fail("status500")
     gw = make_gateway(
         # "bad" is the first node tried for m2 (idle nodes are tried in turn, the first listed first).
         nodes=[node_entry(bad, "bad", ["m2"], max_concurrent=1), node_entry(node, "n", ["m1", "m2"], max_concurrent=1)],
         server={**path_server(path), "max_body_bytes": 4096},
         upstream={"health_interval_s": 60, "failure_threshold": 100},
     )
+    # "bad" fails from now on, once its probe at start-up has passed (its connection back in the
+    # pool: a failed probe would have taken it out).
+    registry = gw.gateway.registry
+    wait_until(lambda: gw.call(lambda: registry.nodes["bad"].pool.idle_count) >= 1)
+    bad.set_fail("status500")
     replies = CASES[case](node, gw)
     return replies, [same_anywhere(row) for row in rows(gw.url, "limit=100")["data"]]
 

@@ -344,13 +344,13 @@ def test_a_burst_leaves_its_connections_warm_for_the_next(
     assert node.stats.max_in_flight == 300  # the burst really needed 300 connections at once
     wait_until(lambda: node.stats.connections_open == kept)
     # And no more are closed after a while: two more rounds of health checks reuse them.
-    checks = node.stats.per_path["/v1/models"]  # (the health check's path)
-    wait_until(lambda: node.stats.per_path["/v1/models"] >= checks + 2)
+    checks = node.stats.per_path["/health"]  # (the probe's path)
+    wait_until(lambda: node.stats.per_path["/health"] >= checks + 2)
     assert node.stats.connections_open == kept
 
 
 def test_tenants_share_the_queue_by_weight(make_mock: Any, make_gateway: Any) -> None:
-    """Deficit round robin across tenants, weighted, seen in the order requests reach the node."""
+    """Weighted fair queueing across tenants (start-time tags), seen in the order requests reach the node."""
     node = make_mock(models=["m1"], chunks=1000)
     gw = make_gateway(
         nodes=[node_entry(node, "n", ["m1"], max_concurrent=1)],
