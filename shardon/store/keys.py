@@ -8,17 +8,13 @@ creates one writes nothing here).
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 
-from .schema import create_keys_table, open_database
+from .schema import SmallTable, create_keys_table
 
 __all__ = ["KeyRow", "KeyTable"]
 
@@ -37,22 +33,11 @@ class KeyRow(NamedTuple):
     overflow: bool = True  # False: never sent to an overflow endpoint
 
 
-class KeyTable:
+class KeyTable(SmallTable):
     """The ``api_keys`` table of the database at ``path``; one short connection per call, thread-safe."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = open_database(self.path)
-            try:
-                create_keys_table(conn)
-                yield conn
-            finally:
-                conn.close()
+        super().__init__(path, create_keys_table)
 
     def load(self) -> tuple[list[KeyRow], bool]:
         """The keys not revoked, and whether any key (revoked ones too) was ever created.

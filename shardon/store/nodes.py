@@ -9,18 +9,14 @@ the first write.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 
 from ..config import NodeConfig
-from .schema import create_nodes_table, open_database
+from .schema import SmallTable, create_nodes_table
 
 __all__ = ["NodeRow", "NodeTable"]
 
@@ -31,22 +27,11 @@ class NodeRow(NamedTuple):
     created_at: float
 
 
-class NodeTable:
+class NodeTable(SmallTable):
     """The ``nodes`` table of the database at ``path``; one short connection per call, thread-safe."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = open_database(self.path)
-            try:
-                create_nodes_table(conn)
-                yield conn
-            finally:
-                conn.close()
+        super().__init__(path, create_nodes_table)
 
     def load(self) -> list[NodeRow]:
         """Every registered node, oldest first (nothing read, no file created, without a database)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -211,6 +212,26 @@ def create_keys_table(conn: sqlite3.Connection) -> None:
 def create_nodes_table(conn: sqlite3.Connection) -> None:
     """The nodes registered at run time, for `shardon.store.nodes.NodeTable`."""
     conn.execute(_NODES_TABLE)
+
+
+class SmallTable:
+    """A table of the database at ``path`` that changes rarely (the keys, the nodes): one short
+    connection per call, under a lock (thread-safe); ``create`` makes or upgrades the table first."""
+
+    def __init__(self, path: Path, create: Callable[[sqlite3.Connection], None]) -> None:
+        self.path = path
+        self._create = create
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = open_database(self.path)
+            try:
+                self._create(conn)
+                yield conn
+            finally:
+                conn.close()
 
 
 def open_database(path: Path) -> sqlite3.Connection:
