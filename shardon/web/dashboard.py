@@ -138,7 +138,9 @@ class Dashboard:
 
         The admin key when an ``Authorization`` header is sent; otherwise the dashboard's session
         cookie (``"<who signed in> (ui)"``); otherwise what `KeyStore.authenticate_admin` allows.
-        While no admin key is configured the cookie adds nothing: ``/admin`` is loopback's alone.
+        While no admin key is configured the cookie adds nothing: ``/admin`` is loopback's alone, and
+        a browser's call that changes something must come from this origin (no cross-site request
+        forgery from a page the local browser opens).
         """
         keys = self.gw.keys
         authorization = scope.headers.get("authorization")
@@ -148,6 +150,10 @@ class Dashboard:
                 if scope.method not in _SAFE_METHODS and not session.csrf_matches(scope.headers.get(CSRF_HEADER)):
                     raise errors.Forbidden(f"a dashboard call that changes something needs the {CSRF_HEADER} header")
                 return f"{session.actor} (ui)"
+        if not keys.auth.admin_keys and scope.method not in _SAFE_METHODS and not self._same_origin(scope):
+            # Loopback without a key: a page from elsewhere that a local browser shows must not
+            # change anything here (its Origin header gives it away).
+            raise errors.Forbidden("an /admin call that changes something is refused from another origin")
         return keys.authenticate_admin(authorization, self.gw.client_address(scope))
 
     # -- /ui --------------------------------------------------------------------------------

@@ -211,3 +211,17 @@ def test_the_dashboard_can_be_turned_off(make_gateway: Any) -> None:
     assert request(gw.url, "GET", "/ui/login").status == 404
     assert sign_in(gw.url).status == 404
     assert admin(gw.url, "/admin/stats").status == 200
+
+
+def test_without_an_admin_key_a_page_from_elsewhere_changes_nothing(make_gateway: Any) -> None:
+    """Loopback's admin API without a key: a local browser showing another site's page must not be
+    made to change anything (cross-site request forgery); reads and this origin's calls go on."""
+    gw = make_gateway()
+    host = gw.url.removeprefix("http://")
+    body = {"tenant": "team-x"}
+    forged = request(gw.url, "POST", "/admin/keys", body, {"origin": "http://evil.example"})
+    assert forged.status == 403 and b"another origin" in forged.body
+    assert request(gw.url, "GET", "/admin/keys", headers={"origin": "http://evil.example"}).status == 200
+    assert request(gw.url, "GET", "/admin/keys").json()["data"] == []  # nothing was created
+    assert request(gw.url, "POST", "/admin/keys", body, {"origin": f"http://{host}"}).status == 201
+    assert request(gw.url, "POST", "/admin/keys", body).status == 201  # a tool (curl) sends no Origin
