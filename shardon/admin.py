@@ -100,7 +100,7 @@ class Admin:
             raise errors.BadRequest(f"invalid key: {exc}") from None
         except msgspec.DecodeError as exc:
             raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
-        key, secret = self.gw.keys.create(spec)
+        key, secret = await self.gw.keys.create_from_loop(spec)
         self._audit(actor, "key.create", key.id, {"tenant": key.tenant})
         out = key.public()
         out["key"] = secret  # shown this once
@@ -110,7 +110,7 @@ class Admin:
         return 200, {"data": self.gw.keys.list()}
 
     async def revoke_key(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        key = self.gw.keys.revoke(args[0])
+        key = await self.gw.keys.revoke_from_loop(args[0])
         if key is None:
             raise errors.NotFound(f"no key with id '{args[0]}'")
         self._audit(actor, "key.revoke", key.id, {"tenant": key.tenant})
@@ -119,7 +119,7 @@ class Admin:
     # -- nodes (shardon.fleet) ----------------------------------------------------------------
     async def register_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         fleet = self.gw.fleet
-        return 201, fleet.public(fleet.register(await proto(), actor))
+        return 201, fleet.public(await fleet.register(await proto(), actor))
 
     async def list_nodes(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         return 200, {"data": self.gw.fleet.listing()}
@@ -130,11 +130,11 @@ class Admin:
 
     async def change_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         fleet = self.gw.fleet
-        return 200, fleet.public(fleet.change(args[0], await proto(), actor))
+        return 200, fleet.public(await fleet.change(args[0], await proto(), actor))
 
     async def delete_node(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
         fleet = self.gw.fleet
-        node, gone = fleet.delete(args[0], actor)
+        node, gone = await fleet.delete(args[0], actor)
         out = fleet.public(node)
         out["removed"] = gone
         return (200 if gone else 202), out

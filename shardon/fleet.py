@@ -101,7 +101,7 @@ class Fleet:
         return [self.public(node) for node in sorted(self.registry.nodes.values(), key=lambda n: n.id)]
 
     # -- changes --------------------------------------------------------------------------------
-    def register(self, body: bytes, actor: str) -> Node:
+    async def register(self, body: bytes, actor: str) -> Node:
         """``POST /admin/nodes``: a new node, routable at once (400 bad, 409 duplicate)."""
         config = _decode(_node_decoder, body, "node")
         try:
@@ -116,12 +116,12 @@ class Fleet:
         if config.id in self.registry.nodes:
             raise errors.Conflict(f"a node with id '{config.id}' exists already", param="id")
         node = self.registry.add(config, source="admin")
-        self.table.save(config, False)
+        await self.table.write(self.table.save, config, False)
         self._audit(actor, "node.register", node, {"url": config.url, "models": sorted(node.models)})
         log.info("node %s registered by %s: %s", node.id, actor, config.url)
         return node
 
-    def change(self, node_id: str, body: bytes, actor: str) -> Node:
+    async def change(self, node_id: str, body: bytes, actor: str) -> Node:
         """``PATCH /admin/nodes/{id}``: weight, max_concurrent, models, labels, drain on or off."""
         node = self.get(node_id)
         patch = _decode(_patch_decoder, body or b"{}", "change")
@@ -144,21 +144,21 @@ class Fleet:
                 raise errors.Conflict(f"node '{node.id}' is being removed", param="drain")
             self.registry.set_draining(node, patch.drain)
         if node.source == "admin":
-            self.table.save(node.config, node.draining)
+            await self.table.write(self.table.save, node.config, node.draining)
         detail: dict[str, Any] = dict(fields)
         if patch.drain is not None:
             detail["drain"] = patch.drain
         self._audit(actor, "node.update", node, detail)
         return node
 
-    def delete(self, node_id: str, actor: str) -> tuple[Node, bool]:
+    async def delete(self, node_id: str, actor: str) -> tuple[Node, bool]:
         """``DELETE /admin/nodes/{id}``: drain, then gone once nothing runs on it; (node, gone now)."""
         node = self.get(node_id)
         if node.source != "admin":
             raise errors.Conflict(
                 f"node '{node.id}' comes from the {node.source}: it can be drained (PATCH drain), not deleted"
             )
-        self.table.delete(node.id)
+        await self.table.write(self.table.delete, node.id)
         gone = self.registry.retire(node)
         self._audit(actor, "node.remove", node, {"drained": gone})
         log.info("node %s removed by %s%s", node.id, actor, "" if gone else " once its requests finish")

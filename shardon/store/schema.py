@@ -8,6 +8,8 @@ the same database the same way. The schema and why it has so few indexes:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import sqlite3
@@ -214,9 +216,15 @@ def create_nodes_table(conn: sqlite3.Connection) -> None:
     conn.execute(_NODES_TABLE)
 
 
+_TABLE_WRITES = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardon-tables")
+
+
 class SmallTable:
     """A table of the database at ``path`` that changes rarely (the keys, the nodes): one short
-    connection per call, under a lock (thread-safe); ``create`` makes or upgrades the table first."""
+    connection per call, under a lock (thread-safe); ``create`` makes or upgrades the table first.
+
+    From the event loop, ``await table.write(table.save, ...)``: the write runs in the tables' own
+    thread, in the order the writes were asked for, so a slow disk never stalls requests."""
 
     def __init__(self, path: Path, create: Callable[[sqlite3.Connection], None]) -> None:
         self.path = path
@@ -232,6 +240,9 @@ class SmallTable:
                 yield conn
             finally:
                 conn.close()
+
+    async def write(self, method: Callable[..., None], *args: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(_TABLE_WRITES, method, *args)
 
 
 def open_database(path: Path) -> sqlite3.Connection:

@@ -117,3 +117,42 @@ def test_a_keys_overflow_setting_is_kept_and_an_older_table_gets_it(tmp_path: Pa
     assert key.public()["overflow"] is False
     again = KeyStore(AuthConfig(), [], db)  # after a restart
     assert again.authenticate(f"Bearer {secret}", None).overflow is False
+
+
+def test_writes_from_the_loop_run_off_it_in_order(tmp_path: Path) -> None:
+    """What the admin API does: a key created and revoked, many times over, each write awaited from the
+    event loop. They run in the tables' own thread (the loop's thread never opens the database) and
+    in the order asked, so the table ends as the keys in memory."""
+    import asyncio
+    import threading
+
+    keys = KeyStore(AuthConfig(), [], tmp_path / "shardon.db")
+    assert keys.table is not None
+    writers: set[str] = set()
+    insert = keys.table.insert
+
+    def spy(key: KeyRow) -> None:
+        writers.add(threading.current_thread().name)
+        insert(key)
+
+    async def main() -> list[str]:
+        assert keys.table is not None
+        keys.table.insert = spy  # type: ignore[method-assign]
+        kept = []
+        for n in range(20):
+            key, _ = await keys.create_from_loop(CreateKey(tenant=f"t{n}"))
+            if n % 3:
+                assert await keys.revoke_from_loop(key.id) is key
+            else:
+                kept.append(key.id)
+        return kept
+
+    kept = asyncio.run(main())
+    assert writers and threading.current_thread().name not in writers
+    assert all(name.startswith("shardon-tables") for name in writers)
+    rows, _ = KeyTable(tmp_path / "shardon.db").load()  # the keys not revoked
+    assert (
+        sorted(r.id for r in rows)
+        == sorted(kept)
+        == sorted(k["id"] for k in KeyStore(AuthConfig(), [], tmp_path / "shardon.db").list())
+    )
