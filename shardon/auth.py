@@ -362,14 +362,5 @@ class RateLimiter:
 
 
 def _row(key: ApiKey) -> KeyRow:
-    return KeyRow(
-        key.id,
-        key.key_sha256,
-        key.tenant,
-        key.rpm,
-        key.tpm,
-        key.max_priority,
-        key.models,
-        key.created_at,
-        key.overflow,
-    )
+    """What the key table keeps of a key: every field but its source (and never the secret)."""
+    return KeyRow(*(getattr(key, name) for name in KeyRow._fields))

@@ -74,17 +74,7 @@ class KeyTable(SmallTable):
             conn.execute(
                 "INSERT INTO api_keys (id, key_sha256, tenant, rpm, tpm, max_priority, models, created_at, overflow)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key.id,
-                    key.key_sha256,
-                    key.tenant,
-                    key.rpm,
-                    key.tpm,
-                    key.max_priority,
-                    models,
-                    key.created_at,
-                    int(key.overflow),
-                ),
+                (*key[:6], models, key.created_at, int(key.overflow)),  # (KeyRow is in the columns' order)
             )
 
     def revoke(self, key_id: str, at: float | None = None) -> None:
