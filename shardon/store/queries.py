@@ -51,6 +51,7 @@ __all__ = [
     "parse_stats_query",
     "parse_status_filter",
     "parse_usage_query",
+    "percentiles",
     "request",
     "requests",
     "stats",
@@ -322,17 +323,24 @@ def request(conn: sqlite3.Connection, request_id: int) -> dict[str, Any] | None:
     return None if row is None else _row_dict(REQUEST_COLUMNS, row)
 
 
-def _percentiles(
-    conn: sqlite3.Connection, expr: str, present: str, where: str, args: list[Any], group: str | None
+def percentiles(
+    conn: sqlite3.Connection,
+    expr: str,
+    present: str,
+    where: str,
+    args: list[Any],
+    group: str | None,
+    ranks_of: tuple[int, ...] = _PERCENTILES,
 ) -> dict[Any, dict[str, float | None]]:
-    """Nearest-rank p50/p90/p99 (ms) of ``expr`` over successful (2xx) requests, per ``group``.
+    """Nearest-rank percentiles ``ranks_of`` (ms: ``{"p50": ..}``) of ``expr`` over the successful
+    (2xx) requests of ``where`` whose ``present`` column is set, per ``group`` (None: one group).
 
     Computed inside SQLite with window functions: no value list is materialised in Python.
     """
     cond = f"{present} IS NOT NULL AND status >= 200 AND status < 300"
     where = f"{where} AND {cond}" if where else f" WHERE {cond}"
     g = group or "NULL"
-    ranks = " OR ".join(f"rn = ({p} * n + 99) / 100" for p in _PERCENTILES)
+    ranks = " OR ".join(f"rn = ({p} * n + 99) / 100" for p in ranks_of)
     sql = (
         f"WITH v AS (SELECT {g} AS g, ({expr}) AS x FROM requests{where}), "
         "r AS (SELECT g, x, ROW_NUMBER() OVER (PARTITION BY g ORDER BY x) AS rn, "
@@ -341,8 +349,8 @@ def _percentiles(
     )
     out: dict[Any, dict[str, float | None]] = {}
     for g_val, rn, n, x in conn.execute(sql, args):
-        slot = out.setdefault(g_val, {f"p{p}": None for p in _PERCENTILES})
-        for p in _PERCENTILES:
+        slot = out.setdefault(g_val, {f"p{p}": None for p in ranks_of})
+        for p in ranks_of:
             if rn == (p * n + 99) // 100:
                 slot[f"p{p}"] = round(x * 1000.0, 3)
     return out
@@ -387,7 +395,7 @@ def _stats_grouped(
         s["tokens"]["prompt"] += p_tok
         s["tokens"]["completion"] += c_tok
     for key, expr, present in _TIMINGS:
-        pct = _percentiles(conn, expr, present, where, args, group)
+        pct = percentiles(conn, expr, present, where, args, group)
         for g_val, s in out.items():
             s[key] = pct.get(g_val, dict(_EMPTY_PCT))
     return out

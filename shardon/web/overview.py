@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from shardon.store import request_id_floor
+from shardon.store.queries import percentiles
 
 if TYPE_CHECKING:
     from shardon.app import Gateway
@@ -83,21 +84,7 @@ def _ttft_percentiles(
     conn: sqlite3.Connection, group: str, where: str, args: list[Any]
 ) -> dict[Any, dict[str, float | None]]:
     """Nearest-rank TTFT p50/p99 (ms) per ``group`` over the 2xx requests of ``where``."""
-    ranks = " OR ".join(f"rn = ({p} * n + 99) / 100" for p in _PERCENTILES)
-    sql = (
-        f"WITH v AS (SELECT {group} AS g, first_token_at - received_at AS x FROM requests{where}"
-        " AND first_token_at IS NOT NULL AND status >= 200 AND status < 300), "
-        "r AS (SELECT g, x, ROW_NUMBER() OVER (PARTITION BY g ORDER BY x) AS rn, "
-        "COUNT(*) OVER (PARTITION BY g) AS n FROM v) "
-        f"SELECT g, rn, n, x FROM r WHERE {ranks}"
-    )
-    out: dict[Any, dict[str, float | None]] = {}
-    for g, rn, n, x in conn.execute(sql, args):
-        slot = out.setdefault(g, {f"p{p}": None for p in _PERCENTILES})
-        for p in _PERCENTILES:
-            if rn == (p * n + 99) // 100:
-                slot[f"p{p}"] = round(x * 1000.0, 3)
-    return out
+    return percentiles(conn, "first_token_at - received_at", "first_token_at", where, args, group, _PERCENTILES)
 
 
 def _no_ttft() -> dict[str, float | None]:
