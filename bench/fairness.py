@@ -37,7 +37,6 @@ import json
 import os
 import random
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import free_port, get_json, json_response, pct, read_request, wait_port  # noqa: E402
+
 PROMPT_TOKENS = 200
 OUTPUT_TOKENS = 64
 
@@ -132,15 +135,7 @@ class SimNode:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                length = 0
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                path = lines[0].split(" ")[1]
+                path, body = await read_request(reader)
                 if path == "/stats":
                     self._account()
                     out = json.dumps(
@@ -150,11 +145,11 @@ class SimNode:
                             "slots": self.slots,
                         }
                     ).encode()
-                    await _json_response(writer, out)
+                    await json_response(writer, out)
                     continue
                 if not path.startswith("/v1/completions"):
                     out = b'{"object":"list","data":[{"id":"m1","object":"model"}]}'
-                    await _json_response(writer, out)
+                    await json_response(writer, out)
                     continue
                 req = json.loads(body)
                 prompt_tokens = max(1, len(req.get("prompt", "")) // 4)
@@ -166,16 +161,6 @@ class SimNode:
             pass
         finally:
             writer.close()
-
-
-async def _json_response(writer: asyncio.StreamWriter, body: bytes) -> None:
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
-    )
-    await writer.drain()
 
 
 def node_main(port: int, slots: int, model: str) -> None:
@@ -232,22 +217,12 @@ async def _request(port: int, tenant: str, timeout: float, results: list[Result]
     results.append((tenant, ttft if status == 200 else None, status, start, done))
 
 
-async def _node_stats(node_port: int) -> dict[str, float]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", node_port)
-    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    body = await reader.readexactly(length)
-    writer.close()
-    return dict(json.loads(body))
-
-
 async def _load(port: int, duration: float, noisy_rps: float, node_port: int, spec: dict[str, Any]) -> dict[str, Any]:
     results: list[Result] = []
     tasks: list[asyncio.Task[None]] = []
     rng = random.Random(spec["seed"])
     start = time.perf_counter()
-    first = await _node_stats(node_port)
+    first = await get_json(node_port, "/stats")
 
     async def sender(tenant: str, rps: float) -> None:
         due = start
@@ -263,7 +238,7 @@ async def _load(port: int, duration: float, noisy_rps: float, node_port: int, sp
         senders.append(sender("noisy", noisy_rps))
     await asyncio.gather(*senders)
     # Slot use over the load window only (not the start-up nor the drain of the backlog).
-    last = await _node_stats(node_port)
+    last = await get_json(node_port, "/stats")
     if tasks:
         await asyncio.wait(tasks, timeout=spec["timeout"] + 30)
     use = (last["busy_seconds"] - first["busy_seconds"]) / (last["slots"] * (last["elapsed"] - first["elapsed"]))
@@ -275,29 +250,6 @@ def load_main(port: int, duration: float, noisy_rps: float, node_port: int, spec
 
 
 # -- orchestration -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing on port {port}")
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
 def quiet_waits(gw_port: int, sent: int) -> list[float]:
     """The quiet tenant's queue waits (ms) from the request log, once every request has its row."""
     url = f"http://127.0.0.1:{gw_port}/admin/requests?tenant=quiet&limit=1000"

@@ -331,6 +331,36 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+# -- the simulated nodes' HTTP (bench/fairness.py, bench/routing.py) --------------------------------
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    """One HTTP/1.1 request from a keep-alive connection: (its path, its body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    body = await reader.readexactly(length) if length else b""
+    return lines[0].split(" ")[1], body
+
+
+async def json_response(writer: asyncio.StreamWriter, body: bytes) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+
+
+async def get_json(port: int, path: str) -> dict[str, Any]:
+    """``GET path`` of a simulated node, its JSON answer (one request, one connection)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    writer.close()
+    return dict(json.loads(body))
+
+
 def stream_client_main(port: int, count: int, steady_s: float = 0.0) -> None:
     job = steady_streams(port, count, steady_s) if steady_s else _streams(port, count)
     try:

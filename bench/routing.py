@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from harness import free_port, pct, wait_port  # noqa: E402
+from harness import free_port, get_json, json_response, pct, read_request, wait_port  # noqa: E402
 
 PREFILL_BASE = 0.003
 PREFILL_PER_CHAR = 0.00005
@@ -170,20 +170,12 @@ class SimNode:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                length = 0
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                path = lines[0].split(" ")[1]
+                path, body = await read_request(reader)
                 if path == "/stats":
-                    await _json_response(writer, json.dumps(self.stats()).encode())
+                    await json_response(writer, json.dumps(self.stats()).encode())
                     continue
                 if not path.startswith("/v1/chat/completions"):
-                    await _json_response(writer, b'{"object":"list","data":[{"id":"chat","object":"model"}]}')
+                    await json_response(writer, b'{"object":"list","data":[{"id":"chat","object":"model"}]}')
                     continue
                 messages = json.loads(body)["messages"]
                 writer.write(
@@ -194,11 +186,6 @@ class SimNode:
             pass
         finally:
             writer.close()
-
-
-async def _json_response(writer: asyncio.StreamWriter, body: bytes) -> None:
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    await writer.drain()
 
 
 def nodes_main(ports: list[int], slots: int, cache_chars: int) -> None:
@@ -307,19 +294,9 @@ def load_main(port: int, users: int, think: float, warmup: float, duration: floa
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-async def _node_stats(port: int) -> dict[str, float]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    body = await reader.readexactly(length)
-    writer.close()
-    return dict(json.loads(body))
-
-
 def node_stats(ports: list[int]) -> list[dict[str, float]]:
     async def all_stats() -> list[dict[str, float]]:
-        return list(await asyncio.gather(*(_node_stats(p) for p in ports)))
+        return list(await asyncio.gather(*(get_json(p, "/stats") for p in ports)))
 
     return asyncio.run(all_stats())
 
