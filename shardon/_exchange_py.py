@@ -33,7 +33,7 @@ from .schemas import (
     answer_usage,
     form_routing,
     node_body,
-    priority_of,
+    priority_named,
     routing_fields,
 )
 from .store import RequestRecord, format_request_id, request_ids
@@ -332,7 +332,9 @@ class Exchange:
         rules = route.rules
         if rules is not None:  # the split's variant, the policy's key, the overflow (shardon.routing)
             route = rules.apply(self, headers)
-        priority = self.priority = priority_of(headers.get("x-priority"), core.default_priority, principal.max_priority)
+        value = headers.get("x-priority")  # (most requests send none: no call then)
+        priority = core.default_priority if value is None else priority_named(value)
+        priority = self.priority = min(priority, principal.max_priority)  # capped by the key
         rec.priority = PRIORITY_NAMES[priority]
         max_tokens = req.max_tokens or req.max_completion_tokens
         self.managed = lifecycle is not None and lifecycle.knows(route.name)

@@ -27,7 +27,7 @@ __all__ = [
     "model_object",
     "models_list",
     "node_body",
-    "priority_of",
+    "priority_named",
     "routing_decoder",
     "routing_fields",
     "session_decoder",
@@ -129,15 +129,12 @@ PRIORITY_BY_NAME: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "critical"
 PRIORITY_NAMES: tuple[str, ...] = ("low", "normal", "high", "critical")
 
 
-def priority_of(value: str | None, default: int, cap: int) -> int:
-    """A request's priority: its ``X-Priority`` header's (``default`` without one), capped by its
-    key's; BadRequest (400) for a name that is none."""
-    if value is None:
-        return min(default, cap)
+def priority_named(value: str) -> int:
+    """The priority an ``X-Priority`` header names; BadRequest (400) for a name that is none."""
     named = PRIORITY_BY_NAME.get(value.strip().lower())
     if named is None:
         raise BadRequest(f"X-Priority must be one of {', '.join(PRIORITY_NAMES)}, got {value!r}", param="X-Priority")
-    return min(named, cap)
+    return named
 
 
 _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from shardon import errors
-from shardon.schemas import UsageStripper, node_body, priority_of, routing_fields, with_fields
+from shardon.schemas import UsageStripper, node_body, priority_named, routing_fields, with_fields
 from tests.support import twin
 
 
@@ -95,9 +95,8 @@ def test_a_body_without_routing_fields_is_a_400_naming_the_field() -> None:
         routing_fields(b"{nope")
 
 
-def test_priority_is_the_headers_capped_by_the_key() -> None:
-    assert priority_of(None, 1, 3) == 1 and priority_of(None, 1, 0) == 0
-    assert priority_of(" High ", 1, 3) == 2 and priority_of("critical", 1, 2) == 2
+def test_the_priority_a_header_names() -> None:
+    assert priority_named(" High ") == 2 and priority_named("critical") == 3 and priority_named("low") == 0
     with pytest.raises(errors.BadRequest) as info:
-        priority_of("urgent", 1, 3)
+        priority_named("urgent")
     assert info.value.param == "X-Priority"
