@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from harness import free_port, get_json, json_response, pct, read_request, wait_port  # noqa: E402
+from harness import free_port, get_json, json_response, pct, read_request, start_shardon, wait_port  # noqa: E402
 
 PROMPT_TOKENS = 200
 OUTPUT_TOKENS = 64
@@ -292,19 +292,7 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ],
     }
     (tmp / "cfg.yaml").write_text(json.dumps(config))
-    gw = subprocess.Popen(
-        [
-            *(["taskset", "-c", "0"] if args.pin else []),
-            sys.executable,
-            "-m",
-            "shardon",
-            "serve",
-            "--config",
-            str(tmp / "cfg.yaml"),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+    gw = start_shardon(tmp / "cfg.yaml", pin=args.pin)
     spec = {"seed": args.seed, "poisson": args.arrivals == "poisson", "timeout": args.client_timeout}
     try:
         wait_port(node_port)

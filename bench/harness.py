@@ -180,14 +180,18 @@ def shardon_config(
     }
 
 
-def start_shardon(config_path: Path, stderr: Path | None = None, tree: Path = ROOT) -> subprocess.Popen[bytes]:
-    """Shardon pinned to the proxy core; its stderr (where the access log goes by default) to a file
-    when ``stderr`` is given, as a service manager would take it, else discarded. ``tree``: the
-    checkout to run it from (another commit's, with its extensions built in place: a baseline)."""
+def start_shardon(
+    config_path: Path, stderr: Path | None = None, tree: Path = ROOT, pin: bool = True
+) -> subprocess.Popen[bytes]:
+    """Shardon pinned to the proxy core (unless not ``pin``); its stderr (where the access log goes by
+    default) to a file when ``stderr`` is given, as a service manager would take it, else discarded.
+    ``tree``: the checkout to run it from (another commit's, with its extensions built in place: a
+    baseline)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
+    placement = ["taskset", "-c", PROXY_CORE] if pin else []
     with open(stderr or os.devnull, "wb") as out:
         return subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
+            [*placement, sys.executable, "-m", "shardon", "serve", "--config", str(config_path)],
             cwd=tree,
             stderr=out,
             env=env,

@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from harness import free_port, get_json, json_response, pct, read_request, wait_port  # noqa: E402
+from harness import free_port, get_json, json_response, pct, read_request, start_shardon, wait_port  # noqa: E402
 
 PREFILL_BASE = 0.003
 PREFILL_PER_CHAR = 0.00005
@@ -323,19 +323,7 @@ def scenario(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         "routing": {"chat": {"policy": policy}},
     }
     (tmp / "cfg.yaml").write_text(json.dumps(config))
-    gateway = subprocess.Popen(
-        [
-            *(["taskset", "-c", "0"] if args.pin else []),
-            sys.executable,
-            "-m",
-            "shardon",
-            "serve",
-            "--config",
-            str(tmp / "cfg.yaml"),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+    gateway = start_shardon(tmp / "cfg.yaml", pin=args.pin)
     try:
         for port in (*node_ports, gw_port):
             wait_port(port)
