@@ -102,13 +102,18 @@ class NativeServer:
         self.draining = True
         for listener in self._listeners:
             listener.close()
-        for conn in list(self.connections):
-            conn.close()
+        self._close_connections()
+        # A client accepted in this pass has its connection_made still queued, to run before this.
+        self.loop.call_soon(self._close_connections)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def _close_connections(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
 
     def _sweep(self) -> None:
         self.date_header = _date_header()

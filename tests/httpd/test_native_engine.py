@@ -1099,3 +1099,30 @@ async def test_stop_closes_everything_and_serve_returns(wire: ModuleType) -> Non
         server.stop()
         if not serving_task.done():
             serving_task.cancel()
+
+
+@on_uvloop
+async def test_stop_closes_a_client_accepted_in_its_own_pass(wire: ModuleType) -> None:
+    """The client is taken from the kernel's queue in the pass that stops the server: its
+    connection_made is still queued when the stop closes what it holds; it is closed all the same."""
+
+    async def app(scope: Any, proto: Any) -> None:
+        proto.response_bytes(200, [], b"ok")
+
+    server = NativeServer(app, "127.0.0.1", 0, connection_class=wire.HTTPConnection)
+    await server.start()
+    served = Served(server)
+    loop = asyncio.get_running_loop()
+    listener = server._listeners[0]
+    loop.remove_reader(listener._fd)  # the client waits in the kernel's queue until taken below
+    try:
+        client = await served.connect()
+        listener._accept()
+        assert not server.connections
+        server.stop()
+        await client.assert_closed()
+        await served.accepted(0)
+    finally:
+        for each in served.clients:
+            each.close()
+        server.stop()

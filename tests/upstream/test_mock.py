@@ -728,6 +728,36 @@ def test_async_api(loop_kind: str) -> None:
         loop.close()
 
 
+def test_a_client_accepted_as_the_node_stops_is_closed_too() -> None:
+    """A client taken from the kernel's queue in the pass that stops the node: its
+    ``connection_made`` is still queued when the stop closes what it knows, and it must not outlive
+    the node (left open, uvloop's close of the loop waits on it)."""
+
+    async def main() -> None:
+        node = MockNode(MockConfig(name="stopping"))
+        await node.start()
+        loop = asyncio.get_running_loop()
+        listener = node._listeners[0]
+        loop.remove_reader(listener._fd)  # the client waits in the kernel's queue until taken below
+        client = socket.create_connection(("127.0.0.1", node.port))
+        client.setblocking(False)
+        try:
+            await asyncio.sleep(0.05)
+            listener._accept()  # taken now; the stop below begins in this same pass
+            assert not node._conns
+            await node.stop()
+            assert await asyncio.wait_for(loop.sock_recv(client, 1), 5) == b""
+            assert not node._conns and node.stats.connections_open == 0
+        finally:
+            client.close()
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
 def test_thread_helper_context_manager() -> None:
     with MockNodeThread(MockConfig(models=["t"])) as node:
         assert request(node, "GET", "/v1/models").json()["data"][0]["id"] == "t"

@@ -61,26 +61,41 @@ class MockNode:
         return self.port
 
     async def stop(self) -> None:
-        """Close the listening socket and every open connection."""
+        """Close the listening socket and every open connection.
+
+        A client accepted in the pass that runs this has its ``connection_made`` still queued: the
+        connections are closed again after each pass until none is left, so that none outlives the
+        node (an open transport at the loop's close is a ``ResourceWarning``, and uvloop then leaves
+        its handle open and the close waits on it).
+        """
         listeners, self._listeners = self._listeners, []
         if not listeners:
             return
         for listener in listeners:
             listener.close()
-        for conn in list(self._conns):
-            if conn.timer is not None:
-                conn.timer.cancel()
-                conn.timer = None
-            if conn.transport is None:
-                continue
-            if conn.busy:
-                conn.transport.abort()
-            else:
-                conn.transport.close()
         for _ in range(200):
-            if not self._conns:
-                break
+            for conn in list(self._conns):
+                self._drop(conn)
             await asyncio.sleep(0.005)
+            if not self._conns:
+                return
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+
+    @staticmethod
+    def _drop(conn: Conn) -> None:
+        """Close ``conn``: at once if a response is under way, after what is written if not."""
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.transport is None:
+            return
+        if conn.busy:
+            conn.transport.abort()
+        else:
+            conn.transport.close()
 
     async def __aenter__(self) -> MockNode:
         await self.start()

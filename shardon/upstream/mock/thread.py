@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +128,9 @@ class MockNodeThread:
                 loop.call_soon_threadsafe(ev.set)
         thread.join(timeout)
         if thread.is_alive():
-            raise RuntimeError("mock node thread did not stop")
+            frame = sys._current_frames().get(thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+            raise RuntimeError(f"mock node thread did not stop in {timeout:g} s; it is at:\n{where}")
         self._thread = None
 
     def __enter__(self) -> MockNodeThread:
