@@ -1,15 +1,19 @@
-"""OS-level thread names, so ``top -H``, ``ps -L`` and ``/proc/<pid>/task/*/comm`` tell threads apart.
-
-CPython before 3.14 names only the ``threading.Thread`` object, not the kernel thread.
+"""Shardon's own threads: OS-level names, so ``top -H``, ``ps -L`` and ``/proc/<pid>/task/*/comm``
+tell them apart (CPython before 3.14 names only the ``threading.Thread`` object, not the kernel
+thread), and the writers whose threads are stopped at interpreter exit if still open.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+import weakref
+from typing import Protocol
 
-__all__ = ["name_this_thread"]
+__all__ = ["close_at_exit", "name_this_thread", "open_writers"]
 
 _PR_SET_NAME = 15
 _libc: ctypes.CDLL | None = None
@@ -26,3 +30,19 @@ def name_this_thread(name: str) -> bool:
         return _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+class _Closable(Protocol):
+    def close(self, timeout: float = ...) -> object: ...
+
+
+open_writers: weakref.WeakSet[_Closable] = weakref.WeakSet()
+"""Writers (the request log, the access log) open now: added when they start their threads,
+discarded when closed; those still open at interpreter exit are closed then."""
+
+
+@atexit.register
+def close_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
+    for writer in list(open_writers):
+        with contextlib.suppress(Exception):
+            writer.close(timeout=5.0)

@@ -15,13 +15,10 @@ or JSON): `shardon._fast._accesslog_py`.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +27,7 @@ import msgspec
 
 from shardon._fast.accesslog import AccessFormatter
 from shardon._fast.rowqueue import RowQueue
-from shardon._threads import name_this_thread
+from shardon._threads import name_this_thread, open_writers
 
 from .records import REQUEST_COLUMNS, RequestRecord
 
@@ -44,15 +41,6 @@ log = logging.getLogger("shardon.access")
 MAX_PENDING_ROWS = 100_000
 """Rows waiting for the destination, at most; more are dropped (and counted)."""
 _REPORT_EVERY_S = 10.0
-
-_open_logs: weakref.WeakSet[AccessLog] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_logs() -> None:  # pragma: no cover - runs at interpreter exit
-    for access in list(_open_logs):
-        with contextlib.suppress(Exception):
-            access.close(timeout=5.0)
 
 
 class AccessLog:
@@ -113,7 +101,7 @@ class AccessLog:
                 raise RuntimeError(f"access log {self.path}: cannot open: {exc.strerror or exc}") from exc
         self._thread = threading.Thread(target=self._run, name="shardon-access", daemon=True)
         self._thread.start()
-        _open_logs.add(self)
+        open_writers.add(self)
 
     @property
     def running(self) -> bool:
@@ -142,7 +130,7 @@ class AccessLog:
                 return
             self._closed = True
         self.row_queue.close()
-        _open_logs.discard(self)
+        open_writers.discard(self)
         thread = self._thread
         if thread is not None and thread.is_alive():
             self._stopping = True

@@ -11,7 +11,6 @@ cost model: ``docs/request-log.md``.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import functools
 import logging
@@ -19,7 +18,6 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +28,7 @@ import msgspec
 import orjson
 
 from shardon._fast.rowqueue import RowQueue
-from shardon._threads import name_this_thread
+from shardon._threads import name_this_thread, open_writers
 from shardon.config import DataPaths, StoreConfig
 
 from . import backlog, queries, records
@@ -73,15 +71,6 @@ class _Flush:
 
 
 # -- the log --------------------------------------------------------------------------------------
-
-_open_logs: weakref.WeakSet[RequestLog] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_logs() -> None:  # pragma: no cover - runs at interpreter exit
-    for rl in list(_open_logs):
-        with contextlib.suppress(Exception):
-            rl.close(timeout=5.0)
 
 
 class RequestLog:
@@ -193,7 +182,7 @@ class RequestLog:
         self._compactor_thread.start()
         self._thread.start()
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardon-store-read")
-        _open_logs.add(self)
+        open_writers.add(self)
 
     @property
     def written(self) -> int:
@@ -270,7 +259,7 @@ class RequestLog:
                 return
             self._closed = True
             self.row_queue.close()  # what follows flushes every row appended before this
-        _open_logs.discard(self)
+        open_writers.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         readers = self._readers
         self._readers = None
@@ -660,31 +649,10 @@ class RequestLog:
             log.debug("request log: reading before every appended row reached the database")
         return fn(self._reader_conn(), *args, **kwargs)
 
-    async def query(
-        self,
-        status: int | str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        tenant: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-        key_id: str | None = None,
-    ) -> dict[str, Any]:
-        """See `queries.requests`."""
-        return await self._read(
-            queries.requests,
-            status=status,
-            model=model,
-            node=node,
-            tenant=tenant,
-            since=since,
-            until=until,
-            limit=limit,
-            offset=offset,
-            key_id=key_id,
-        )
+    async def query(self, **filters: Any) -> dict[str, Any]:
+        """See `queries.requests`: its keyword filters (status, model, node, tenant, since, until,
+        limit, offset, key_id)."""
+        return await self._read(queries.requests, **filters)
 
     async def get(self, request_id: int) -> dict[str, Any] | None:
         """See `queries.request`."""

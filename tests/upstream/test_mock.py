@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import selectors
 import signal
@@ -361,10 +360,10 @@ def test_stream_chunk_timing(mock_node: Callable[..., MockNodeThread]) -> None:
     assert msg.complete
     token_times = [t - start for t, piece in msg.pieces if b'"tok' in piece]
     assert len(token_times) == 5  # every token arrived in its own HTTP chunk
-    # Timers never fire early: the first token after ttft_ms, each next one delay_ms later.
-    assert token_times[0] >= 0.1
-    gaps = [b - a for a, b in itertools.pairwise(token_times)]
-    assert all(g >= 0.03 for g in gaps), gaps
+    # Timers never fire early: the first token after ttft_ms, each next one delay_ms after the one
+    # before. Bounded from the request's start, not gap by gap: a read this thread makes late
+    # brings two tokens' arrival times together without either being early.
+    assert all(t >= 0.1 + 0.035 * k for k, t in enumerate(token_times)), token_times
 
 
 def test_stream_headers_are_sent_before_the_first_token(mock_node: Callable[..., MockNodeThread]) -> None:

@@ -54,24 +54,23 @@ class _Message(msgspec.Struct, kw_only=True):
     content: str | list[_Part] | None = None
 
 
-class _ChatReq(msgspec.Struct, kw_only=True):
+class _GenerationReq(msgspec.Struct, kw_only=True):
+    """What a chat and a completion request share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    mock: _Overrides | None = None
+
+
+class _ChatReq(_GenerationReq, kw_only=True):
     messages: list[_Message]
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-    mock: _Overrides | None = None
 
 
-class _CompletionReq(msgspec.Struct, kw_only=True):
+class _CompletionReq(_GenerationReq, kw_only=True):
     prompt: str | list[Any]
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-    mock: _Overrides | None = None
 
 
 class _EmbeddingReq(msgspec.Struct, kw_only=True):

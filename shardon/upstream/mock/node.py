@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 
@@ -50,15 +51,18 @@ class MockNode:
         """Bind and serve; returns the bound port."""
         if self._listeners:
             raise RuntimeError("mock node already started")
-        loop = asyncio.get_running_loop()
-        self._loop = loop
+        self._loop = asyncio.get_running_loop()
         self.host = host
+        self._listeners, self.port = await self._listen(self._loop, host, port)
+        return self.port
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[list[Any], int]:
+        """The listeners (each with a ``close()``) and the bound port."""
         # The gateway's own listener: every queued client per wake-up. libuv's takes one per loop
         # pass, which, on a node busy streaming, holds new connections for hundreds of ms and puts
         # the node's accept queue, not the proxy in front of it, in a benchmark's figures.
-        self._listeners = listen(loop, host, port, 2048, lambda: Conn(self))
-        self.port = self._listeners[0].sock.getsockname()[1]
-        return self.port
+        listeners = listen(loop, host, port, 2048, lambda: Conn(self))
+        return listeners, listeners[0].sock.getsockname()[1]
 
     async def stop(self) -> None:
         """Close the listening socket and every open connection.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any, cast
+from typing import Any
 
 from .config import MockConfig
 from .node import MockNode
@@ -30,16 +30,9 @@ class TLSMockNode(MockNode):
     def url(self) -> str:
         return f"https://{self.server_name}:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        if self._listeners:
-            raise RuntimeError("mock node already started")
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self.host = host
+    async def _listen(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[list[Any], int]:
         server = await loop.create_server(lambda: Conn(self), host, port, ssl=self.context, backlog=256)
-        self._listeners = [cast(Any, server)]  # closed by MockNode.stop like a listener
-        self.port = server.sockets[0].getsockname()[1]
-        return self.port
+        return [server], server.sockets[0].getsockname()[1]
 
 
 class TLSMockNodeThread(MockNodeThread):
