@@ -100,7 +100,7 @@ class Admin:
             raise errors.BadRequest(f"invalid key: {exc}") from None
         except msgspec.DecodeError as exc:
             raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
-        key, secret = await self.gw.keys.create_from_loop(spec)
+        key, secret = await self.gw.keys.create(spec)
         self._audit(actor, "key.create", key.id, {"tenant": key.tenant})
         out = key.public()
         out["key"] = secret  # shown this once
@@ -110,7 +110,7 @@ class Admin:
         return 200, {"data": self.gw.keys.list()}
 
     async def revoke_key(self, scope: Scope, proto: HTTPProtocol, actor: str, args: list[str]) -> Any:
-        key = await self.gw.keys.revoke_from_loop(args[0])
+        key = await self.gw.keys.revoke(args[0])
         if key is None:
             raise errors.NotFound(f"no key with id '{args[0]}'")
         self._audit(actor, "key.revoke", key.id, {"tenant": key.tenant})

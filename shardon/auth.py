@@ -161,21 +161,9 @@ class KeyStore:
             )
             self.tenants.setdefault(row.tenant, Tenant(row.tenant))
 
-    def create(self, spec: CreateKey) -> tuple[ApiKey, str]:
-        """A new key for ``spec.tenant``; returns it and its secret (never stored, shown once)."""
-        key, secret = self._new_key(spec)
-        if self.table is not None:
-            self.table.insert(_row(key))
-        return key, secret
-
-    async def create_from_loop(self, spec: CreateKey) -> tuple[ApiKey, str]:
-        """`create`, its row written off the event loop (`SmallTable.write`)."""
-        key, secret = self._new_key(spec)
-        if self.table is not None:
-            await self.table.write(self.table.insert, _row(key))
-        return key, secret
-
-    def _new_key(self, spec: CreateKey) -> tuple[ApiKey, str]:
+    async def create(self, spec: CreateKey) -> tuple[ApiKey, str]:
+        """A new key for ``spec.tenant``; returns it and its secret (never stored, shown once). Its row
+        is written off the event loop (`SmallTable.write`)."""
         secret = "sk-shardon-" + secrets.token_urlsafe(32)
         key = ApiKey(
             id="key_" + os.urandom(8).hex(),
@@ -192,26 +180,19 @@ class KeyStore:
         self._by_digest[key.key_sha256] = key
         self._ever_keyed = True
         self.tenants.setdefault(key.tenant, Tenant(key.tenant))
+        if self.table is not None:
+            await self.table.write(self.table.insert, _row(key))
         return key, secret
 
-    def revoke(self, key_id: str) -> ApiKey | None:
-        key = self._forget(key_id)
-        if key is not None and key.source == "runtime" and self.table is not None:
-            self.table.revoke(key_id)
-        return key
-
-    async def revoke_from_loop(self, key_id: str) -> ApiKey | None:
-        """`revoke`, its row written off the event loop (`SmallTable.write`)."""
-        key = self._forget(key_id)
-        if key is not None and key.source == "runtime" and self.table is not None:
-            await self.table.write(self.table.revoke, key_id)
-        return key
-
-    def _forget(self, key_id: str) -> ApiKey | None:
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        """Revoke the key ``key_id`` (None if there is none); a runtime key's row is marked off the
+        event loop."""
         for sha, key in list(self._by_digest.items()):
             if key.id == key_id:
                 del self._by_digest[sha]  # effective for the very next request
                 self._principals.pop(sha, None)
+                if key.source == "runtime" and self.table is not None:
+                    await self.table.write(self.table.revoke, key_id)
                 return key
         return None
 

@@ -3,6 +3,7 @@ do, and when they must wait. End to end: tests/gateway/test_auth.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -79,13 +80,13 @@ def test_what_a_key_allows() -> None:
 
 def test_runtime_keys_persist_as_digests_and_revoking_the_last_does_not_open(tmp_path: Path) -> None:
     keys = store(tmp_path, tenants=[])
-    key, secret = keys.create(CreateKey(tenant="team-c", rpm=10))
+    key, secret = asyncio.run(keys.create(CreateKey(tenant="team-c", rpm=10)))
     assert keys.authenticate(f"Bearer {secret}", None).tenant.name == "team-c"
     assert [k["id"] for k in keys.list()] == [key.id] and "key_sha256" not in keys.list()[0]
     again = store(tmp_path, tenants=[])  # a restart
     assert again.authenticate(f"Bearer {secret}", None).key.id == key.id  # type: ignore[union-attr]
     assert secret.encode() not in (tmp_path / "k.db").read_bytes()
-    assert again.revoke(key.id) is not None and again.revoke(key.id) is None
+    assert asyncio.run(again.revoke(key.id)) is not None and asyncio.run(again.revoke(key.id)) is None
     with pytest.raises(errors.Unauthorized):
         again.authenticate(f"Bearer {secret}", None)
     with pytest.raises(errors.Unauthorized):  # keyed once: closed for good

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -73,11 +74,11 @@ def test_keys_share_the_request_logs_database(tmp_path: Path) -> None:
 def test_key_store_persists_through_the_table(tmp_path: Path) -> None:
     db = tmp_path / "shardon.db"
     store = KeyStore(AuthConfig(), [], db)
-    key, secret = store.create(CreateKey(tenant="t", rpm=10.0, models=["m1"]))
+    key, secret = asyncio.run(store.create(CreateKey(tenant="t", rpm=10.0, models=["m1"])))
     again = KeyStore(AuthConfig(), [], db)  # restart
     principal = again.authenticate(f"Bearer {secret}", None)
     assert principal.key is not None and principal.key.id == key.id and principal.key.models == ["m1"]
-    assert again.revoke(key.id) is not None
+    assert asyncio.run(again.revoke(key.id)) is not None
     third = KeyStore(AuthConfig(), [], db)
     assert third.list() == [] and not third.open  # revoked, and the gateway stays closed
 
@@ -113,7 +114,7 @@ def test_a_keys_overflow_setting_is_kept_and_an_older_table_gets_it(tmp_path: Pa
     keys = {k.id: k for k in KeyTable(db).load()[0]}
     assert keys["old"].overflow is True and keys["local-only"].overflow is False
     store = KeyStore(AuthConfig(), [], db)
-    key, secret = store.create(CreateKey(tenant="t", overflow=False))
+    key, secret = asyncio.run(store.create(CreateKey(tenant="t", overflow=False)))
     assert key.public()["overflow"] is False
     again = KeyStore(AuthConfig(), [], db)  # after a restart
     assert again.authenticate(f"Bearer {secret}", None).overflow is False
@@ -123,7 +124,6 @@ def test_writes_from_the_loop_run_off_it_in_order(tmp_path: Path) -> None:
     """What the admin API does: a key created and revoked, many times over, each write awaited from the
     event loop. They run in the tables' own thread (the loop's thread never opens the database) and
     in the order asked, so the table ends as the keys in memory."""
-    import asyncio
     import threading
 
     keys = KeyStore(AuthConfig(), [], tmp_path / "shardon.db")
@@ -140,9 +140,9 @@ def test_writes_from_the_loop_run_off_it_in_order(tmp_path: Path) -> None:
         keys.table.insert = spy  # type: ignore[method-assign]
         kept = []
         for n in range(20):
-            key, _ = await keys.create_from_loop(CreateKey(tenant=f"t{n}"))
+            key, _ = await keys.create(CreateKey(tenant=f"t{n}"))
             if n % 3:
-                assert await keys.revoke_from_loop(key.id) is key
+                assert await keys.revoke(key.id) is key
             else:
                 kept.append(key.id)
         return kept
